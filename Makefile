@@ -1,0 +1,20 @@
+# Everything a fresh machine needs: `make demo` runs the main job, `make test` the test suite.
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0   # the CPU build; a bare `torch` pulls CUDA
+	$(BIN)/python -m pip install -q -e ".[test,notebooks,interop,xarray,s3,gpu]"
+	touch $(STAMP)
+
+.PHONY: install demo test
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/microscope demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
