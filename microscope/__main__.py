@@ -1,0 +1,3 @@
+from microscope.cli import app
+
+app()
