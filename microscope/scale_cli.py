@@ -1,0 +1,93 @@
+"""`microscope plan` and `microscope convert-metaseq`: the scale commands (heavy imports deferred,
+so that `microscope --help` stays fast)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def plan_command(
+    model: str = typer.Option("opt-66b", help="Family size: opt-125m ... opt-175b ('opt-' optional)."),
+    hooks: str = typer.Option("blocks.*.hook_resid_post", help="Comma-separated hook names or glob patterns."),
+    tokens: str = typer.Option("10M", help="Prompt tokens to push through the model (10M, 2.5B, ...)."),
+    dtype: str = typer.Option("fp16", help="Store dtype: fp16, bf16, fp32."),
+    positions: str = typer.Option("all", help="Store every position ('all') or each prompt's last ('last')."),
+    model_dtype: str = typer.Option("fp16", help="Dtype of the weights on the GPU: fp32, fp16, bf16, int8."),
+    seq_len: int = typer.Option(2048, help="Tokens per prompt."),
+    batch_size: int = typer.Option(8, help="Prompts per forward pass."),
+    gpu_memory: str = typer.Option("80GB", help="Memory of one GPU (80GB, 141GB, 24GiB)."),
+    throughput: float = typer.Option(None, help="Measured tokens/s of one replica (default: estimated from FLOPs)."),
+    gpu_tflops: float = typer.Option(125.0, help="Achieved TFLOP/s per GPU, for the estimate."),
+    write_gbps: float = typer.Option(1.3, help="Durable write bandwidth of the store's file system, GB/s."),
+    replicas: int = typer.Option(1, help="Data-parallel model replicas."),
+    gpu_power_w: float = typer.Option(400.0, help="Board power of one GPU, W."),
+    pue: float = typer.Option(1.1, help="Data-centre power usage effectiveness."),
+    grid_intensity: float = typer.Option(429.0, help="Grid carbon intensity, gCO2e/kWh."),
+    all_sizes: bool = typer.Option(False, "--all", help="Plan every family size (a table)."),
+    markdown: bool = typer.Option(False, help="Print a Markdown table (as in docs/scale.md)."),
+) -> None:
+    """Plan a dump: GPU memory per replica, GPUs, store size, time, energy and CO2e."""
+    from accelerate.utils import convert_file_size_to_int
+    from rich.console import Console
+    from rich.table import Table
+
+    from microscope import plan as planning
+
+    try:
+        inputs = dict(hooks=hooks, tokens=planning.parse_count(tokens), dtype=dtype, positions=positions,
+                      model_dtype=model_dtype, seq_len=seq_len, batch_size=batch_size,
+                      gpu_memory_gb=convert_file_size_to_int(gpu_memory) / 1e9, throughput=throughput,
+                      gpu_tflops=gpu_tflops, write_gbps=write_gbps, replicas=replicas, gpu_power_w=gpu_power_w,
+                      pue=pue, grid_intensity=grid_intensity)
+        plans = planning.plan_all(**inputs) if all_sizes else [planning.plan(model, **inputs)]
+    except ValueError as exc:  # includes UnknownSizeError and bad sizes/counts
+        raise typer.BadParameter(str(exc)) from None
+    except KeyError as exc:  # UnknownHookError
+        raise typer.BadParameter(str(exc), param_hint="--hooks") from None
+    if markdown:
+        typer.echo(planning.markdown_table(plans))
+        return
+    console = Console()
+    if all_sizes:
+        table = Table(*planning.TABLE_COLUMNS, title=f"dump plan: {hooks}, {tokens} tokens")
+        for row in planning.table_rows(plans):
+            table.add_row(*row)
+        console.print(table)
+        return
+    table = Table(show_header=False, title=f"dump plan for {plans[0].size}")
+    for label, value in planning.describe(plans[0]):
+        table.add_row(label, value)
+    console.print(table)
+
+
+def convert_metaseq_command(
+    source: Path = typer.Argument(..., help="Folder of *model_part-<i>.pt files, or one consolidated .pt file."),
+    out: Path = typer.Argument(..., help="HF folder to write (config.json + safetensors shards)."),
+    heads: int = typer.Option(None, help="Attention heads (default: that of the OPT size of the same shape)."),
+    dtype: str = typer.Option(None, help="Cast weights to float16, bfloat16 or float32 (default: keep)."),
+    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard (bounds memory too)."),
+) -> None:
+    """Convert a metaseq checkpoint (OPT-175B's release format) into HF safetensors."""
+    import torch
+
+    from microscope.errors import MicroscopeError
+    from microscope.models.metaseq import convert_metaseq
+
+    torch_dtype = None
+    if dtype is not None:
+        if dtype not in ("float16", "bfloat16", "float32"):
+            raise typer.BadParameter("--dtype must be float16, bfloat16 or float32")
+        torch_dtype = getattr(torch, dtype)
+    try:
+        report = convert_metaseq(source, out, heads=heads, dtype=torch_dtype, max_shard_size=max_shard_size)
+    except MicroscopeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    c = report.config
+    typer.echo(f"converted {len(report.parts)} model-parallel part(s) -> {report.out}: {c.num_hidden_layers} layers, "
+               f"d_model {c.hidden_size}, {c.num_attention_heads} heads, {report.total_bytes / 1e9:.2f} GB in "
+               f"{len(report.shard_files)} shard(s)")
+    for note in report.notes:
+        typer.echo(f"note: {note}")
