@@ -1,0 +1,87 @@
+"""Plotly figure helpers shared by analysis results and reports.
+
+Each function takes plain arrays (torch tensors or numpy) and labels and returns a
+`plotly.graph_objects.Figure`; none of them computes anything about a model.
+
+- `heatmap`: any 2-D grid (rows x columns), diverging colours centred on 0 by default;
+- `layer_position_heatmap`: layers (or hook points) x token positions, tokens on the x axis;
+- `head_grid`: a [layer, head] grid of per-head numbers;
+- `attention_pattern`: one head's [query, key] pattern with the tokens on both axes;
+- `line_plot`: one or more named series over a shared x axis (layers, coefficients, steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+
+def _numpy(values) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=float)
+
+
+def token_labels(tokens: Sequence[str]) -> list[str]:
+    """Unique axis labels for possibly repeated tokens: ``"3:' the'"`` (position, repr)."""
+    return [f"{i}:{t!r}" for i, t in enumerate(tokens)]
+
+
+def heatmap(values, *, x_labels: Sequence[str] | None = None, y_labels: Sequence[str] | None = None,
+            title: str = "", x_title: str = "", y_title: str = "", colorbar: str = "",
+            diverging: bool = True, text: Sequence[Sequence[str]] | None = None) -> go.Figure:
+    """A [rows, columns] heatmap; rows run top to bottom. `diverging` centres the colours on 0."""
+    z = _numpy(values)
+    if z.ndim != 2:
+        raise ValueError(f"heatmap needs a 2-D array, got shape {z.shape}")
+    extra = dict(colorscale="RdBu", zmid=0.0) if diverging else dict(colorscale="Viridis")
+    trace = go.Heatmap(z=z, x=list(x_labels) if x_labels is not None else None,
+                       y=list(y_labels) if y_labels is not None else None,
+                       colorbar=dict(title=colorbar), hoverongaps=False, **extra)
+    if text is not None:
+        trace.update(text=[list(row) for row in text], texttemplate="%{text}")
+    fig = go.Figure(trace)
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title)
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(type="category")
+    return fig
+
+
+def layer_position_heatmap(values, *, tokens: Sequence[str], layers: Sequence[str], title: str = "",
+                           colorbar: str = "", diverging: bool = True,
+                           text: Sequence[Sequence[str]] | None = None) -> go.Figure:
+    """[layer, position] values with the prompt's tokens along x."""
+    return heatmap(values, x_labels=token_labels(tokens), y_labels=list(layers), title=title,
+                   x_title="position", y_title="layer", colorbar=colorbar, diverging=diverging,
+                   text=text)
+
+
+def head_grid(values, *, title: str = "", colorbar: str = "", diverging: bool = True) -> go.Figure:
+    """[layer, head] values; hover shows L{layer}H{head}."""
+    z = _numpy(values)
+    return heatmap(z, x_labels=[f"H{h}" for h in range(z.shape[1])],
+                   y_labels=[f"L{l}" for l in range(z.shape[0])], title=title,
+                   x_title="head", y_title="layer", colorbar=colorbar, diverging=diverging)
+
+
+def attention_pattern(pattern, *, tokens: Sequence[str], title: str = "") -> go.Figure:
+    """One head's attention [query, key] (probabilities), tokens on both axes."""
+    labels = token_labels(tokens)
+    return heatmap(pattern, x_labels=labels, y_labels=labels, title=title, x_title="key",
+                   y_title="query", colorbar="attention", diverging=False)
+
+
+def line_plot(series: Mapping[str, Sequence[float]], *, x: Sequence | None = None, title: str = "",
+              x_title: str = "", y_title: str = "", hline: float | None = None) -> go.Figure:
+    """One line per named series over a shared x axis; `hline` draws a reference (e.g. chance)."""
+    fig = go.Figure()
+    for name, ys in series.items():
+        ys = _numpy(ys)
+        fig.add_trace(go.Scatter(x=list(x) if x is not None else list(range(len(ys))), y=ys,
+                                 mode="lines+markers", name=name))
+    if hline is not None:
+        fig.add_hline(y=hline, line_dash="dot", annotation_text=f"{hline:.3g}")
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title)
+    return fig
