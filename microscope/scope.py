@@ -1,0 +1,231 @@
+"""`Scope`: an HF OPT model and its tokenizer, with hook points, capture and generation.
+
+    scope = Scope(model, tokenizer, source="facebook/opt-125m")     # usually from microscope.load
+    logits, cache = scope.run_with_cache(["The cat"], names=["blocks.*.hook_resid_post"])
+    with scope.hooks({"blocks.2.attn.hook_z": fn}):                # fn(activation, hook) -> new | None
+        logits = scope.run(["The cat"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+
+from microscope.errors import PromptError, TokenizerMissingError
+from microscope.hooks.cache import ActivationCache
+from microscope.hooks.hook_points import HookFn, HookPoint, OPTHookPoints
+
+Prompts = str | Sequence[str] | torch.Tensor | Sequence[Sequence[int]]
+Positions = None | Literal["all", "last"] | torch.Tensor
+HookSpec = Mapping[str, HookFn | Sequence[HookFn]]
+
+
+class Scope:
+    """A hooked view of one HF `OPTForCausalLM` (`.model`) and its tokenizer (`.tokenizer`).
+
+    The model is used as it is: no weights are copied or folded, and hooks are attached only for
+    the duration of a call or a `hooks()` block.
+    """
+
+    def __init__(self, model, tokenizer=None, source: str = "model"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.info = None                    # set by microscope.load (LoadInfo)
+        self.hook_points = OPTHookPoints(model)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def hook_names(self) -> list[str]:
+        """Every hook point name of this model, in forward order."""
+        return self.hook_points.names
+
+    def resolve_names(self, patterns: str | Sequence[str] | None) -> list[str]:
+        """Exact names or glob patterns -> hook names (None = all); unknown ones raise UnknownHookError."""
+        return self.hook_points.resolve(patterns)
+
+    def __repr__(self) -> str:
+        c = self.config
+        layout = "pre-LN" if c.do_layer_norm_before else "post-LN"
+        return (f"Scope({self.source!r}: {c.num_hidden_layers} layers, {c.num_attention_heads} heads, "
+                f"d_model={c.hidden_size}, {layout}, {len(self.hook_names)} hook points)")
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where input ids go: the device of the token embedding."""
+        return self.model.get_input_embeddings().weight.device
+
+    def tokenize(self, prompts: str | Sequence[str], max_length: int | None = None,
+                 truncation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (input_ids [B, T], attention_mask [B, T]), right-padded, with the tokenizer's BOS.
+
+        A prompt longer than `max_length` (default: the model's context) is an error unless
+        `truncation=True`, which keeps its first `max_length` tokens.
+        """
+        if self.tokenizer is None:
+            raise TokenizerMissingError(
+                f"Scope({self.source!r}) has no tokenizer: pass token ids [batch, pos] instead of text")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise PromptError("no prompts given: pass a string or a non-empty list of strings")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise PromptError(f"prompt {i} is a {type(p).__name__}, not a string")
+            if not p:
+                raise PromptError(f"prompt {i} is empty: every prompt needs at least one character")
+        ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        return self._pad(ids, max_length, truncation)
+
+    def _pad(self, ids: list[list[int]], max_length: int | None, truncation: bool):
+        limit = max_length or self.config.max_position_embeddings
+        for i, row in enumerate(ids):
+            if not row:
+                raise PromptError(f"prompt {i} has no tokens")
+            if len(row) > limit:
+                if not truncation:
+                    raise PromptError(
+                        f"prompt {i} is {len(row)} tokens, longer than the limit of {limit} "
+                        f"({'max_length' if max_length else 'the model context, max_position_embeddings'});"
+                        " shorten it or pass truncation=True to keep its first tokens")
+                ids[i] = row[:limit]
+        width = max(len(r) for r in ids)
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 1
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, :len(row)] = 1
+        return input_ids, attention_mask
+
+    def _inputs(self, prompts: Prompts, attention_mask: torch.Tensor | None):
+        """Texts or ids -> (input_ids, attention_mask) on the model's input device, checked."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                        and isinstance(prompts[0], str)):
+            if attention_mask is not None:
+                raise PromptError("attention_mask goes with token ids; text prompts make their own")
+            input_ids, attention_mask = self.tokenize(prompts)
+        elif isinstance(prompts, torch.Tensor):
+            input_ids = prompts.long()
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            if input_ids.dim() != 2 or input_ids.numel() == 0:
+                raise PromptError(f"token ids must be [batch, pos] with at least one token, got "
+                                  f"{tuple(prompts.shape)}")
+            if input_ids.shape[1] > self.config.max_position_embeddings:
+                raise PromptError(f"{input_ids.shape[1]} tokens is longer than the model context of "
+                                  f"{self.config.max_position_embeddings} (max_position_embeddings)")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+        elif isinstance(prompts, Sequence) and prompts:
+            if attention_mask is not None:
+                raise PromptError("attention_mask goes with a [batch, pos] tensor; lists of ids are padded here")
+            input_ids, attention_mask = self._pad([list(map(int, r)) for r in prompts], None, False)
+        else:
+            raise PromptError("no prompts given: pass text, a list of texts, or token ids [batch, pos]")
+        if attention_mask.shape != input_ids.shape:
+            raise PromptError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                              f"{tuple(input_ids.shape)}")
+        if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
+            raise PromptError(f"token ids must lie in [0, {self.config.vocab_size}); got "
+                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    @contextmanager
+    def hooks(self, hooks: HookSpec | None) -> Iterator["Scope"]:
+        """Attach `{name_or_pattern: fn or [fns]}` for the block; always detached on exit.
+
+        `fn(activation, hook) -> replacement | None`: a returned tensor replaces the activation in
+        the model's computation. Functions run in the order given; functions already attached
+        (an outer block) run first.
+        """
+        handles = []
+        try:
+            for pattern, fns in (hooks or {}).items():
+                fns = [fns] if callable(fns) else list(fns)
+                for name in self.resolve_names(pattern):
+                    handles += [self.hook_points.add(name, fn) for fn in fns]
+            yield self
+        finally:
+            for handle in reversed(handles):
+                handle.remove()
+
+    def run(self, prompts: Prompts, attention_mask: torch.Tensor | None = None,
+            hooks: HookSpec | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] with `hooks` applied (gradients flow if enabled by the caller)."""
+        input_ids, attention_mask = self._inputs(prompts, attention_mask)
+        with self.hooks(hooks):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def run_with_cache(self, prompts: Prompts, names: str | Sequence[str] | None = None,
+                       positions: Positions = None, attention_mask: torch.Tensor | None = None,
+                       cache_device: str | torch.device | None = None,
+                       cache_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ActivationCache]:
+        """Run the model once (no gradients) and keep the activations of `names` (None = all).
+
+        prompts: text(s), or token ids [B, T] (with `attention_mask`, 1 = real token) or lists of ids.
+        positions: None/"all" keeps [B, T, ...] with padded positions zeroed; "last" keeps each
+        prompt's last real token, a bool mask [B, T] the tokens it marks: then tensors are [N, ...]
+        and `cache.rows` gives (batch, pos) of each row. Returns raw logits [B, T, vocab] (padded
+        positions not zeroed) and the `ActivationCache`. Hooks already attached stay active, and
+        the cache sees their edits.
+        """
+        input_ids, attention_mask = self._inputs(prompts, attention_mask)
+        names = self.resolve_names(names)
+        rows = _select_rows(positions, attention_mask)
+        keep_padding_zeroed = rows is None and not bool(attention_mask.all())
+        acts: dict[str, torch.Tensor] = {}
+
+        def capture(x: torch.Tensor, hook: HookPoint) -> None:
+            x = x.detach()
+            if rows is not None:
+                x = x[rows[:, 0], rows[:, 1]] if hook.pos_dim == 1 else x[rows[:, 0], :, rows[:, 1]]
+            elif keep_padding_zeroed:
+                shape = [1] * x.dim()
+                shape[0], shape[hook.pos_dim] = attention_mask.shape
+                x = x.masked_fill(~attention_mask.bool().view(shape), 0)
+            acts[hook.name] = x.to(device=cache_device, dtype=cache_dtype)
+
+        with torch.no_grad(), self.hooks({name: capture for name in names}):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        acts = {name: acts[name] for name in names if name in acts}   # forward order
+        cache = ActivationCache(acts, input_ids=input_ids, attention_mask=attention_mask, rows=rows,
+                                model=self.model)
+        return logits, cache
+
+    def generate(self, prompts: Prompts, max_new_tokens: int = 32, hooks: HookSpec | None = None,
+                 capture: str | Sequence[str] | None = None, **generate_kwargs: Any):
+        """Generate with the KV cache, `hooks` applied at every step, `capture` hooks recorded.
+
+        See `microscope.hooks.generation.generate`; returns a `GenerationResult`.
+        """
+        from microscope.hooks.generation import generate
+        return generate(self, prompts, max_new_tokens=max_new_tokens, hooks=hooks, capture=capture,
+                        **generate_kwargs)
+
+
+def _select_rows(positions: Positions, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """positions -> [N, 2] (batch, pos) of the tokens to keep, or None for every position."""
+    if positions is None or (isinstance(positions, str) and positions == "all"):
+        return None
+    if isinstance(positions, str) and positions == "last":
+        arange = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.bool() * arange).argmax(dim=1)
+        return torch.stack([torch.arange(len(last), device=last.device), last], dim=1)
+    if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+        if positions.shape != attention_mask.shape:
+            raise PromptError(f"positions mask {tuple(positions.shape)} does not match the batch "
+                              f"{tuple(attention_mask.shape)}")
+        return (positions.to(attention_mask.device) & attention_mask.bool()).nonzero()
+    raise PromptError(f"positions must be None, 'all', 'last' or a bool mask [batch, pos]; got {positions!r}")
