@@ -1,0 +1,81 @@
+"""Prompt sets: load prompts from a file or by the name of a built-in set.
+
+- ``name.txt``: one prompt per line (blank lines are an error: they would be empty prompts);
+- ``name.jsonl``: one JSON object per line with a ``"text"`` field; every other field is kept as
+  that prompt's metadata (stored beside the activations by the dump job);
+- a bare name (``"demo"``): the built-in set ``microscope/data/prompts/<name>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from microscope.errors import PromptError
+
+BUILTIN_DIR = Path(__file__).parent / "data" / "prompts"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: its text and the metadata fields that came with it."""
+
+    text: str
+    metadata: dict = field(default_factory=dict)
+
+
+def builtin_sets() -> list[str]:
+    """Names of the prompt sets shipped in the package."""
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
+
+
+def load_prompts(source: str | os.PathLike | list) -> list[Prompt]:
+    """Prompts from a .txt/.jsonl path, a built-in set name, or a list of strings/`Prompt`s."""
+    if isinstance(source, list):
+        prompts = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in source]
+        where = "the prompt list"
+    else:
+        path = Path(source)
+        if not path.exists() and path.suffix == "" and (BUILTIN_DIR / f"{path.name}.jsonl").exists():
+            path = BUILTIN_DIR / f"{path.name}.jsonl"
+        if not path.exists():
+            raise PromptError(f"no prompt file {str(source)!r} and no built-in set of that name; "
+                              f"give a .txt or .jsonl path or one of: {', '.join(builtin_sets())}")
+        where = str(path)
+        if path.suffix == ".jsonl":
+            prompts = _read_jsonl(path)
+        elif path.suffix == ".txt":
+            prompts = [Prompt(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        else:
+            raise PromptError(f"{path}: prompt files must end in .txt (one per line) or .jsonl")
+    if not prompts:
+        raise PromptError(f"{where} holds no prompts")
+    for i, prompt in enumerate(prompts):
+        if not prompt.text.strip():
+            raise PromptError(f"{where}: prompt {i} (line {i + 1}) is empty; remove it")
+    return prompts
+
+
+def _read_jsonl(path: Path) -> list[Prompt]:
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise PromptError(f'{path}:{number}: each line needs a "text" string field')
+        text = record.pop("text")
+        prompts.append(Prompt(text, record))
+    return prompts
+
+
+def prompts_hash(prompts: list[Prompt]) -> str:
+    """sha256 over the texts and metadata, in order: identifies a prompt set for resume checks."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(json.dumps([prompt.text, prompt.metadata], sort_keys=True).encode())
+    return "sha256:" + digest.hexdigest()

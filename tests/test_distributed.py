@@ -1,0 +1,78 @@
+"""Multi-rank dumps under torchrun (gloo on CPU): the store equals a single-process dump, with
+replicas of several ranks (--gpus-per-model) and after one rank is killed and the job resumed
+with another world size."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from microscope.cli import app
+from test_store_fixtures import (assert_stores_identical, committed_count, dump_args, make_model_dir,
+                                 make_prompts, python, subprocess_env, wait_then_kill)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model_dir = make_model_dir(root / "model")
+    prompts = make_prompts(root / "p.jsonl", 60, min_words=3, max_words=30)
+    reference = root / "reference.zarr"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(app, dump_args(model_dir, prompts, reference))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return model_dir, prompts, reference
+
+
+def torchrun(n: int, *args: str) -> list[str]:
+    return [python(), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+            "-m", "microscope", *args]
+
+
+def workers(launcher: subprocess.Popen) -> list[int]:
+    """PIDs of the rank processes torchrun started."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    return sorted(int(c) for c in children)
+
+
+def test_four_ranks_as_two_replicas_equal_one_process(setup, tmp_path):
+    model_dir, prompts, reference = setup
+    out = tmp_path / "s.zarr"
+    launcher = subprocess.Popen(torchrun(4, *dump_args(model_dir, prompts, out, "--gpus-per-model", "2")),
+                                env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        for pid in workers(launcher):
+            os.kill(pid, 9)
+        launcher.kill()
+        raise
+    assert launcher.returncode == 0, output[-3000:]
+    assert_stores_identical(out, reference)
+
+
+def test_one_rank_killed_then_resumed_with_one_rank(setup, tmp_path):
+    model_dir, prompts, reference = setup
+    out = tmp_path / "s.zarr"
+    launcher = subprocess.Popen(torchrun(2, *dump_args(model_dir, prompts, out)), env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_then_kill(launcher, lambda: committed_count(out) >= 4, victim=lambda: workers(launcher)[-1])
+    n_units = len(list((reference / "committed" / "c").iterdir()))
+    assert committed_count(out) < n_units, "the dump finished before the kill: the test proves nothing"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(app, dump_args(model_dir, prompts, out, "--resume"))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    assert_stores_identical(out, reference)
