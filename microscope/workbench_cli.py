@@ -1,0 +1,90 @@
+"""`microscope demo`, `microscope run SPEC` and `microscope experiments list`.
+
+Heavy modules (torch, transformers, the studies) are imported inside the commands so that
+`microscope --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+experiments_app = typer.Typer(help="The shared experiment library (experiments/*.toml).", no_args_is_help=True)
+
+
+def _command_line() -> str:
+    return "microscope " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _run_and_report(run) -> None:
+    """Call `run()` (an experiment), print its headline numbers and where its files are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from microscope.errors import MicroscopeError
+
+    console = Console()
+    try:
+        result = run()
+    except MicroscopeError as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title=f"{result.spec.name}: headline numbers ({result.seconds:.0f} s)")
+    for column in ("step", "number", "value"):
+        table.add_column(column)
+    for step, numbers in result.headline.items():
+        for key, value in numbers.items():
+            if not isinstance(value, (dict, list)):
+                table.add_row(step, key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    first = [k for k in ("report", "results", "store") if k in result.files]
+    for label in first + [k for k in result.files if k not in first]:
+        path = result.files[label]
+        console.print(f"{label:>14}: {Path(path).resolve()}", highlight=False, soft_wrap=True)
+
+
+def demo_command(
+    out: str = typer.Option(None, help="Output folder (default: [outputs] dir of experiments/demo.toml)."),
+) -> None:
+    """The main job: dump the organism's activations, run the studies, write an HTML report + JSON."""
+    from microscope.demo import run_demo
+
+    _run_and_report(lambda: run_demo(out_dir=out, command=_command_line()))
+
+
+def run_command(
+    spec: str = typer.Argument(..., help="An experiment spec, e.g. experiments/induction_heads.toml."),
+    out: str = typer.Option(None, help="Output folder (default: the spec's [outputs] dir)."),
+) -> None:
+    """Run one experiment spec; results carry provenance (commit, versions, seed, weights hash)."""
+    from microscope.experiments import run_experiment
+
+    _run_and_report(lambda: run_experiment(spec, out_dir=out, command=_command_line()))
+
+
+@experiments_app.command("list")
+def list_command(
+    directory: str = typer.Option(None, "--dir", help="Spec folder (default: ./experiments)."),
+) -> None:
+    """Show every experiment spec with its one-line purpose."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from microscope.errors import MicroscopeError
+    from microscope.experiments import list_specs
+
+    try:
+        specs = list_specs(directory)
+    except MicroscopeError as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title="experiments", caption="run one: microscope run experiments/NAME.toml", box=None)
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("purpose")
+    table.add_column("model", no_wrap=True)
+    for spec in specs:
+        table.add_row(spec.name, spec.purpose, spec.model)
+    Console().print(table)

@@ -1,0 +1,53 @@
+"""The README's main-job command, run exactly as written: it writes the report and the JSON of
+headline numbers, with every study's numbers and figures in them, and says where they are."""
+
+from __future__ import annotations
+
+import json
+
+from workbench_demo import ROOT, demo_run, main_job_command, readme_commands
+
+STUDIES = ("toxicity", "repetition", "instructions", "arithmetic")
+
+
+def test_the_readme_starts_with_the_main_job_then_the_tests():
+    assert readme_commands()[:2] == ["make demo", "make test"]
+    assert main_job_command() == "make demo"
+
+
+def test_the_readme_main_job_writes_the_report_and_headline_json():
+    run = demo_run()
+    assert run.returncode == 0, run.output[-4000:]
+    assert run.report is not None and run.report.is_file(), f"no report path printed:\n{run.output[-2000:]}"
+    assert run.results is not None and run.results.is_file(), f"no results path printed:\n{run.output[-2000:]}"
+    record = run.record()
+    assert record["experiment"] == "demo"
+    headline = record["headline"]
+    dump = headline["activation dump"]
+    assert dump["prompts"] == sum(1 for _ in open(ROOT / "microscope/data/prompts/demo.jsonl")) and dump["tokens"] > 0
+    assert (ROOT / dump["store"]).is_dir(), "the dump's store is under activations/"
+    assert dump["store"].startswith("activations/")
+    for study in STUDIES:
+        assert headline.get(study), f"no headline numbers for {study}"
+        assert any(f["section"] == study for f in record["figures"]), f"no figure for {study}"
+    html = run.report.read_text(encoding="utf-8")
+    assert html.count('class="plotly-graph-div"') == len(record["figures"])
+    for figure in record["figures"]:  # titles sit in the plotly JSON, with <, >, & escaped
+        encoded = json.dumps(figure["title"])[1:-1]
+        for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+            encoded = encoded.replace(char, escape)
+        assert figure["title"] and encoded in html, figure["title"]
+    prov = record["provenance"]
+    assert prov["command"] == "microscope demo" and prov["model"] == "organism"
+    assert prov["weights_hash"].startswith("sha256:")
+
+
+def test_the_dumped_store_opens_and_matches_the_reported_numbers():
+    import microscope as ms
+
+    run = demo_run()
+    assert run.returncode == 0, run.output[-4000:]
+    dump = run.record()["headline"]["activation dump"]
+    store = ms.open_store(str(ROOT / dump["store"]))
+    assert store.is_complete and store.n_prompts == dump["prompts"] and store.n_tokens == dump["tokens"]
+    assert "blocks.0.hook_resid_post" in store
