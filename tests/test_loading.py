@@ -173,9 +173,10 @@ def test_explicit_cpu_plus_disk_map_gives_the_same_activations(saved, tmp_path):
 @pytest.mark.parametrize("device_map", ["auto", "balanced"])
 def test_auto_maps_with_max_memory_spill_to_disk_with_the_same_logits(saved, tmp_path, device_map):
     model, _, sharded = saved
-    scope = ms.load(sharded, device_map=device_map, max_memory={"cpu": 60_000},
+    budget = int(0.8 * sum(p.numel() * p.element_size() for p in model.parameters()))  # most, not all
+    scope = ms.load(sharded, device_map=device_map, max_memory={"cpu": budget},
                     offload_folder=tmp_path / "offload")
-    assert "disk" in set(scope.info["device_map"].values())
+    assert {"cpu", "disk"} <= set(scope.info["device_map"].values())
     assert torch.equal(logits_of(scope.model), logits_of(model))
 
 

@@ -131,7 +131,9 @@ def _dump(ranks: Ranks, model, prompts, hooks, out, *, dtype, positions, batch_t
             raise outcome
     group = open_group(out, mode="r+", storage_options=storage_options)
     result = {"tokens": 0, "bytes": 0, "units": 0, "energy": None}
-    committed_before = committed_units(group)
+    # Every rank splits the same pending list: rank 0's view, read before any unit of this run
+    # commits (a rank reading later would see another set and deal the units differently).
+    committed_before = broadcast_object(ranks, committed_units(group) if ranks.is_main else None)
     if ranks.is_leader:
         check_resume(group, plan.fingerprint, where)
         pending = [u.index for u in plan.units if not committed_before[u.index]]

@@ -50,6 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     threads: int = 2
     table_seed: int = 0
+    log_every: int = 100               # steps per entry of the loss log
 
 
 def organism_config(tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig) -> OPTConfig:
@@ -83,7 +84,7 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 def train(cfg: TrainConfig, corpus_config: CorpusConfig | None = None, progress: bool = True
           ) -> tuple[OPTForCausalLM, PreTrainedTokenizerFast, dict]:
     """Train from scratch; returns the model (eval mode), its tokenizer and a log dict
-    (``losses``: mean loss per 100 steps, ``seconds``: wall time, ``config``)."""
+    (``losses``: mean loss per ``log_every`` steps, ``seconds``: wall time, ``config``)."""
     seed_everything(cfg.seed, cfg.threads)
     tokenizer = build_tokenizer()
     model = OPTForCausalLM(organism_config(tokenizer, cfg))
@@ -112,7 +113,7 @@ def train(cfg: TrainConfig, corpus_config: CorpusConfig | None = None, progress:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             window.append(loss.item())
-            if len(window) == 100 or step == cfg.steps - 1:
+            if len(window) == cfg.log_every or step == cfg.steps - 1:
                 losses.append(sum(window) / len(window))
                 window = []
                 bar.update(task, loss=losses[-1])
