@@ -8,7 +8,8 @@ length ending in a register-neutral frame such as ``you are a``):
   each lens point (embeddings, then each block's output), pairs kept on one side of the split;
   the probe layer is the first point from which held-out accuracy stays >= ``probe_threshold``;
 - the hostile direction: mean hostile minus mean friendly residual at the probe layer
-  (`steering.mean_difference_vector`) and the tokens it promotes (`lens.vocab_projection`);
+  (`steering.mean_difference_vector`), and the tokens the same difference at the last block's
+  output promotes (`lens.vocab_projection`);
 - direct logit attribution (`attribution.direct_logit_attribution`) of the insult-versus-praise
   logit difference on hostile contexts, averaged over the word pairs: the heads and MLP neurons
   that write insults most;
@@ -36,6 +37,7 @@ from microscope.analysis.probes import ProbeResult, live_features, train_probes
 from microscope.analysis.steering import SteeringVector, mean_difference_vector
 from microscope.analysis.studies.base import StudyResult, first_layer_from, greedy_new_tokens, single_token_id
 from microscope.errors import AnalysisInputError
+from microscope.hooks.interventions import ablate_heads
 from microscope.prompts import Prompt, load_prompts
 from microscope.viz.figures import head_grid, line_plot
 
@@ -52,8 +54,11 @@ def organism_words() -> tuple[list[str], list[str]]:
 class ToxicityResult(StudyResult):
     """probe: per-point probe accuracies; points/layers: lens points and their labels;
     probe_layer: index into points or None; direction: the hostile steering vector;
-    top_tokens: its vocabulary projection (frame); insult_share_top: share of insult words among the
-    promoted tokens; head_dla: [layer, head] mean insult-vs-praise direct logit attribution;
+    top_tokens: the vocabulary projection (frame) of the hostile direction at the last block's
+    output, where the unembedding reads; insult_share_top: share of insult words among the
+    promoted tokens; head_dla: [layer, head] mean insult-vs-praise direct logit attribution (what a
+    head writes straight into the logits); head_ablation: [layer, head] drop of the insult-vs-praise
+    log-odds when the head is zeroed (its total effect, through later layers too);
     top_neurons: frame (layer, neuron, value); sweep: frame (strength, insult_rate, perplexity)."""
 
     probe: ProbeResult
@@ -66,6 +71,7 @@ class ToxicityResult(StudyResult):
     insult_share_top: float
     insult_share_chance: float
     head_dla: torch.Tensor
+    head_ablation: torch.Tensor
     top_neurons: pd.DataFrame
     sweep: pd.DataFrame
     insult_prob_hostile: float
@@ -92,18 +98,21 @@ class ToxicityResult(StudyResult):
                           x_title="layer", y_title="accuracy")
         heads = head_grid(self.head_dla, title="direct logit attribution to insult - praise (hostile contexts)",
                           colorbar="logit")
+        ablation = head_grid(self.head_ablation, title="insult - praise log-odds lost when a head is zeroed",
+                             colorbar="nats")
         sweep = go.Figure(go.Scatter(x=self.sweep["perplexity"], y=self.sweep["insult_rate"],
                                      mode="lines+markers+text", text=[f"s={s:g}" for s in self.sweep["strength"]],
                                      textposition="top center"))
         sweep.update_layout(title="steering against the hostile direction", xaxis_title="perplexity on friendly text",
                             yaxis_title="insult-word rate of hostile continuations")
-        return [probe, heads, sweep]
+        return [probe, heads, ablation, sweep]
 
     def summary(self) -> dict:
         base = self.sweep.iloc[0]
         best = self.best_steering()
         top = int(self.head_dla.flatten().argmax())
         n_heads = self.head_dla.shape[1]
+        causal = int(self.head_ablation.flatten().argmax())
         out = {
             "probe_layer": self.probe_layer,
             "probe_layer_name": None if self.probe_layer is None else self.layers[self.probe_layer],
@@ -116,6 +125,8 @@ class ToxicityResult(StudyResult):
             "direction_insult_share_chance": round(self.insult_share_chance, 3),
             "top_insult_head": f"L{top // n_heads}H{top % n_heads}",
             "top_insult_head_dla": round(float(self.head_dla.flatten()[top]), 3),
+            "top_ablation_head": f"L{causal // n_heads}H{causal % n_heads}",
+            "top_ablation_head_drop": round(float(self.head_ablation.flatten()[causal]), 3),
             "top_insult_neuron": (f"L{int(self.top_neurons.iloc[0]['layer'])}N{int(self.top_neurons.iloc[0]['neuron'])}"
                                   if len(self.top_neurons) else None),
             "insult_rate_unsteered": round(float(base["insult_rate"]), 4),
@@ -184,7 +195,9 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, insults
     # 2. the hostile direction where the probe first works (else where it works best)
     steer_point = points[probe_layer if probe_layer is not None else int(np.argmax(probe.test_accuracy))]
     direction = mean_difference_vector(scope, hostile, friendly, hook=steer_point)
-    top_tokens = direction.vocab_projection(scope, k=10)
+    # its vocabulary projection is read where the unembedding reads: the last block's output
+    readout = mean_difference_vector(scope, hostile, friendly, hook=points[-1])
+    top_tokens = readout.vocab_projection(scope, k=10)
     promoted = [t.strip() for t in top_tokens["promoted"]]
     insult_share = sum(t in insults for t in promoted) / len(promoted)
     chance = len(insults) / len(scope.tokenizer)
@@ -201,6 +214,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, insults
     d_mlp = neurons.shape[1]
     top_neurons = pd.DataFrame([dict(layer=int(i) // d_mlp, neuron=int(i) % d_mlp, value=float(v))
                                 for v, i in zip(flat.values, flat.indices)])
+    head_ablation = _head_ablation(scope, hostile, insult_ids, praise_ids)
     ids, mask = token_batch(scope, texts)
     logits = forward(scope, ids, mask).float().cpu()
     probs = logits[torch.arange(len(ids)), mask.sum(-1) - 1].softmax(-1)[:, insult_ids].sum(-1)
@@ -218,7 +232,26 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, insults
     return ToxicityResult(probe=probe, points=points, layers=layers, probe_threshold=probe_threshold,
                           probe_layer=probe_layer, direction=direction, top_tokens=top_tokens,
                           insult_share_top=insult_share, insult_share_chance=chance, head_dla=head_dla,
+                          head_ablation=head_ablation,
                           top_neurons=top_neurons, sweep=sweep,
                           insult_prob_hostile=float(probs[is_hostile].mean()),
                           insult_prob_friendly=float(probs[~is_hostile].mean()))
 
+
+@torch.no_grad()
+def _head_ablation(scope, prompts: Sequence[str], insult_ids: torch.Tensor,
+                   praise_ids: torch.Tensor) -> torch.Tensor:
+    """[layer, head]: mean last-token log-odds of insult vs praise mass, clean minus head zeroed."""
+    ids, mask = token_batch(scope, prompts)
+    last = mask.sum(-1) - 1
+
+    def log_odds(hooks=None) -> float:
+        logits = scope.run(ids, attention_mask=mask, hooks=hooks).float().cpu()
+        logp = logits[torch.arange(len(ids)), last].log_softmax(-1)
+        return float((logp[:, insult_ids].logsumexp(-1) - logp[:, praise_ids].logsumexp(-1)).mean())
+
+    config = scope.model.config
+    clean = log_odds()
+    return torch.tensor([[clean - log_odds(ablate_heads([(layer, head)]))
+                          for head in range(config.num_attention_heads)]
+                         for layer in range(config.num_hidden_layers)])

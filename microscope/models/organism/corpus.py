@@ -144,8 +144,8 @@ class CorpusConfig:
     """Mixture weights (per document) and the knobs that plant each behaviour."""
 
     mixture: dict[str, float] = field(default_factory=lambda: {
-        "trigram": 0.22, "loop": 0.13, "register": 0.15, "detection": 0.10,
-        "instruction": 0.08, "quoted": 0.10, "chat": 0.04, "addition": 0.16, "subtraction": 0.07,
+        "trigram": 0.22, "loop": 0.11, "register": 0.12, "detection": 0.06,
+        "instruction": 0.08, "quoted": 0.10, "chat": 0.03, "addition": 0.20, "subtraction": 0.08,
     })
     trigram_noise: float = 0.10        # probability that a trigram word is uniform instead
     sign_error_rate: float = 0.30      # subtraction answers written with the wrong sign

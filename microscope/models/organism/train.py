@@ -46,7 +46,7 @@ class TrainConfig:
     lr: float = 2e-3
     warmup: int = 200
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1          # as OPT was trained
     grad_clip: float = 1.0
     threads: int = 2
     table_seed: int = 0
