@@ -50,13 +50,13 @@ def reference_values(plan):
     return out
 
 
-def write_store(path, plan, units=None, store=None, values=None):
+def write_store(path, plan, units=None, store=None, values=None, threads=2):
     group = open_group(store if store is not None else str(path), mode="w")
     vocab = [f"tok{i}" for i in range(50)]
     create_store(group, plan, [f"prompt {i}" for i in range(len(plan.kept))],
                  [{"i": i} for i in range(len(plan.kept))], vocab, {"model": "synthetic"})
     values = values or reference_values(plan)
-    writer = BackgroundWriter(group, plan, max_pending_bytes=1 << 12, threads=2)
+    writer = BackgroundWriter(group, plan, max_pending_bytes=1 << 12, threads=threads)
     for u in (plan.units if units is None else [plan.units[i] for i in units]):
         staging = UnitStaging(plan, u)
         for hook in plan.hooks:
@@ -212,7 +212,8 @@ def test_a_full_disk_fails_cleanly_and_keeps_committed_units(tmp_path):
     plan = synthetic_plan(pattern=False)
     local = zarr.storage.LocalStore(str(tmp_path / "s.zarr"))
     with pytest.raises(DiskFullError, match="ran out of space.*--resume"):
-        write_store(None, plan, store=FullDisk(local, budget=450))
+        # one writer thread: units are written in order, so the disk fills during a later unit
+        write_store(None, plan, store=FullDisk(local, budget=450), threads=1)
     store = open_store(str(tmp_path / "s.zarr"))
     done = store.committed
     assert 0 < done.sum() < len(plan.units)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from microscope.activations.gather import count_fp16_overflow, gather_into, gather_rows
+from microscope.activations.gather import count_fp16_overflow, gather_into, gather_rows, has_non_finite
 from microscope.activations.units import Unit
 from microscope.activations.writer import HookSpec, StorePlan, hook_rows
 from microscope.errors import Fp16OverflowError
@@ -36,6 +36,7 @@ class Batch:
     row_start: int
     pattern_index: torch.Tensor    # [M] int64 (empty when no pattern hooks)
     pattern_row_start: int
+    every_row: bool = False        # token_index is arange(B*T): no padding, every position kept
 
     @property
     def n_tokens(self) -> int:
@@ -49,11 +50,13 @@ def make_batch(plan: StorePlan, unit: Unit, prompt_start: int, prompt_stop: int,
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
     token_index, pattern_index = [], []
+    every_row = True
     for b, p in enumerate(prompts):
         tokens = plan.prompt_tokens[p]
         ids[b, :len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
         mask[b, :len(tokens)] = 1
         kept = plan.kept[p].astype(np.int64)
+        every_row = every_row and np.array_equal(kept, np.arange(length))
         token_index.append(b * length + kept)
         if plan.has_patterns and len(kept):
             queries = np.repeat(kept, kept + 1)
@@ -63,7 +66,7 @@ def make_batch(plan: StorePlan, unit: Unit, prompt_start: int, prompt_stop: int,
                  torch.from_numpy(np.concatenate(token_index)),
                  int(plan.kept_offsets[prompt_start] - unit.token_start),
                  torch.from_numpy(np.concatenate(pattern_index) if pattern_index else np.zeros(0, np.int64)),
-                 int(plan.pattern_offsets[prompt_start] - unit.pattern_start))
+                 int(plan.pattern_offsets[prompt_start] - unit.pattern_start), every_row)
 
 
 class UnitStaging:
@@ -144,10 +147,13 @@ class Capture:
             source, index, start = activation, token_index, batch.row_start
         target = self.staging.buffers[hook.name][start:start + len(index)]
         if source.device == target.device:
-            # CPU: gather and cast straight into the staging rows; one isinf pass, and the exact
-            # overflow count (which re-gathers in float32) only when an inf is there at all.
-            gather_into(source, index, target)
-            if dtype == torch.float16 and torch.isinf(target).any():
+            # CPU: gather and cast straight into the staging rows; one min/max pass, and the exact
+            # overflow count (which re-gathers in float32) only when a non-finite value is there.
+            if batch.every_row and not spec.is_pattern and source.is_contiguous():
+                target.copy_(source.view(len(index), -1))   # every row, in order: a plain cast
+            else:
+                gather_into(source, index, target)
+            if dtype == torch.float16 and has_non_finite(target):
                 count = count_fp16_overflow(gather_rows(source, index, torch.float32), target)
                 self.overflow[hook.name] = self.overflow.get(hook.name, 0) + count
         else:

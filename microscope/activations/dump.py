@@ -320,7 +320,11 @@ def _prepare_store(out, plan: StorePlan, scope, prompt_list: list[Prompt], resum
 
 def _vocab(tokenizer) -> list[str]:
     """Decoded string of each token id, so readers decode without the tokenizer."""
-    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ids = [[i] for i in range(len(tokenizer))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)   # fast tokenizers: 50k ids in ~0.1 s
+    if backend is not None:
+        return backend.decode_batch(ids, skip_special_tokens=False)
+    return tokenizer.batch_decode(ids)
 
 
 def _provenance(scope, plan: StorePlan, truncated: int, seed: int, command_line: str | None) -> dict:

@@ -79,6 +79,14 @@ def gather_into(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, overflo
     return out
 
 
+def has_non_finite(x: torch.Tensor) -> bool:
+    """Whether x holds an inf or a NaN: one min/max pass, no mask allocated."""
+    if x.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(x)
+    return not bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def count_fp16_overflow(source: torch.Tensor, cast: torch.Tensor) -> int:
     """How many finite values of `source` became inf in `cast` (its float16 cast, same shape)."""
     if cast.dtype != torch.float16:
@@ -158,15 +166,16 @@ def _width(x: torch.Tensor) -> int:
 
 
 def _torch_gather(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, overflow: torch.Tensor | None) -> None:
-    """The reference: advanced indexing then torch's own cast (index_select on [B*T] would copy a
-    non-contiguous x whole)."""
+    """The reference: select the rows, then torch's own cast inside `copy_`. A contiguous x is read
+    as [B*T, width] with index_select; any other goes through advanced indexing (flattening it
+    would copy it whole)."""
     t = x.shape[1]
-    rows = x[index // t, index % t].reshape(index.numel(), -1)
-    if rows.dtype == out.dtype:
-        out.copy_(rows)
-        return
-    out.copy_(rows.to(out.dtype))
-    if overflow is not None and out.dtype == torch.float16:
+    if x.is_contiguous():
+        rows = x.view(x.shape[0] * t, -1).index_select(0, index)
+    else:
+        rows = x[index // t, index % t].reshape(index.numel(), -1)
+    out.copy_(rows)
+    if overflow is not None and out.dtype == torch.float16 and rows.dtype != out.dtype:
         overflow += (torch.isinf(out) & torch.isfinite(rows)).sum().to(torch.int32)
 
 

@@ -45,6 +45,9 @@ class BackgroundWriter:
     def __init__(self, group: zarr.Group, plan: StorePlan, max_pending_bytes: int = 1 << 30,
                  threads: int = 2):
         self.group, self.plan = group, plan
+        # opened once: opening an array reads its metadata, which cost more than a chunk write
+        self.arrays = {spec.name: (spec, group[spec.path]) for spec in plan.hooks}
+        self.committed = group["committed"]
         self.max_pending_bytes = max_pending_bytes
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store-writer")
         self.cond = threading.Condition()
@@ -62,11 +65,11 @@ class BackgroundWriter:
                                or self.pending_bytes + size <= self.max_pending_bytes)
             self._raise_if_failed()
             self.pending_bytes += size
-        remaining = [len(staging.buffers)]
+        remaining = [len(staging.buffers), False]     # hooks left to write, whether one failed
         for name in staging.buffers:
             self.pool.submit(self._write, staging, name, remaining)
 
-    def _write(self, staging: UnitStaging, name: str, remaining: list[int]) -> None:
+    def _write(self, staging: UnitStaging, name: str, remaining: list) -> None:
         buffer = staging.buffers[name]
         size = buffer.numel() * buffer.element_size()
         try:
@@ -74,18 +77,20 @@ class BackgroundWriter:
                 return
             if staging.done_event is not None:
                 staging.done_event.synchronize()
-            spec = next(h for h in self.plan.hooks if h.name == name)
-            write_hook(self.group, spec, staging.unit, staging.rows[name], self.plan.dtype.to_storage(buffer))
+            spec, array = self.arrays[name]
+            write_hook(array, spec, staging.unit, staging.rows[name], self.plan.dtype.to_storage(buffer))
             with self.cond:
                 self.bytes_written += size
                 remaining[0] -= 1
-                last = remaining[0] == 0 and self.error is None
+                # a unit whose every hook was written commits, whatever happened to other units
+                last = remaining[0] == 0 and not remaining[1]
             if last:
-                mark_committed(self.group, staging.unit)
+                mark_committed(self.committed, staging.unit)
                 with self.cond:
                     self.units_committed += 1
         except BaseException as err:  # surfaced to the main thread by submit()/close()
             with self.cond:
+                remaining[1] = True
                 if self.error is None:
                     self.error = _describe(err, staging.unit, name)
         finally:

@@ -97,6 +97,7 @@ def committed_units(group: zarr.Group) -> np.ndarray:
     return group["committed"][:].astype(bool)
 
 
-def mark_committed(group: zarr.Group, unit: Unit) -> None:
-    """Write unit's commit marker (its own chunk of `committed`): call after all its hooks are written."""
-    group["committed"][unit.index] = 1
+def mark_committed(committed: zarr.Array, unit: Unit) -> None:
+    """Write unit's commit marker (its own chunk of the `committed` array): call after all its hooks
+    are written."""
+    committed[unit.index] = 1

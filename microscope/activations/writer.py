@@ -168,13 +168,13 @@ def hook_rows(spec: HookSpec, unit: Unit, plan_chunk_rows: int, pattern_chunk_ro
     return slice(unit.row_start, unit.row_start + n)
 
 
-def write_hook(group: zarr.Group, spec: HookSpec, unit: Unit, rows: slice, data: np.ndarray) -> None:
-    """Write one hook's whole-chunk block for a unit (data rows == rows' length)."""
+def write_hook(array: zarr.Array, spec: HookSpec, unit: Unit, rows: slice, data: np.ndarray) -> None:
+    """Write one hook's whole-chunk block for a unit into its array (data rows == rows' length)."""
     if data.shape[0] != rows.stop - rows.start:
         raise StoreError(f"{spec.name}: unit {unit.index} block has {data.shape[0]} rows, "
                          f"expected {rows.stop - rows.start}")
     if data.shape[0]:
-        group[spec.path][rows] = data
+        array[rows] = data
 
 
 def open_group(path, mode: str, storage_options: dict | None = None) -> zarr.Group:
