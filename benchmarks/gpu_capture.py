@@ -176,12 +176,12 @@ def run_nnsight(lm, layers, batches, names, width, dtype, out: Path) -> None:
 
 
 def load_transformer_lens(scope, dtype: torch.dtype):
-    """TransformerLens 4.x wraps the HF model in a TransformerBridge (HookedTransformer is gone)."""
-    from transformer_lens.model_bridge import TransformerBridge
+    """TransformerLens 4.x wraps the HF model in a TransformerBridge (HookedTransformer is gone);
+    `to_transformer_lens` hands it the same weights (the model is already in `dtype`). The bridge
+    switches the model to eager attention, so this variant runs last."""
+    from microscope.hooks.interop import to_transformer_lens
 
-    size = scope.source.split(":")[-1].removeprefix("opt-")
-    return TransformerBridge.boot_transformers(f"facebook/opt-{size}", hf_model=scope.model,
-                                               tokenizer=scope.tokenizer, device=scope.model.device, dtype=dtype)
+    return to_transformer_lens(scope)
 
 
 def load_nnsight(scope):
@@ -212,20 +212,21 @@ def measure(args, model_name: str, dtype_name: str, device: torch.device, workdi
         paths["our dump (zarr)"] = lambda: run_dump(scope, texts, names, dtype_name, args.batch_tokens,
                                                     workdir / "dump.zarr")
     failures = {}
-    if "tl" not in skip:
-        try:
-            tl_model = load_transformer_lens(scope, dtype)
-            paths["TransformerLens run_with_cache + zarr"] = lambda: run_transformer_lens(
-                tl_model, batches, names, width, dtype, workdir / "tl.zarr")
-        except Exception as err:  # reported in the table, not hidden
-            failures["TransformerLens run_with_cache + zarr"] = f"{type(err).__name__}: {str(err)[:80]}"
     if "nnsight" not in skip:
         try:
             lm, layers = load_nnsight(scope)
             paths["nnsight save + zarr"] = lambda: run_nnsight(lm, layers, batches, names, width, dtype,
                                                               workdir / "nnsight.zarr")
-        except Exception as err:
+        except Exception as err:  # reported in the table, not hidden
             failures["nnsight save + zarr"] = f"{type(err).__name__}: {str(err)[:80]}"
+    if "tl" not in skip:
+        bridge = []
+
+        def transformer_lens() -> None:   # built on first use: it makes the model eager, so it runs last
+            if not bridge:
+                bridge.append(load_transformer_lens(scope, dtype))
+            run_transformer_lens(bridge[0], batches, names, width, dtype, workdir / "tl.zarr")
+        paths["TransformerLens run_with_cache + zarr"] = transformer_lens
     bandwidth = d2h_bandwidth(device)
     rows = []
     with torch.inference_mode():

@@ -45,8 +45,11 @@ class BackgroundWriter:
     def __init__(self, group: zarr.Group, plan: StorePlan, max_pending_bytes: int = 1 << 30,
                  threads: int = 2):
         self.group, self.plan = group, plan
-        # opened once: opening an array reads its metadata, which cost more than a chunk write
-        self.arrays = {spec.name: (spec, group[spec.path]) for spec in plan.hooks}
+        # Opened once (opening reads the metadata, which cost more than a chunk write), with
+        # write_empty_chunks: a run-time setting, not stored, without which zarr compares every
+        # chunk with the fill value before writing it.
+        self.arrays = {spec.name: (spec, group[spec.path].with_config({"write_empty_chunks": True}))
+                       for spec in plan.hooks}
         self.committed = group["committed"]
         self.max_pending_bytes = max_pending_bytes
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store-writer")
