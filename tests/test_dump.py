@@ -112,6 +112,28 @@ def test_empty_and_overlong_prompts(tmp_path, model_dir):
     assert store.group["prompt_length"][:].tolist() == [3, 20]
 
 
+def test_a_store_whose_layout_was_interrupted_is_laid_out_again(tmp_path, model_dir, prompts):
+    """What a dump killed while creating its arrays leaves behind: the in-progress marker and some
+    arrays. The next run (with or without --resume) lays the store out again."""
+    reference, out = tmp_path / "reference.zarr", tmp_path / "s.zarr"
+    dump(str(model_dir), str(prompts), HOOKS, str(reference), chunk_rows=16)
+    group = zarr.open_group(str(out), mode="w")
+    group.attrs["microscope"] = {"format_version": 1, "complete": False}
+    group.create_array("token_id", shape=(5,), dtype="int32", fill_value=-1)
+    with pytest.raises(StoreError, match="never fully laid out"):
+        open_store(str(out))
+    dump(str(model_dir), str(prompts), HOOKS, str(out), chunk_rows=16, resume=True)
+    assert_stores_identical(out, reference)
+
+
+def test_a_foreign_zarr_group_is_never_overwritten(tmp_path, model_dir, prompts):
+    out = tmp_path / "other.zarr"
+    zarr.open_group(str(out), mode="w").create_array("mine", shape=(3,), dtype="int32", fill_value=7)
+    with pytest.raises(StoreError, match="not an activation store"):
+        dump(str(model_dir), str(prompts), HOOKS, str(out), chunk_rows=16)
+    assert zarr.open_group(str(out), mode="r")["mine"][:].tolist() == [7, 7, 7]
+
+
 def test_full_disk_fails_cleanly_then_resume_completes_identically(tmp_path, model_dir, prompts):
     reference = tmp_path / "reference.zarr"
     dump(str(model_dir), str(prompts), HOOKS, str(reference), chunk_rows=16, batch_tokens=1)

@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
 
 
 KILL_POINTS = {
-    "while laying out the store": lambda out: (out / "zarr.json").exists(),
+    "while laying out the store": lambda out: (out / "token_id" / "zarr.json").exists(),
     "after the first commit": lambda out: committed_count(out) >= 1,
     "half way": lambda out: committed_count(out) >= 20,
 }

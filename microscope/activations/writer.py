@@ -82,7 +82,9 @@ def pattern_rows(kept: np.ndarray) -> int:
 def create_store(group: zarr.Group, plan: StorePlan, texts: list[str], metadata: list[dict],
                  vocab: list[str], provenance: dict, compress: str | None = None) -> None:
     """Lay out an empty store in `group` (opened with mode "w"): every array pre-sized, index arrays
-    filled, hook arrays left unwritten. Sets the ``complete`` attribute last."""
+    filled, hook arrays left unwritten. Marks the group as a store being laid out first (so a dump
+    killed half way through is recognised, and recreated, by the next run) and sets ``complete`` last."""
+    group.attrs["microscope"] = {"format_version": FORMAT_VERSION, "complete": False}
     rows, pattern_rows_total = row_extent(plan.units, plan.chunk_rows, plan.pattern_chunk_rows)
     n_prompts, n_units = len(plan.prompt_tokens), len(plan.units)
     token_id = np.full(rows, -1, np.int32)
