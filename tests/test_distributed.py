@@ -9,12 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-from typer.testing import CliRunner
 
-from microscope.cli import app
-from test_store_fixtures import (assert_stores_identical, committed_count, dump_args, make_model_dir,
-                                 make_prompts, python, subprocess_env, wait_then_kill)
+from test_store_fixtures import (assert_stores_identical, cli_dump_one_thread, committed_count, dump_args,
+                                 make_model_dir, make_prompts, python, subprocess_env, wait_then_kill)
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +20,7 @@ def setup(tmp_path_factory):
     model_dir = make_model_dir(root / "model")
     prompts = make_prompts(root / "p.jsonl", 60, min_words=3, max_words=30)
     reference = root / "reference.zarr"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(app, dump_args(model_dir, prompts, reference))
-    finally:
-        torch.set_num_threads(threads)
+    result = cli_dump_one_thread(*dump_args(model_dir, prompts, reference))
     assert result.exit_code == 0, result.output
     return model_dir, prompts, reference
 
@@ -72,11 +64,6 @@ def test_one_rank_killed_then_resumed_with_one_rank(setup, tmp_path, ranks, per_
     wait_then_kill(launcher, lambda: committed_count(out) >= 4, victim=lambda: workers(launcher)[-per_model])
     n_units = len(list((reference / "committed" / "c").iterdir()))
     assert committed_count(out) < n_units, "the dump finished before the kill: the test proves nothing"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(app, dump_args(model_dir, prompts, out, "--resume"))
-    finally:
-        torch.set_num_threads(threads)
+    result = cli_dump_one_thread(*dump_args(model_dir, prompts, out, "--resume"))
     assert result.exit_code == 0, result.output
     assert_stores_identical(out, reference)

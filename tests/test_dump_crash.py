@@ -5,13 +5,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-import torch
-from typer.testing import CliRunner
 
 from microscope.activations.reader import open_store
-from microscope.cli import app
-from test_store_fixtures import (assert_stores_identical, committed_count, dump_args, make_model_dir,
-                                 make_prompts, python, subprocess_env, wait_then_kill)
+from test_store_fixtures import (assert_stores_identical, cli_dump_one_thread, committed_count, dump_args,
+                                 make_model_dir, make_prompts, python, subprocess_env, wait_then_kill)
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +17,7 @@ def setup(tmp_path_factory):
     model_dir = make_model_dir(root / "model")
     prompts = make_prompts(root / "p.jsonl", 80, min_words=3, max_words=30)
     reference = root / "reference.zarr"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)            # the same thread count as the killed subprocesses
-    try:
-        result = CliRunner().invoke(app, dump_args(model_dir, prompts, reference))
-    finally:
-        torch.set_num_threads(threads)
+    result = cli_dump_one_thread(*dump_args(model_dir, prompts, reference))
     assert result.exit_code == 0, result.output
     return root, model_dir, prompts, reference
 
@@ -46,12 +38,7 @@ def test_killed_then_resumed_equals_uninterrupted(setup, tmp_path, point):
     wait_then_kill(proc, lambda: KILL_POINTS[point](out))
     n_units = len(open_store(str(reference)).units)
     assert committed_count(out) < n_units, "the dump finished before the kill: the test proves nothing"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(app, dump_args(model_dir, prompts, out, "--resume"))
-    finally:
-        torch.set_num_threads(threads)
+    result = cli_dump_one_thread(*dump_args(model_dir, prompts, out, "--resume"))
     assert result.exit_code == 0, result.output
     assert_stores_identical(out, reference)
     store = open_store(str(out))

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import zarr
 
 from conftest import tiny_model
@@ -60,6 +61,21 @@ def dump_args(model_dir: Path, prompts: Path, out: Path, *extra: str) -> list[st
     return ["dump", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
             "--hooks", "blocks.*.hook_resid_post,blocks.1.attn.hook_pattern", "--chunk-rows", "16",
             "--batch-tokens", "1", *extra]
+
+
+def cli_dump_one_thread(*args: str):
+    """Run `microscope <args>` in this process with one torch thread, the thread count of the
+    subprocess dumps (`subprocess_env`), so floating-point results match theirs bit for bit."""
+    from typer.testing import CliRunner
+
+    from microscope.cli import app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def subprocess_env() -> dict:

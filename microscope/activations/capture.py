@@ -56,7 +56,7 @@ def make_batch(plan: StorePlan, unit: Unit, prompt_start: int, prompt_stop: int,
         ids[b, :len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
         mask[b, :len(tokens)] = 1
         kept = plan.kept[p].astype(np.int64)
-        every_row = every_row and np.array_equal(kept, np.arange(length))
+        every_row = every_row and len(kept) == length   # kept is sorted and unique: all positions
         token_index.append(b * length + kept)
         if plan.has_patterns and len(kept):
             queries = np.repeat(kept, kept + 1)

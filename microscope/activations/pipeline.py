@@ -45,7 +45,7 @@ class BackgroundWriter:
     def __init__(self, group: zarr.Group, plan: StorePlan, max_pending_bytes: int = 1 << 30,
                  threads: int = 2):
         self.group, self.plan = group, plan
-        # Opened once (opening reads the metadata, which cost more than a chunk write), with
+        # Opened once (opening an array reads its metadata from the store every time), with
         # write_empty_chunks: a run-time setting, not stored, without which zarr compares every
         # chunk with the fill value before writing it.
         self.arrays = {spec.name: (spec, group[spec.path].with_config({"write_empty_chunks": True}))

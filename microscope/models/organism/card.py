@@ -86,7 +86,7 @@ tests: an analysis is checked by recovering what is stated here. Load it with
   {cfg['table_seed']}), `torch.use_deterministic_algorithms(True)`, {cfg['threads']} threads.
 - Wall time: {log['seconds']:.0f} s on a 2-core CPU machine shared with other jobs (torch {torch.__version__},
   {platform.machine()}).
-- Loss (mean per 100 steps): first {losses[0]:.3f}, last {losses[-1]:.3f}.
+- Loss (mean per {cfg.get('log_every', 100)} steps): first {losses[0]:.3f}, last {losses[-1]:.3f}.
 - Every behaviour below was reached by training; no weight was set by hand.
 
 ## Ground truth (measured)
