@@ -11,7 +11,7 @@ import pytest
 import torch
 import zarr
 
-from microscope.activations.capture import UnitStaging
+from microscope.activations.capture import BufferPool, UnitStaging
 from microscope.activations.layout import store_dtype
 from microscope.activations.pipeline import BackgroundWriter
 from microscope.activations.reader import open_store
@@ -57,8 +57,9 @@ def write_store(path, plan, units=None, store=None, values=None, threads=2):
                  [{"i": i} for i in range(len(plan.kept))], vocab, {"model": "synthetic"})
     values = values or reference_values(plan)
     writer = BackgroundWriter(group, plan, max_pending_bytes=1 << 12, threads=threads)
+    pool = BufferPool()       # shared as in a dump: written units' buffers stage later ones
     for u in (plan.units if units is None else [plan.units[i] for i in units]):
-        staging = UnitStaging(plan, u)
+        staging = UnitStaging(plan, u, pool)
         for hook in plan.hooks:
             start = 0
             for p in u.prompts:
@@ -68,6 +69,23 @@ def write_store(path, plan, units=None, store=None, values=None, threads=2):
         writer.submit(staging)
     writer.close()
     return group, values
+
+
+def test_a_written_units_buffers_stage_a_later_unit_with_its_tail_rows_zeroed():
+    plan = synthetic_plan()
+    pool = BufferPool()
+    first = UnitStaging(plan, plan.units[0], pool)
+    for name, buffer in first.buffers.items():
+        buffer.fill_(7)
+        first.release(name)
+    given = {(tuple(b.shape), b.data_ptr()) for b in first.buffers.values()}
+    later = UnitStaging(plan, plan.units[0], pool)
+    assert {(tuple(b.shape), b.data_ptr()) for b in later.buffers.values()} == given
+    unit = plan.units[0]
+    for hook in plan.hooks:
+        used = unit.n_pattern_rows if hook.is_pattern else unit.n_tokens
+        buffer = later.buffers[hook.name]
+        assert used < len(buffer) and bool((buffer[used:] == 0).all())
 
 
 def test_units_pack_whole_prompts_into_chunk_aligned_ranges():

@@ -8,6 +8,7 @@ as packed lower triangles: one row per kept query q and key k <= q, one column p
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,19 +70,43 @@ def make_batch(plan: StorePlan, unit: Unit, prompt_start: int, prompt_stop: int,
                  int(plan.pattern_offsets[prompt_start] - unit.pattern_start), every_row)
 
 
+class BufferPool:
+    """Host staging buffers reused from unit to unit, by shape and dtype (thread-safe).
+
+    A fresh buffer costs a page fault per 4 KB page on first touch (a pinned one far more), as
+    much as writing its bytes to the page cache; a written unit's buffers stage a later unit."""
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((tuple(shape), dtype))
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault((tuple(buffer.shape), buffer.dtype), []).append(buffer)
+
+
 class UnitStaging:
     """Host buffers for one unit: per hook a [whole-chunk rows, width] tensor in the store dtype.
 
-    Pinned when the model runs on CUDA, so device-to-host copies overlap the next batch."""
+    Taken from `pool` (pinned when the model runs on CUDA, so device-to-host copies overlap the
+    next batch); `release(hook)` hands a written buffer back to it."""
 
-    def __init__(self, plan: StorePlan, unit: Unit, pin: bool = False):
+    def __init__(self, plan: StorePlan, unit: Unit, pool: BufferPool | None = None):
         self.unit = unit
+        self.pool = pool or BufferPool()
         self.rows = {h.name: hook_rows(h, unit, plan.chunk_rows, plan.pattern_chunk_rows) for h in plan.hooks}
         self.buffers: dict[str, torch.Tensor] = {}
         for hook in plan.hooks:
             rows = self.rows[hook.name]
-            buf = torch.empty((rows.stop - rows.start, hook.width), dtype=plan.dtype.torch_dtype,
-                              pin_memory=pin)
+            buf = self.pool.take((rows.stop - rows.start, hook.width), plan.dtype.torch_dtype)
             used = unit.n_pattern_rows if hook.is_pattern else unit.n_tokens
             buf[used:] = 0          # tail rows of the last chunk: no prompt, written as zeros
             self.buffers[hook.name] = buf
@@ -90,6 +115,10 @@ class UnitStaging:
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def release(self, hook: str) -> None:
+        """The hook's rows are written (or abandoned): its buffer may stage another unit."""
+        self.pool.give(self.buffers[hook])
 
 
 class Capture:

@@ -24,7 +24,7 @@ import torch
 import zarr
 
 import microscope
-from microscope.activations.capture import Capture, UnitStaging, make_batch
+from microscope.activations.capture import BufferPool, Capture, UnitStaging, make_batch
 from microscope.activations.distributed import (Ranks, barrier, broadcast_object, init_ranks,
                                                 shutdown, sum_over_ranks)
 from microscope.activations.layout import default_chunk_rows, is_pattern_hook, store_dtype
@@ -358,6 +358,7 @@ def _run_units(scope, plan: StorePlan, group: zarr.Group, unit_indices: list[int
     pad_id = scope.config.pad_token_id if scope.config.pad_token_id is not None else 1
     writer = BackgroundWriter(group, plan, max_pending_bytes, writer_threads)
     capture = Capture(plan, stop=_ForwardDone)
+    pool = BufferPool(pin=cuda)
     tokens = 0
     total = sum(len(plan.prompt_tokens[p]) for i in unit_indices for p in plan.units[i].prompts)
     devices = ranks.replica_devices() if torch.cuda.is_available() else None
@@ -365,7 +366,7 @@ def _run_units(scope, plan: StorePlan, group: zarr.Group, unit_indices: list[int
         with EnergyMeter(devices) as meter, torch.inference_mode(), scope.hooks(capture.fns()):
             for index in unit_indices:
                 unit = plan.units[index]
-                staging = UnitStaging(plan, unit, pin=cuda)
+                staging = UnitStaging(plan, unit, pool)
                 for start, stop in pack_batches(plan, unit, batch_tokens):
                     batch = make_batch(plan, unit, start, stop, pad_id)
                     capture.start(batch, staging)

@@ -97,6 +97,7 @@ class BackgroundWriter:
                 if self.error is None:
                     self.error = _describe(err, staging.unit, name)
         finally:
+            staging.release(name)
             with self.cond:
                 self.pending_bytes -= size
                 self.cond.notify_all()
