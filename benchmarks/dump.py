@@ -3,12 +3,13 @@
 (a) random:opt-125m, every blocks.*.hook_resid_post, fp16, CPU: dump tokens/s vs the plain
     forward's tokens/s over the same batches (target >= 0.9x).
 (b) write-bound: a tiny OPT (8 layers, d_model 64, one head, ffn_dim 16, 64-token prompts, the
-    dump's default 4096-token batches: so little compute per byte that the disk path decides),
-    every resid_pre/resid_mid/resid_post/attn_out/mlp_out hook (40), fp16: dump MB/s vs raw `np.save` of the same bytes (target >= 0.5x; np.save with
-    fsync reported too) and vs a naive pipeline, TransformerLens `run_with_cache` then zarr writes in
-    the same thread (target >= 2x). Measured in the same runs, to show where the time goes: the
-    decoder forward alone over the same batches, and the store path alone (the background writer
-    given units already captured in memory).
+    dump's default 4096-token batches: among the shapes with the least compute per stored byte),
+    every resid_pre/resid_mid/resid_post/attn_out/mlp_out hook (40), fp16: dump MB/s vs raw
+    `np.save` of the same bytes (target >= 0.5x; np.save with fsync reported too) and vs a naive
+    pipeline, TransformerLens `run_with_cache` then zarr writes in the same thread (target >= 2x).
+    Measured in the same runs, to show where the time goes: the decoder forward alone over the
+    same batches, and the store path alone (the background writer given units already captured in
+    memory).
 
     python benchmarks/dump.py [--runs 3] [--tokens-a 8192] [--tokens-b 65536]
 """
@@ -30,9 +31,11 @@ import zarr
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
 import microscope
+from microscope.activations.capture import Capture, UnitStaging, make_batch
 from microscope.activations.dump import dump, make_plan
 from microscope.activations.layout import codecs
-from microscope.activations.pipeline import pack_batches
+from microscope.activations.pipeline import BackgroundWriter, pack_batches
+from microscope.activations.writer import create_store, open_group
 from microscope.prompts import Prompt
 
 WRITE_HOOKS = ("blocks.*.hook_resid_pre,blocks.*.hook_resid_mid,blocks.*.hook_resid_post,"
@@ -52,14 +55,18 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def dump_batches(plan, batch_tokens: int):
+    """(unit, batch) for every forward batch the dump runs, in its order."""
+    for unit in plan.units:
+        for start, stop in pack_batches(plan, unit, batch_tokens):
+            yield unit, make_batch(plan, unit, start, stop, 1)
+
+
 def forward_only(scope, plan, batch_tokens: int) -> None:
     """The plain forward over exactly the batches the dump runs (full model, logits included)."""
-    from microscope.activations.capture import make_batch
     with torch.inference_mode():
-        for unit in plan.units:
-            for start, stop in pack_batches(plan, unit, batch_tokens):
-                batch = make_batch(plan, unit, start, stop, 1)
-                scope.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        for _, batch in dump_batches(plan, batch_tokens):
+            scope.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
 
 
 def bench_a(runs: int, tokens: int, tmp: Path) -> dict:
@@ -94,7 +101,6 @@ def naive_pipeline(scope, tokenizer, plan, out: Path, batch_tokens: int) -> None
     """TransformerLens run_with_cache per batch, then zarr writes of the unpadded rows, one thread."""
     from transformer_lens import TransformerBridge
 
-    from microscope.activations.capture import make_batch
     bridge = TransformerBridge.boot_transformers("facebook/opt-125m", hf_model=scope.model, tokenizer=tokenizer)
     names = [h.name for h in plan.hooks]
     group = zarr.open_group(str(out), mode="w")
@@ -103,50 +109,40 @@ def naive_pipeline(scope, tokenizer, plan, out: Path, batch_tokens: int) -> None
               for n, h in zip(names, plan.hooks)}
     row = 0
     with torch.inference_mode():
-        for unit in plan.units:
-            for start, stop in pack_batches(plan, unit, batch_tokens):
-                batch = make_batch(plan, unit, start, stop, 1)
-                _, cache = bridge.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                                 names_filter=lambda n: n in arrays)
-                keep = batch.attention_mask.bool()
-                for n in names:
-                    rows = cache[n][keep].to(torch.float16).numpy()
-                    arrays[n][row:row + len(rows)] = rows
-                row += int(keep.sum())
+        for _, batch in dump_batches(plan, batch_tokens):
+            _, cache = bridge.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
+                                             names_filter=lambda n: n in arrays)
+            keep = batch.attention_mask.bool()
+            for n in names:
+                rows = cache[n][keep].to(torch.float16).numpy()
+                arrays[n][row:row + len(rows)] = rows
+            row += int(keep.sum())
 
 
 def decoder_forward(scope, plan, batch_tokens: int) -> None:
     """The decoder alone over the dump's batches: the compute a dump of every block's hooks needs."""
-    from microscope.activations.capture import make_batch
     with torch.inference_mode():
-        for unit in plan.units:
-            for start, stop in pack_batches(plan, unit, batch_tokens):
-                batch = make_batch(plan, unit, start, stop, 1)
-                scope.model.model.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                          use_cache=False)
+        for _, batch in dump_batches(plan, batch_tokens):
+            scope.model.model.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      use_cache=False)
 
 
 def captured_units(scope, plan, batch_tokens: int) -> list:
     """Every unit's rows captured in host memory exactly as the dump captures them, nothing written."""
-    from microscope.activations.capture import Capture, UnitStaging, make_batch
-    capture, stagings = Capture(plan), []
+    capture, stagings = Capture(plan), {}
     with torch.inference_mode(), scope.hooks(capture.fns()):
-        for unit in plan.units:
-            staging = UnitStaging(plan, unit)
-            for start, stop in pack_batches(plan, unit, batch_tokens):
-                batch = make_batch(plan, unit, start, stop, 1)
-                capture.start(batch, staging)
-                scope.model.model.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                          use_cache=False)
-                capture.finish()
-            stagings.append(staging)
-    return stagings
+        for unit, batch in dump_batches(plan, batch_tokens):
+            if unit.index not in stagings:
+                stagings[unit.index] = UnitStaging(plan, unit)
+            capture.start(batch, stagings[unit.index])
+            scope.model.model.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      use_cache=False)
+            capture.finish()
+    return list(stagings.values())
 
 
 def store_path_alone(plan, stagings: list, out: Path) -> float:
     """Seconds the background writer takes to write already-captured units into a laid-out store."""
-    from microscope.activations.pipeline import BackgroundWriter
-    from microscope.activations.writer import create_store, open_group
     group = open_group(str(out), mode="w")
     n = len(plan.prompt_tokens)
     create_store(group, plan, [""] * n, [{}] * n, [], {})

@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from test_store_fixtures import (assert_stores_identical, cli_dump_one_thread, committed_count, dump_args,
-                                 make_model_dir, make_prompts, python, subprocess_env, wait_then_kill)
+                                 python, reference_dump, subprocess_env, wait_then_kill)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    model_dir = make_model_dir(root / "model")
-    prompts = make_prompts(root / "p.jsonl", 60, min_words=3, max_words=30)
-    reference = root / "reference.zarr"
-    result = cli_dump_one_thread(*dump_args(model_dir, prompts, reference))
-    assert result.exit_code == 0, result.output
-    return model_dir, prompts, reference
+    return reference_dump(tmp_path_factory.mktemp("dist"), 60)
 
 
 def torchrun(n: int, *args: str) -> list[str]:

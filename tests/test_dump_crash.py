@@ -8,18 +8,12 @@ import pytest
 
 from microscope.activations.reader import open_store
 from test_store_fixtures import (assert_stores_identical, cli_dump_one_thread, committed_count, dump_args,
-                                 make_model_dir, make_prompts, python, subprocess_env, wait_then_kill)
+                                 python, reference_dump, subprocess_env, wait_then_kill)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crash")
-    model_dir = make_model_dir(root / "model")
-    prompts = make_prompts(root / "p.jsonl", 80, min_words=3, max_words=30)
-    reference = root / "reference.zarr"
-    result = cli_dump_one_thread(*dump_args(model_dir, prompts, reference))
-    assert result.exit_code == 0, result.output
-    return root, model_dir, prompts, reference
+    return reference_dump(tmp_path_factory.mktemp("crash"), 80)
 
 
 KILL_POINTS = {
@@ -31,7 +25,7 @@ KILL_POINTS = {
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_killed_then_resumed_equals_uninterrupted(setup, tmp_path, point):
-    root, model_dir, prompts, reference = setup
+    model_dir, prompts, reference = setup
     out = tmp_path / "s.zarr"
     proc = subprocess.Popen([python(), "-m", "microscope", *dump_args(model_dir, prompts, out)],
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

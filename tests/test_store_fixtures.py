@@ -78,6 +78,17 @@ def cli_dump_one_thread(*args: str):
         torch.set_num_threads(threads)
 
 
+def reference_dump(root: Path, n_prompts: int) -> tuple[Path, Path, Path]:
+    """A tiny model, `n_prompts` prompts of 3-30 words, and their store dumped in this process with
+    one thread: the reference an interrupted or multi-rank dump must equal. Returns the three paths."""
+    model_dir = make_model_dir(root / "model")
+    prompts = make_prompts(root / "p.jsonl", n_prompts, min_words=3, max_words=30)
+    reference = root / "reference.zarr"
+    result = cli_dump_one_thread(*dump_args(model_dir, prompts, reference))
+    assert result.exit_code == 0, result.output
+    return model_dir, prompts, reference
+
+
 def subprocess_env() -> dict:
     """One thread per process, so floating-point results never depend on the thread count."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -73,8 +73,8 @@ def make_batch(plan: StorePlan, unit: Unit, prompt_start: int, prompt_stop: int,
 class BufferPool:
     """Host staging buffers reused from unit to unit, by shape and dtype (thread-safe).
 
-    A fresh buffer costs a page fault per 4 KB page on first touch (a pinned one far more), as
-    much as writing its bytes to the page cache; a written unit's buffers stage a later unit."""
+    A fresh buffer costs a page fault per 4 KB page on first touch (a pinned one far more: pinning
+    allocates page-locked memory); a written unit's buffers stage a later unit."""
 
     def __init__(self, pin: bool = False):
         self.pin = pin
