@@ -108,6 +108,14 @@ def layer_names(site: str, n_layers: int) -> list[str]:
     return [act_name(site, layer) for layer in range(n_layers)]
 
 
+def every_layer(site: str) -> str:
+    """A glob selecting `site` in every block: ``every_layer("resid_post") == "blocks.*.hook_resid_post"``."""
+    full = _site(site)
+    if full not in LAYER_SITES:
+        raise UnknownHookError(f"{full!r} is not inside a block; it has one hook, not one per layer")
+    return f"blocks.*.{full}"
+
+
 def model_names(n_layers: int, *, final_norm: bool = True) -> list[str]:
     """Every hook name of an OPT with `n_layers` blocks, in forward order (post-LN OPT-350m has
     no final LayerNorm: `final_norm=False`)."""
