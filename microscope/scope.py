@@ -17,6 +17,7 @@ import torch
 from microscope.errors import PromptError, TokenizerMissingError
 from microscope.hooks.cache import ActivationCache
 from microscope.hooks.hook_points import HookFn, HookPoint, OPTHookPoints
+from microscope.models import anatomy
 
 Prompts = str | Sequence[str] | torch.Tensor | Sequence[Sequence[int]]
 Positions = None | Literal["all", "last"] | torch.Tensor
@@ -52,9 +53,8 @@ class Scope:
 
     def __repr__(self) -> str:
         c = self.config
-        layout = "pre-LN" if c.do_layer_norm_before else "post-LN"
         return (f"Scope({self.source!r}: {c.num_hidden_layers} layers, {c.num_attention_heads} heads, "
-                f"d_model={c.hidden_size}, {layout}, {len(self.hook_names)} hook points)")
+                f"d_model={c.hidden_size}, {anatomy.layout(self.model)}, {len(self.hook_names)} hook points)")
 
     # --- inputs ------------------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ class Scope:
                         " shorten it or pass truncation=True to keep its first tokens")
                 ids[i] = row[:limit]
         width = max(len(r) for r in ids)
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 1
+        pad = anatomy.pad_id(self.config)
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, row in enumerate(ids):

@@ -7,7 +7,8 @@ import torch
 
 import microscope
 from microscope.analysis.attribution import direct_logit_attribution
-from microscope.analysis.lens import logit_lens, residual_points, unembed
+from microscope.analysis.lens import logit_lens, residual_points
+from microscope.models.anatomy import unembed
 from tests.analysis_fixtures import single_thread  # noqa: F401 (autouse)
 from tests.conftest import LAYOUTS, tiny_model
 
@@ -103,4 +104,4 @@ def test_unembed_rejects_nothing_and_a_bad_token_is_a_clear_error(scope, token_i
     from microscope.errors import AnalysisInputError
     with pytest.raises(AnalysisInputError, match="outside the vocabulary"):
         direct_logit_attribution(scope, token_ids, 10_000)
-    assert unembed(scope, torch.zeros(2, scope.model.config.hidden_size)).shape == (2, scope.model.config.vocab_size)
+    assert unembed(scope.model, torch.zeros(2, scope.model.config.hidden_size)).shape == (2, scope.model.config.vocab_size)

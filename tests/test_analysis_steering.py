@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import microscope
-from microscope.analysis.lens import unembed
+from microscope.models.anatomy import unembed
 from microscope.analysis.steering import actadd_vector, mean_difference_vector, steer_generate
 from tests.analysis_fixtures import single_thread  # noqa: F401 (autouse)
 from tests.conftest import tiny_model
@@ -20,7 +20,7 @@ def test_mean_difference_is_the_difference_of_last_token_means_and_steers_the_lo
     torch.testing.assert_close(vector.vector, expected)
     with scope.hooks(vector.hooks(2.0)):
         steered = scope.run(token_ids)
-    reference = unembed(scope, cache[hook] + 2.0 * expected)  # final LN, then the unembedding
+    reference = unembed(scope.model, cache[hook] + 2.0 * expected)  # final LN, then the unembedding
     torch.testing.assert_close(steered, reference, atol=1e-5, rtol=1e-5)
 
 

@@ -35,8 +35,8 @@ import torch
 from einops import einsum, rearrange
 
 from microscope.analysis.inputs import Prompts, Tokens, select_position, token_batch, token_ids
-from microscope.analysis.lens import decoder, is_pre_ln
 from microscope.analysis.results import Result
+from microscope.models.anatomy import decoder, final_norm, is_pre_ln
 from microscope.viz.figures import head_grid
 
 
@@ -151,7 +151,8 @@ def direct_logit_attribution(scope, prompts: Prompts, target: Tokens, *, baselin
         act = cache[name]
         return act[rows.to(act.device), pos.to(act.device)].float()
 
-    dec, model = decoder(scope), scope.model
+    model = scope.model
+    dec, pre_ln = decoder(model), is_pre_ln(model)
     unembed_w = model.lm_head.weight.float()
     g = unembed_w[tgt.to(unembed_w.device)]
     if base is not None:
@@ -166,14 +167,14 @@ def direct_logit_attribution(scope, prompts: Prompts, target: Tokens, *, baselin
     heads = torch.zeros(batch, n_layers, n_heads)
     neurons = torch.zeros(batch, n_layers, cfg.ffn_dim)
     g = g.to(at("blocks.0.hook_resid_pre").device)
-    if is_pre_ln(scope) and dec.final_layer_norm is not None:
-        g, beta = _frozen_ln_pullback(dec.final_layer_norm, at(f"blocks.{n_layers - 1}.hook_resid_post"), g)
+    if pre_ln and final_norm(model) is not None:
+        g, beta = _frozen_ln_pullback(final_norm(model), at(f"blocks.{n_layers - 1}.hook_resid_post"), g)
         if beta is not None:
             terms["ln_final.bias"] = beta
     for l in reversed(range(n_layers)):
         layer = dec.layers[l]
         g = g.to(layer.fc2.weight.device)
-        if not is_pre_ln(scope):
+        if not pre_ln:
             x2 = at(f"blocks.{l}.hook_resid_mid") + at(f"blocks.{l}.hook_mlp_out")
             g, beta = _frozen_ln_pullback(layer.final_layer_norm, x2, g)
             if beta is not None:
@@ -182,7 +183,7 @@ def direct_logit_attribution(scope, prompts: Prompts, target: Tokens, *, baselin
         terms[f"L{l}.mlp"] = neurons[:, l].sum(-1)
         if layer.fc2.bias is not None:
             terms[f"L{l}.mlp_bias"] = (g @ layer.fc2.bias.float()).cpu()
-        if not is_pre_ln(scope):
+        if not pre_ln:
             x1 = at(f"blocks.{l}.hook_resid_pre") + at(f"blocks.{l}.hook_attn_out")
             g, beta = _frozen_ln_pullback(layer.self_attn_layer_norm, x1, g)
             if beta is not None:

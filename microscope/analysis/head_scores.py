@@ -14,7 +14,7 @@ targets. ``chance`` is the same mean for uniform attention over the visible keys
 
 Copying (from the weights, no prompts): for each token t of a sample, its embedding goes through
 the head's OV circuit (layer LN in pre-LN, W_V, W_O, no biases) and the model's final path
-(`lens.unembed`); the score is the fraction of tokens that land in their own top-k logits.
+(`models.anatomy.unembed`); the score is the fraction of tokens that land in their own top-k logits.
 Chance is k / vocab.
 """
 
@@ -28,8 +28,8 @@ import torch
 from einops import rearrange
 
 from microscope.analysis.inputs import Prompts, token_batch
-from microscope.analysis.lens import decoder, is_pre_ln, unembed
 from microscope.analysis.results import Result
+from microscope.models.anatomy import decoder, is_pre_ln, unembed
 from microscope.viz.figures import head_grid
 
 PATTERN_KINDS = ("previous_token", "duplicate_token", "induction")
@@ -158,7 +158,7 @@ def copying_scores(scope, *, tokens: torch.Tensor | None = None, top_k: int = 5,
         pool = repeated_random_tokens(scope, n_prompts=1, span=n_tokens, seed=seed)[0, 1:1 + n_tokens]
         tokens = pool.unique()
     cfg = scope.model.config
-    dec = decoder(scope)
+    dec = decoder(scope.model)
     x = dec.embed_tokens.weight[tokens.to(dec.embed_tokens.weight.device)].float()
     if dec.project_in is not None:
         x = x @ dec.project_in.weight.float().T
@@ -167,7 +167,7 @@ def copying_scores(scope, *, tokens: torch.Tensor | None = None, top_k: int = 5,
     for l, layer in enumerate(dec.layers):
         attn = layer.self_attn
         v_in = x
-        if is_pre_ln(scope):
+        if is_pre_ln(scope.model):
             ln = layer.self_attn_layer_norm
             v_in = torch.nn.functional.layer_norm(x, ln.normalized_shape,
                                                   None if ln.weight is None else ln.weight.float(),
@@ -175,7 +175,7 @@ def copying_scores(scope, *, tokens: torch.Tensor | None = None, top_k: int = 5,
         v = rearrange(v_in @ attn.v_proj.weight.float().T, "t (h e) -> t h e", h=n_heads)
         w_o = rearrange(attn.out_proj.weight.float(), "d (h e) -> h e d", h=n_heads)
         out = torch.einsum("the,hed->htd", v, w_o)  # [head, token, d_model]
-        logits = unembed(scope, out)  # [head, token, vocab]
+        logits = unembed(scope.model, out)  # [head, token, vocab]
         top = logits.topk(top_k, dim=-1).indices
         scores[l] = (top == tokens.to(top.device)[None, :, None]).any(-1).float().mean(-1).cpu()
     return HeadScores(kind="copying", scores=scores, chance=top_k / cfg.vocab_size, title="copying scores")

@@ -29,17 +29,8 @@ import torch
 from microscope.analysis.inputs import Prompts, Tokens, decode_token, select_position, token_batch
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
+from microscope.models.anatomy import unembed, unembed_direction
 from microscope.viz.figures import layer_position_heatmap
-
-
-def decoder(scope):
-    """The HF `OPTDecoder` of a scope's model (layers, norms, projections, embeddings)."""
-    return scope.model.model.decoder
-
-
-def is_pre_ln(scope) -> bool:
-    """True for the usual OPT layout; False for post-LN (350m)."""
-    return bool(scope.model.config.do_layer_norm_before)
 
 
 def residual_points(scope) -> list[str]:
@@ -48,41 +39,18 @@ def residual_points(scope) -> list[str]:
     return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(n_layers)]
 
 
-def unembed(scope, resid: torch.Tensor) -> torch.Tensor:
-    """Logits [..., vocab] of residual vectors [..., d_model] through the model's final path
-    (see the module docstring), computed in float32."""
-    dec = decoder(scope)
-    x = resid.float().to(scope.model.lm_head.weight.device)
-    if dec.final_layer_norm is not None:
-        ln = dec.final_layer_norm
-        x = torch.nn.functional.layer_norm(x, ln.normalized_shape, _f32(ln.weight), _f32(ln.bias), ln.eps)
-    if dec.project_out is not None:
-        x = x @ dec.project_out.weight.float().T
-    return x @ scope.model.lm_head.weight.float().T
-
-
 def vocab_projection(scope, direction: torch.Tensor, k: int = 10) -> pd.DataFrame:
     """The tokens a residual-space direction [d_model] promotes and suppresses most.
 
     Uses the linear part of the final path: in pre-LN the final LayerNorm's centring and gain
     (no 1/sigma: a direction has no scale of its own), then project_out and the unembedding.
     Returns a frame with columns rank, promoted, promoted_score, suppressed, suppressed_score."""
-    dec = decoder(scope)
-    v = direction.float().reshape(-1).to(scope.model.lm_head.weight.device)
-    if dec.final_layer_norm is not None:
-        v = (v - v.mean()) * (_f32(dec.final_layer_norm.weight) if dec.final_layer_norm.weight is not None else 1)
-    if dec.project_out is not None:
-        v = dec.project_out.weight.float() @ v
-    scores = scope.model.lm_head.weight.float() @ v
+    scores = unembed_direction(scope.model, direction)
     top, bottom = scores.topk(k), (-scores).topk(k)
     decode = lambda ids: [decode_token(scope.tokenizer, i) for i in ids]  # noqa: E731
     return pd.DataFrame({"rank": range(1, k + 1), "promoted": decode(top.indices),
                          "promoted_score": top.values.tolist(), "suppressed": decode(bottom.indices),
                          "suppressed_score": (-bottom.values).tolist()})
-
-
-def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.float()
 
 
 @dataclass(repr=False)
@@ -193,7 +161,7 @@ class LensResult(Result):
 @torch.no_grad()
 def logit_lens(scope, prompts: Prompts, *, points: Sequence[str] | None = None,
                position: int | str = "all", attention_mask: torch.Tensor | None = None) -> LensResult:
-    """Read residual-stream points through the final path (`unembed`) at every position.
+    """Read residual-stream points through the final path (`anatomy.unembed`) at every position.
 
     prompts: texts or ids [batch, pos]; points: hook names or glob patterns of residual-shaped
     hooks (default `residual_points`: embeddings + every block's resid_post); position: "all"
@@ -215,7 +183,7 @@ def logit_lens(scope, prompts: Prompts, *, points: Sequence[str] | None = None,
         if act.shape[-1] != scope.model.config.hidden_size or act.ndim != 3:
             raise AnalysisInputError(f"{name} has shape {tuple(act.shape)}; the lens reads residual-stream "
                                      "hooks [batch, pos, d_model] (hook_resid_pre/mid/post)")
-        lens.append(unembed(scope, act[rows, gather.to(act.device)]).cpu())
+        lens.append(unembed(scope.model, act[rows, gather.to(act.device)]).cpu())
     model_logits = logits.float().cpu()[rows, gather]
     tokens = [[decode_token(scope.tokenizer, t) for t in row] for row in ids]
     return LensResult(points=names, logits=torch.stack(lens), positions=cols, input_ids=ids,

@@ -11,6 +11,7 @@ import torch
 from einops import einsum, rearrange
 
 from microscope.errors import UnknownHookError
+from microscope.models import anatomy
 
 
 class ActivationCache(Mapping[str, torch.Tensor]):
@@ -74,7 +75,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         if self.model is None:
             raise ValueError("this cache has no model attached; per-head results need out_proj's weight")
         z = self[f"blocks.{layer}.attn.hook_z"]
-        out_proj = self.model.model.decoder.layers[layer].self_attn.out_proj
+        out_proj = anatomy.layers(self.model)[layer].self_attn.out_proj
         w = rearrange(out_proj.weight, "d (h e) -> h e d", h=z.shape[-2]).to(z.device, z.dtype)
         return einsum(z, w, "... h e, h e d -> ... h d")
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from microscope.hooks.hook_points import HookPoint
+from microscope.models import anatomy
 
 if TYPE_CHECKING:
     from microscope.scope import HookSpec, Prompts, Scope
@@ -64,7 +65,7 @@ def generate(scope: "Scope", prompts: "Prompts", max_new_tokens: int = 32, hooks
     model's generation config (greedy for OPT).
     """
     input_ids, attention_mask = scope._inputs(prompts, attention_mask)
-    pad_id = scope.config.pad_token_id if scope.config.pad_token_id is not None else 1
+    pad_id = anatomy.pad_id(scope.config)
     input_ids, attention_mask = _left_pad(input_ids, attention_mask, pad_id)
     names = [] if capture is None else scope.resolve_names(capture)
     steps: dict[str, list[torch.Tensor]] = {n: [] for n in names}

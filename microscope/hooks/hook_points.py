@@ -44,6 +44,7 @@ from torch import nn
 from transformers import AttentionInterface, OPTForCausalLM
 
 from microscope.errors import HookError, UnknownHookError
+from microscope.models import anatomy
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 
@@ -125,8 +126,8 @@ AttentionInterface.register(PATTERN_ATTENTION, pattern_attention_forward)
 
 def _build_points(model: OPTForCausalLM) -> dict[str, HookPoint]:
     """Every hook point of `model`, in the order the forward pass reaches them."""
-    decoder = model.model.decoder
-    pre_ln = model.config.do_layer_norm_before
+    decoder = anatomy.decoder(model)
+    pre_ln = anatomy.is_pre_ln(model)
     n_heads = model.config.num_attention_heads
     points = [
         HookPoint("hook_embed", None, decoder.project_in or decoder.embed_tokens, "output"),
@@ -149,8 +150,8 @@ def _build_points(model: OPTForCausalLM) -> dict[str, HookPoint]:
             HookPoint(b + "hook_mlp_out", l, layer.fc2, "output"),
             HookPoint(b + "hook_resid_post", l, layer, "output"),
         ]
-    if decoder.final_layer_norm is not None:
-        points.append(HookPoint("ln_final.hook_normalized", None, decoder.final_layer_norm, "output"))
+    if anatomy.final_norm(model) is not None:
+        points.append(HookPoint("ln_final.hook_normalized", None, anatomy.final_norm(model), "output"))
     points.append(HookPoint("hook_logits", None, model.lm_head, "output"))
     return {p.name: p for p in points}
 
@@ -161,7 +162,7 @@ class OPTHookPoints:
     def __init__(self, model: OPTForCausalLM):
         self.model = model
         self.points = _build_points(model)
-        self.post_ln = not model.config.do_layer_norm_before
+        self.post_ln = not anatomy.is_pre_ln(model)
         self._batch_shape: tuple[int, int] | None = None   # (batch, pos) of the running forward
         self._shape_handle = None
         self._n_attached = 0
@@ -210,7 +211,7 @@ class OPTHookPoints:
             self._activate(point)
         point.fns.append(fn)
         if self._n_attached == 0:
-            self._shape_handle = self.model.model.decoder.register_forward_pre_hook(
+            self._shape_handle = anatomy.decoder(self.model).register_forward_pre_hook(
                 self._record_shape, with_kwargs=True)
         self._n_attached += 1
         return HookHandle(self, point, fn)
