@@ -7,10 +7,13 @@ from pathlib import Path
 
 import typer
 
+import microscope.models.organism as organism
+from microscope.cli.errors import OptionError
+
 organism_app = typer.Typer(help="The built-in model organism: a tiny OPT with planted failure modes.",
                            no_args_is_help=True)
 
-ORGANISM_DIR = Path(__file__).parent
+ORGANISM_DIR = Path(organism.__file__).parent
 
 
 @organism_app.command("train")
@@ -28,7 +31,7 @@ def train_command(
 
     config = TrainConfig(seed=seed) if steps is None else TrainConfig(seed=seed, steps=steps)
     if config.steps < 1:
-        raise typer.BadParameter("--steps must be at least 1")
+        raise OptionError("--steps must be at least 1")
     model, tokenizer, log = train(config)
     folder = save_organism(model, tokenizer, out)
     typer.echo(f"trained {config.steps} steps in {log['seconds']:.0f} s; saved to {folder}")
@@ -48,5 +51,5 @@ def evaluate_command(
     from microscope.models.organism.evaluate import load_organism, measure
 
     if not (folder / "config.json").exists():
-        raise typer.BadParameter(f"{folder} has no config.json; train one with `microscope organism train`")
+        raise OptionError(f"--folder {folder} has no config.json; train one with `microscope organism train`")
     typer.echo(json.dumps(measure(*load_organism(folder)), indent=1))

@@ -24,14 +24,8 @@ def _run_and_report(run) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from microscope.errors import MicroscopeError
-
     console = Console()
-    try:
-        result = run()
-    except MicroscopeError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
-        raise typer.Exit(1) from None
+    result = run()
     table = Table(title=f"{result.spec.name}: headline numbers ({result.seconds:.0f} s)")
     for column in ("step", "number", "value"):
         table.add_column(column)
@@ -73,14 +67,9 @@ def list_command(
     from rich.console import Console
     from rich.table import Table
 
-    from microscope.errors import MicroscopeError
     from microscope.experiments import list_specs
 
-    try:
-        specs = list_specs(directory)
-    except MicroscopeError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
-        raise typer.Exit(1) from None
+    specs = list_specs(directory)
     table = Table(title="experiments", caption="run one: microscope run experiments/NAME.toml", box=None)
     table.add_column("name", no_wrap=True, style="bold")
     table.add_column("purpose")

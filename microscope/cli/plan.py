@@ -7,6 +7,9 @@ from pathlib import Path
 
 import typer
 
+from microscope.cli.errors import OptionError
+from microscope.errors import MicroscopeError
+
 
 def plan_command(
     model: str = typer.Option("opt-66b", help="Family size: opt-125m ... opt-175b ('opt-' optional)."),
@@ -33,7 +36,7 @@ def plan_command(
     from rich.console import Console
     from rich.table import Table
 
-    from microscope import plan as planning
+    from microscope.activations import budget as planning
 
     try:
         inputs = dict(hooks=hooks, tokens=planning.parse_count(tokens), dtype=dtype, positions=positions,
@@ -42,10 +45,10 @@ def plan_command(
                       gpu_tflops=gpu_tflops, write_gbps=write_gbps, replicas=replicas, gpu_power_w=gpu_power_w,
                       pue=pue, grid_intensity=grid_intensity)
         plans = planning.plan_all(**inputs) if all_sizes else [planning.plan(model, **inputs)]
-    except ValueError as exc:  # includes UnknownSizeError and bad sizes/counts
-        raise typer.BadParameter(str(exc)) from None
-    except KeyError as exc:  # UnknownHookError
-        raise typer.BadParameter(str(exc), param_hint="--hooks") from None
+    except MicroscopeError:
+        raise
+    except ValueError as exc:  # plain ValueError from the planner and accelerate's size parser
+        raise OptionError(str(exc)) from None
     if markdown:
         typer.echo(planning.markdown_table(plans))
         return
@@ -72,19 +75,14 @@ def convert_metaseq_command(
     """Convert a metaseq checkpoint (OPT-175B's release format) into HF safetensors."""
     import torch
 
-    from microscope.errors import MicroscopeError
     from microscope.models.metaseq import convert_metaseq
 
     torch_dtype = None
     if dtype is not None:
         if dtype not in ("float16", "bfloat16", "float32"):
-            raise typer.BadParameter("--dtype must be float16, bfloat16 or float32")
+            raise OptionError("--dtype must be float16, bfloat16 or float32")
         torch_dtype = getattr(torch, dtype)
-    try:
-        report = convert_metaseq(source, out, heads=heads, dtype=torch_dtype, max_shard_size=max_shard_size)
-    except MicroscopeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    report = convert_metaseq(source, out, heads=heads, dtype=torch_dtype, max_shard_size=max_shard_size)
     c = report.config
     typer.echo(f"converted {len(report.parts)} model-parallel part(s) -> {report.out}: {c.num_hidden_layers} layers, "
                f"d_model {c.hidden_size}, {c.num_attention_heads} heads, {report.total_bytes / 1e9:.2f} GB in "
