@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 
 from conftest import tiny_model
 from microscope.cli import app
-from microscope.energy import EnergyMeter
+from microscope.activations.energy import EnergyMeter
 from microscope.errors import UnknownHookError, UnknownSizeError
 from microscope.models.family import FamilySize, opt_config
-from microscope.plan import hook_widths, parse_count, plan, plan_all
+from microscope.activations.budget import hook_widths, parse_count, plan, plan_all
 
 # name: (layers, heads, d_model, published size) from the OPT paper, Table 1
 TABLE_1 = {"opt-125m": (12, 12, 768, 125e6), "opt-350m": (24, 16, 1024, 350e6), "opt-1.3b": (24, 32, 2048, 1.3e9),
@@ -84,12 +84,12 @@ def test_store_size_by_hand():
 
 
 def test_hook_widths_match_a_real_forward_pass():
-    model = tiny_model("post_ln")  # d_model 32, 4 heads, ffn 128, 16-wide embedding, 3 layers
+    model = tiny_model("post_ln")  # d_model 32, 4 heads, ffn 128, 16-wide embedding (projected in), 3 layers
     c = model.config
     size = FamilySize("opt-tiny", c.num_hidden_layers, c.num_attention_heads, c.hidden_size, 1e-4, 1,
                       word_embed_proj_dim=c.word_embed_proj_dim, post_ln=True)
     seen = {}
-    modules = {"hook_embed": model.model.decoder.embed_tokens, "blocks.1.attn.hook_q": model.model.decoder.layers[1].self_attn.q_proj,
+    modules = {"hook_embed": model.model.decoder.project_in, "blocks.1.attn.hook_q": model.model.decoder.layers[1].self_attn.q_proj,
                "blocks.1.mlp.hook_pre": model.model.decoder.layers[1].fc1, "blocks.1.hook_mlp_out": model.model.decoder.layers[1].fc2,
                "blocks.1.hook_attn_out": model.model.decoder.layers[1].self_attn.out_proj}
     for name, module in modules.items():

@@ -1,27 +1,25 @@
 """Plan an activation dump before running it: GPU memory per model replica, GPUs needed, store
 size per dtype and positions mode, expected time, energy and CO2e.
 
-    >>> from microscope.plan import plan
+    >>> from microscope.activations.budget import plan
     >>> p = plan("opt-66b", hooks="blocks.*.hook_resid_post", tokens=10_000_000)
     >>> p.gpus_per_replica, round(p.store_gb)
     (2, 11797)
 
 Energy follows the OPT paper's carbon accounting (GPU-hours x power x PUE x grid intensity): it is
-an estimate from nominal board power, not a measurement; `microscope.energy.EnergyMeter` measures
+an estimate from nominal board power, not a measurement; `microscope.activations.energy.EnergyMeter` measures
 what a GPU dump really used (NVML) and the store records it. Every assumption is a field of
 `PlanInputs`, printed with the plan. Sizes in GB are 1e9 bytes.
 """
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
-from microscope.errors import UnknownHookError
-from microscope.models.family import BYTES_PER_PARAM, SIZES, VOCAB_ROWS, FamilySize, family_size
+from microscope.models.family import BYTES_PER_PARAM, SIZES, VOCAB_ROWS, FamilySize, family_size, opt_config
+from microscope.names import feature_shape, is_pattern, model_names, resolve
 
 Positions = Literal["all", "last"]
 STORE_DTYPES = ("fp16", "bf16", "fp32")
@@ -84,22 +82,12 @@ class Plan:
 
 
 def hook_widths(size: FamilySize) -> dict[str, int]:
-    """Every hook name of a family size and its width per stored row (elements), following the
-    TransformerLens naming of DESIGN.md. Attention patterns have no fixed width; they get 0 here
-    and are sized per prompt by `pattern_elements`."""
-    d, ffn = size.d_model, size.ffn
-    widths = {"hook_embed": size.d_embed, "hook_pos_embed": d}
-    for layer in range(size.layers):
-        b = f"blocks.{layer}."
-        widths.update({b + "hook_resid_pre": d, b + "hook_resid_mid": d, b + "hook_resid_post": d,
-                       b + "hook_attn_out": d, b + "hook_mlp_out": d,
-                       b + "mlp.hook_pre": ffn, b + "mlp.hook_post": ffn,
-                       b + "attn.hook_pattern": 0,
-                       **{f"{b}attn.hook_{x}": size.heads * size.d_head for x in "qkvz"}})
-    if not size.post_ln:  # opt-350m has no final LayerNorm
-        widths["ln_final.hook_normalized"] = d
-    widths["hook_logits"] = VOCAB_ROWS
-    return widths
+    """Every hook name of a family size, in model order, and its width per stored row (elements).
+    Attention patterns have no fixed width; they get 0 here and are sized per prompt by
+    `pattern_elements`."""
+    config = opt_config(size)
+    return {name: 0 if is_pattern(name) else math.prod(feature_shape(name, config))
+            for name in model_names(size.layers, final_norm=not size.post_ln)}
 
 
 def pattern_elements(size: FamilySize, seq_len: int, positions: Positions) -> int:
@@ -110,19 +98,7 @@ def pattern_elements(size: FamilySize, seq_len: int, positions: Positions) -> in
 
 def resolve_hooks(size: FamilySize, hooks: str) -> list[str]:
     """The hook names selected by comma-separated names or glob patterns, in model order."""
-    names = list(hook_widths(size))
-    chosen: set[str] = set()
-    for pattern in (p.strip() for p in hooks.split(",") if p.strip()):
-        matched = fnmatch.filter(names, pattern)
-        if not matched:
-            close = difflib.get_close_matches(pattern, names, n=3)
-            raise UnknownHookError(f"no hook of {size.name} matches {pattern!r}"
-                                   f"{'; did you mean ' + ', '.join(close) if close else ''}? Hook names look "
-                                   "like blocks.3.hook_resid_post or blocks.*.attn.hook_pattern")
-        chosen.update(matched)
-    if not chosen:
-        raise UnknownHookError("no hooks given: pass --hooks, e.g. 'blocks.*.hook_resid_post'")
-    return [n for n in names if n in chosen]
+    return resolve(hooks, list(hook_widths(size)), where=size.name)
 
 
 def store_bytes(size: FamilySize, hook_names: list[str], inputs: PlanInputs, dtype: str, positions: Positions) -> int:
@@ -132,7 +108,7 @@ def store_bytes(size: FamilySize, hook_names: list[str], inputs: PlanInputs, dty
     prompts = math.ceil(inputs.tokens / inputs.seq_len)
     rows = inputs.tokens if positions == "all" else prompts
     row_elements = sum(widths[n] for n in hook_names)
-    patterns = sum(n.endswith("attn.hook_pattern") for n in hook_names)
+    patterns = sum(is_pattern(n) for n in hook_names)
     elements = rows * row_elements + prompts * patterns * pattern_elements(size, inputs.seq_len, positions)
     return elements * BYTES_PER_PARAM[dtype] + rows * INDEX_BYTES_PER_ROW
 
@@ -147,7 +123,7 @@ def activation_bytes(size: FamilySize, hook_names: list[str], inputs: PlanInputs
     layer = batch_tokens * (6 * size.d_model + 2 * size.ffn) * model_bytes
     logits = batch_tokens * VOCAB_ROWS * model_bytes
     eager_scores = (inputs.batch_size * size.heads * inputs.seq_len ** 2 * 4
-                    if any(n.endswith("attn.hook_pattern") for n in hook_names) else 0)
+                    if any(is_pattern(n) for n in hook_names) else 0)
     staged = store_bytes(size, hook_names, replace(inputs, tokens=batch_tokens), inputs.dtype, inputs.positions)
     return layer + logits + eager_scores + staged
 
