@@ -195,12 +195,13 @@ def resolve(patterns: str | Iterable[str] | None, names: Sequence[str], *, where
             hint: str = "") -> list[str]:
     """The `names` matching exact names or glob patterns, in the order of `names`, no duplicates.
 
-    `patterns` may be comma-separated text; None selects every name. A pattern that matches nothing
-    raises `UnknownHookError` naming `where`, the closest names and `hint`."""
+    `patterns` may be comma-separated text; None selects every name, an empty list none. Blank
+    text, or a pattern that matches nothing, raises `UnknownHookError` naming `where`, the closest
+    names and `hint`."""
     chosen_patterns = split_patterns(patterns)
     if chosen_patterns is None:
         return list(names)
-    if not chosen_patterns:
+    if not chosen_patterns and isinstance(patterns, str):
         raise UnknownHookError("no hooks given: name some, e.g. 'blocks.*.hook_resid_post'")
     chosen: set[str] = set()
     for pattern in chosen_patterns:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import html
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from einops import einsum, rearrange
 
+from microscope import names
 from microscope.errors import UnknownHookError
 from microscope.models import anatomy
 
@@ -41,10 +40,8 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         try:
             return self._acts[name]
         except KeyError:
-            close = difflib.get_close_matches(name, list(self._acts), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise UnknownHookError(f"{name!r} is not in this cache (it holds {len(self._acts)} hooks; "
-                                   f"pass it in names= to run_with_cache){hint}") from None
+            raise UnknownHookError(names.unknown_message(name, list(self._acts), where="this cache",
+                                                         hint="pass it in names= to run_with_cache")) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._acts)
@@ -52,19 +49,17 @@ class ActivationCache(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._acts)
 
-    def select(self, pattern: str) -> list[str]:
-        """The cached hook names matching a glob pattern, in forward order."""
-        return [n for n in self._acts if fnmatch.fnmatchcase(n, pattern)]
+    def select(self, patterns: str | Iterable[str]) -> list[str]:
+        """The cached hook names matching glob patterns, in forward order; `UnknownHookError` (a
+        KeyError) with the closest names when a pattern matches nothing."""
+        return names.resolve(patterns, list(self._acts), where="this cache")
 
     def stack(self, pattern: str) -> torch.Tensor:
         """The tensors of every cached hook matching `pattern` stacked on a new leading axis.
 
         E.g. `cache.stack("blocks.*.hook_resid_post")` -> [n_layers, batch, pos, d_model].
         """
-        names = self.select(pattern)
-        if not names:
-            raise KeyError(f"no cached hook matches {pattern!r}; cached: {', '.join(self._acts)}")
-        return torch.stack([self._acts[n] for n in names])
+        return torch.stack([self._acts[n] for n in self.select(pattern)])
 
     def head_results(self, layer: int) -> torch.Tensor:
         """Each head's write into the residual stream at `layer`: [..., head, d_model].
@@ -74,7 +69,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         """
         if self.model is None:
             raise ValueError("this cache has no model attached; per-head results need out_proj's weight")
-        z = self[f"blocks.{layer}.attn.hook_z"]
+        z = self[names.act_name("z", layer)]
         out_proj = anatomy.layers(self.model)[layer].self_attn.out_proj
         w = rearrange(out_proj.weight, "d (h e) -> h e d", h=z.shape[-2]).to(z.device, z.dtype)
         return einsum(z, w, "... h e, h e d -> ... h d")

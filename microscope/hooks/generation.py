@@ -20,6 +20,7 @@ import torch
 
 from microscope.hooks.hook_points import HookPoint
 from microscope.models import anatomy
+from microscope.names import is_pattern
 
 if TYPE_CHECKING:
     from microscope.scope import HookSpec, Prompts, Scope
@@ -83,7 +84,7 @@ def generate(scope: "Scope", prompts: "Prompts", max_new_tokens: int = 32, hooks
     activations = {}
     for name, rows in steps.items():
         rows = rows[:n_new]
-        if rows and rows[0].dim() >= 2 and name.endswith("hook_pattern"):
+        if rows and rows[0].dim() >= 2 and is_pattern(name):
             k = max(r.shape[-1] for r in rows)
             rows = [torch.nn.functional.pad(r, (0, k - r.shape[-1])) for r in rows]
             activations[name] = torch.stack(rows, dim=2)

@@ -32,8 +32,6 @@ Where each name sits (see docs/hooks.md for the post-LN and projection layouts):
 from __future__ import annotations
 
 import copy
-import difflib
-import fnmatch
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, OPTForCausalLM
 
+from microscope import names
 from microscope.errors import HookError, UnknownHookError
 from microscope.models import anatomy
 
@@ -130,29 +129,30 @@ def _build_points(model: OPTForCausalLM) -> dict[str, HookPoint]:
     pre_ln = anatomy.is_pre_ln(model)
     n_heads = model.config.num_attention_heads
     points = [
-        HookPoint("hook_embed", None, decoder.project_in or decoder.embed_tokens, "output"),
-        HookPoint("hook_pos_embed", None, decoder.embed_positions, "output"),
+        HookPoint(names.act_name("hook_embed"), None, decoder.project_in or decoder.embed_tokens, "output"),
+        HookPoint(names.act_name("hook_pos_embed"), None, decoder.embed_positions, "output"),
     ]
     for l, layer in enumerate(decoder.layers):
-        attn, b = layer.self_attn, f"blocks.{l}."
-        points += [
-            HookPoint(b + "hook_resid_pre", l, layer, "input"),
-            HookPoint(b + "attn.hook_q", l, attn.q_proj, "output", heads=n_heads),
-            HookPoint(b + "attn.hook_k", l, attn.k_proj, "output", heads=n_heads),
-            HookPoint(b + "attn.hook_v", l, attn.v_proj, "output", heads=n_heads),
-            HookPoint(b + "attn.hook_pattern", l, attn, "pattern"),
-            HookPoint(b + "attn.hook_z", l, attn.out_proj, "input", heads=n_heads),
-            HookPoint(b + "hook_attn_out", l, attn, "output"),
-            HookPoint(b + "hook_resid_mid", l, *((layer.final_layer_norm, "input_inplace") if pre_ln
-                                                 else (layer.self_attn_layer_norm, "output"))),
-            HookPoint(b + "mlp.hook_pre", l, layer.fc1, "output"),
-            HookPoint(b + "mlp.hook_post", l, layer.fc2, "input"),
-            HookPoint(b + "hook_mlp_out", l, layer.fc2, "output"),
-            HookPoint(b + "hook_resid_post", l, layer, "output"),
-        ]
+        attn = layer.self_attn
+        places = {  # site -> (module, kind, heads)
+            "hook_resid_pre": (layer, "input", None),
+            "attn.hook_q": (attn.q_proj, "output", n_heads),
+            "attn.hook_k": (attn.k_proj, "output", n_heads),
+            "attn.hook_v": (attn.v_proj, "output", n_heads),
+            "attn.hook_pattern": (attn, "pattern", None),
+            "attn.hook_z": (attn.out_proj, "input", n_heads),
+            "hook_attn_out": (attn, "output", None),
+            "hook_resid_mid": ((layer.final_layer_norm, "input_inplace", None) if pre_ln
+                               else (layer.self_attn_layer_norm, "output", None)),
+            "mlp.hook_pre": (layer.fc1, "output", None),
+            "mlp.hook_post": (layer.fc2, "input", None),
+            "hook_mlp_out": (layer.fc2, "output", None),
+            "hook_resid_post": (layer, "output", None),
+        }
+        points += [HookPoint(names.act_name(site, l), l, *places[site]) for site in names.LAYER_SITES]
     if anatomy.final_norm(model) is not None:
-        points.append(HookPoint("ln_final.hook_normalized", None, anatomy.final_norm(model), "output"))
-    points.append(HookPoint("hook_logits", None, model.lm_head, "output"))
+        points.append(HookPoint(names.FINAL_NORM, None, anatomy.final_norm(model), "output"))
+    points.append(HookPoint(names.LOGITS, None, model.lm_head, "output"))
     return {p.name: p for p in points}
 
 
@@ -178,34 +178,22 @@ class OPTHookPoints:
 
         None means every hook point. An entry matching nothing raises `UnknownHookError`.
         """
-        if patterns is None:
-            return self.names
-        if isinstance(patterns, str):
-            patterns = [patterns]
-        chosen: set[str] = set()
-        for pattern in patterns:
-            found = [n for n in self.points if fnmatch.fnmatchcase(n, pattern)]
-            if not found:
-                raise UnknownHookError(self._unknown_message(pattern))
-            chosen.update(found)
-        return [n for n in self.points if n in chosen]
+        return names.resolve(patterns, self.names, where="this model", hint=self._hint(patterns))
 
-    def _unknown_message(self, pattern: str) -> str:
-        close = difflib.get_close_matches(pattern, self.names, n=3, cutoff=0.6)
-        msg = f"no hook point matches {pattern!r}"
-        if pattern.startswith("ln_final") and self.post_ln:
-            msg += (" (this is a post-LayerNorm OPT like opt-350m: it has no final LayerNorm; the last "
-                    "blocks.{L-1}.hook_resid_post is already normalised and goes to project_out)")
-        if close:
-            msg += "; did you mean " + " or ".join(close) + "?"
-        return msg + f" (scope.hook_names lists all {len(self.points)})"
+    def _hint(self, patterns: str | Iterable[str] | None) -> str:
+        """Why a post-LN model has no ln_final hook, when one is asked for."""
+        asked = names.split_patterns(patterns) or []
+        if self.post_ln and any(p.startswith("ln_final") for p in asked):
+            return ("this is a post-LayerNorm OPT like opt-350m: it has no final LayerNorm; the last "
+                    "blocks.{L-1}.hook_resid_post is already normalised and goes to project_out")
+        return ""
 
     # --- attaching functions ---------------------------------------------------------------
 
     def add(self, name: str, fn: HookFn) -> HookHandle:
         """Attach `fn` to the hook point `name` (an exact name); returns a handle to remove it."""
         if name not in self.points:
-            raise UnknownHookError(self._unknown_message(name))
+            raise UnknownHookError(names.unknown_message(name, self.names, hint=self._hint(name)))
         point = self.points[name]
         if not point.fns:
             self._activate(point)

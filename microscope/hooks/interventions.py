@@ -13,12 +13,12 @@ whole write into the residual stream goes; out_proj's bias stays), neurons at
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 from microscope.errors import HookError
+from microscope.names import act_name
 from microscope.hooks.cache import ActivationCache
 from microscope.hooks.hook_points import HookFn, HookPoint
 
@@ -43,10 +43,10 @@ def token_mean(cache: ActivationCache, name: str) -> torch.Tensor:
     return (x[mask].float().mean(0)).to(x.dtype)
 
 
-def _ablate(hook_name: str, units: Units, mean_from: ActivationCache | None) -> dict[str, HookFn]:
+def _ablate(site: str, units: Units, mean_from: ActivationCache | None) -> dict[str, HookFn]:
     hooks: dict[str, HookFn] = {}
     for layer, index in _by_layer(units).items():
-        name = hook_name.format(layer=layer)
+        name = act_name(site, layer)
         fill = None if mean_from is None else token_mean(mean_from, name)[index]
 
         def ablate(x: torch.Tensor, hook: HookPoint, index=index, fill=fill) -> torch.Tensor:
@@ -60,12 +60,12 @@ def _ablate(hook_name: str, units: Units, mean_from: ActivationCache | None) -> 
 
 def ablate_heads(heads: Units, mean_from: ActivationCache | None = None) -> dict[str, HookFn]:
     """Zero (or, with `mean_from`, mean-) ablate heads: `{layer: [head, ...]}` or `[(layer, head), ...]`."""
-    return _ablate("blocks.{layer}.attn.hook_z", heads, mean_from)
+    return _ablate("attn.hook_z", heads, mean_from)
 
 
 def ablate_neurons(neurons: Units, mean_from: ActivationCache | None = None) -> dict[str, HookFn]:
     """Zero (or mean-) ablate MLP neurons after the activation: `{layer: [neuron, ...]}` or pairs."""
-    return _ablate("blocks.{layer}.mlp.hook_post", neurons, mean_from)
+    return _ablate("mlp.hook_post", neurons, mean_from)
 
 
 def add_vector(names: str, vector: torch.Tensor, scale: float = 1.0,
@@ -90,16 +90,14 @@ def patch_from(source: ActivationCache, names: str | Sequence[str], positions: S
                heads: Sequence[int] | None = None) -> dict[str, HookFn]:
     """Replace activations with the ones in `source` (a cache captured with positions="all").
 
-    names: hook names or glob patterns (matched against the cache's names). positions: token
+    names: hook names or glob patterns (matched against the cache's names; `UnknownHookError` when
+    one matches nothing). positions: token
     indices to patch (default all); heads: for per-head hooks (q, k, v, z, pattern), which heads.
     The running batch must have the source's batch and length at the patched positions.
     """
     if source.rows is not None:
         raise HookError("patch_from needs a cache captured with positions='all' (this one kept selected rows)")
-    patterns = [names] if isinstance(names, str) else list(names)
-    chosen = [n for n in source if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        raise HookError(f"no hook in the source cache matches {patterns}; it holds {', '.join(source)}")
+    chosen = source.select(names)
     index = slice(None) if positions is None else positions
 
     def patch(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
