@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from microscope.errors import ExperimentSpecError, ModelNotFoundError
-from microscope.experiments import (ANALYSES, STEPS, ExperimentSpec, check_params, list_specs, load_spec,
-                                    run_experiment, select_prompts)
 from microscope.provenance import FIELDS
+from microscope.workbench.experiments import (ANALYSES, STEPS, ExperimentSpec, check_params, list_specs,
+                                              load_spec, run_experiment, select_prompts)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_DIR = ROOT / "experiments"
@@ -113,7 +113,7 @@ def test_params_are_checked_against_the_analysis_function_before_any_model_loads
 
 
 def test_every_analysis_step_resolves_to_an_importable_function():
-    from microscope.experiments import resolve_analysis
+    from microscope.workbench.experiments import resolve_analysis
 
     assert set(STEPS) == {"dump", *ANALYSES}
     for step in ANALYSES:

@@ -53,7 +53,7 @@ def test_long_work_shows_a_live_progress_bar_in_jupyter():
     """rich draws into an ipywidgets output area inside a kernel (a terminal bar outside)."""
     book = nbformat.v4.new_notebook()
     book.cells = [nbformat.v4.new_code_cell(
-        "from microscope.progress import step_progress\n"
+        "from microscope.workbench.progress import step_progress\n"
         "with step_progress('demo', 2) as bar:\n"
         "    bar.start('dump'); bar.sub({'tokens': 5, 'total': 10}); bar.advance()\n"
         "    bar.start('toxicity'); bar.advance()")]

@@ -12,7 +12,7 @@ import plotly.offline
 import torch
 
 from microscope.provenance import FIELDS, provenance
-from microscope.report import Section, jsonable, render_report, write_headline_json, write_report
+from microscope.workbench.report import Section, jsonable, render_report, write_headline_json, write_report
 from microscope.viz.figures import head_grid, line_plot
 
 

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import typer
 
-experiments_app = typer.Typer(help="The shared experiment library (experiments/*.toml).", no_args_is_help=True)
+experiments_app = typer.Typer(help="The experiment library: the shipped specs plus a team's folder of *.toml.",
+                              no_args_is_help=True)
+LIBRARY_HELP = ("The team's spec folder, searched before the shipped specs "
+                "(default: $MICROSCOPE_EXPERIMENTS, else ./experiments).")
 
 
 def _command_line() -> str:
@@ -41,36 +44,38 @@ def _run_and_report(run) -> None:
 
 
 def demo_command(
-    out: str = typer.Option(None, help="Output folder (default: [outputs] dir of experiments/demo.toml)."),
+    out: str = typer.Option(None, help="Output folder (default: [outputs] dir of the demo spec)."),
 ) -> None:
     """The main job: dump the organism's activations, run the studies, write an HTML report + JSON."""
-    from microscope.demo import run_demo
+    from microscope.workbench.demo import run_demo
 
     _run_and_report(lambda: run_demo(out_dir=out, command=_command_line()))
 
 
 def run_command(
-    spec: str = typer.Argument(..., help="An experiment spec, e.g. experiments/induction_heads.toml."),
+    spec: str = typer.Argument(..., help="A spec file (experiments/induction_heads.toml) or a spec's name "
+                                         "(induction_heads)."),
     out: str = typer.Option(None, help="Output folder (default: the spec's [outputs] dir)."),
+    directory: str = typer.Option(None, "--dir", help=LIBRARY_HELP),
 ) -> None:
     """Run one experiment spec; results carry provenance (commit, versions, seed, weights hash)."""
-    from microscope.experiments import run_experiment
+    from microscope.workbench.experiments import run_experiment
 
-    _run_and_report(lambda: run_experiment(spec, out_dir=out, command=_command_line()))
+    _run_and_report(lambda: run_experiment(spec, out_dir=out, command=_command_line(), library=directory))
 
 
 @experiments_app.command("list")
 def list_command(
-    directory: str = typer.Option(None, "--dir", help="Spec folder (default: ./experiments)."),
+    directory: str = typer.Option(None, "--dir", help=LIBRARY_HELP),
 ) -> None:
     """Show every experiment spec with its one-line purpose."""
     from rich.console import Console
     from rich.table import Table
 
-    from microscope.experiments import list_specs
+    from microscope.workbench.experiments import list_specs
 
     specs = list_specs(directory)
-    table = Table(title="experiments", caption="run one: microscope run experiments/NAME.toml", box=None)
+    table = Table(title="experiments", caption="run one: microscope run NAME", box=None)
     table.add_column("name", no_wrap=True, style="bold")
     table.add_column("purpose")
     table.add_column("model", no_wrap=True)

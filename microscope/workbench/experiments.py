@@ -1,6 +1,6 @@
 """The experiment library: one TOML spec per experiment, loaded, checked and run with provenance.
 
-A spec (``experiments/<name>.toml``; the name is the file's stem)::
+A spec (``<library>/<name>.toml``; the name is the file's stem)::
 
     purpose  = "One line: what this experiment shows."          # required
     model    = "organism"               # any `microscope.load` source          (required)
@@ -25,6 +25,11 @@ steps whose function takes a ``store`` argument receive the opened store) and th
 them). A ``prompts`` parameter given as ``{ from = SET, where = { FIELD = VALUE } }`` becomes the
 list of that set's prompts whose metadata match (so the studies can run on exactly the prompts the
 dump stored). Relative paths are relative to the working directory.
+
+Libraries: the specs shipped in the package (``microscope/workbench/specs``, which the
+repository's top-level ``experiments/`` links to) plus a team's own folder, given by ``--dir``, by
+the ``MICROSCOPE_EXPERIMENTS`` environment variable, or else ``./experiments`` when it exists. A
+team's spec shadows a shipped one of the same name. `find_spec` takes a path or a name.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import shutil
 import sys
 import time
@@ -54,14 +60,15 @@ ANALYSES: dict[str, str] = {
     "arithmetic": "microscope.analysis.studies.arithmetic:run_arithmetic",
     "head_scores": "microscope.analysis.head_scores:pattern_head_scores",
     "logit_lens": "microscope.analysis.lens:logit_lens",
-    "induction_patterns": "microscope.demo:induction_patterns",
+    "induction_patterns": "microscope.analysis.induction_patterns:induction_patterns",
 }
 DUMP = "dump"
 STEPS = (DUMP, *ANALYSES)
 TOP_KEYS = {"purpose", "model", "device", "dtype", "seed", "prompts", "hooks", "analysis", "params", "outputs"}
 OUTPUT_KEYS = {"dir", "store", "report"}
-SPEC_DIR = "experiments"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_SPECS = Path(__file__).resolve().parent / "specs"
+LIBRARY_ENV = "MICROSCOPE_EXPERIMENTS"
+TEAM_LIBRARY = "experiments"
 
 
 @dataclass(frozen=True)
@@ -164,18 +171,43 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         store=Path(outputs["store"]) if "store" in outputs else None, report=report)
 
 
-def spec_dir() -> Path:
-    """The experiment library: ./experiments when it exists, else the one beside the package."""
-    here = Path.cwd() / SPEC_DIR
-    return here if here.is_dir() else REPO_ROOT / SPEC_DIR
+def library_dirs(directory: str | Path | None = None) -> list[Path]:
+    """The spec folders searched, team library first: `directory`, else $MICROSCOPE_EXPERIMENTS,
+    else ./experiments when it exists; then the shipped specs (each folder once)."""
+    given = directory if directory is not None else os.environ.get(LIBRARY_ENV)
+    if given is not None and not Path(given).is_dir():
+        raise ExperimentSpecError(f"no experiment folder at {given}; give an existing folder with --dir "
+                                  f"or ${LIBRARY_ENV}")
+    team = Path(given) if given is not None else Path(TEAM_LIBRARY)
+    folders = [team] if team.is_dir() and team.resolve() != SHIPPED_SPECS else []
+    return folders + [SHIPPED_SPECS]
+
+
+def spec_files(directory: str | Path | None = None) -> dict[str, Path]:
+    """Every spec file of the libraries by name (a team's spec shadows a shipped one), sorted."""
+    files: dict[str, Path] = {}
+    for folder in library_dirs(directory):
+        for path in sorted(folder.glob("*.toml")):
+            files.setdefault(path.stem, path)
+    return dict(sorted(files.items()))
 
 
 def list_specs(directory: str | Path | None = None) -> list[ExperimentSpec]:
-    """Every spec in `directory` (default `spec_dir()`), sorted by name."""
-    directory = Path(directory) if directory is not None else spec_dir()
-    if not directory.is_dir():
-        raise ExperimentSpecError(f"no experiment folder at {directory}; run from the repository root")
-    return [load_spec(p) for p in sorted(directory.glob("*.toml"))]
+    """Every spec of the libraries (see `library_dirs`), sorted by name."""
+    return [load_spec(p) for p in spec_files(directory).values()]
+
+
+def find_spec(spec: str | Path, directory: str | Path | None = None) -> Path:
+    """The file of `spec`: a path to a spec file, or the name of one in the libraries."""
+    path = Path(spec)
+    if path.is_file() or path.suffix == ".toml" or len(path.parts) > 1:
+        return path  # a path: load_spec names it when it is missing
+    files = spec_files(directory)
+    if str(spec) not in files:
+        raise ExperimentSpecError(f"no experiment named {str(spec)!r} in "
+                                  f"{', '.join(str(d) for d in library_dirs(directory))}; known: {list(files)} "
+                                  f"(`microscope experiments list`)")
+    return files[str(spec)]
 
 
 def resolve_analysis(step: str) -> Callable:
@@ -234,19 +266,22 @@ class ExperimentRun:
 
 
 def run_experiment(spec: ExperimentSpec | str | Path, *, out_dir: str | Path | None = None,
-                   command: str | None = None, progress: bool = True) -> ExperimentRun:
-    """Run every step of `spec` on its model and write results.json (+ CSVs, report.html).
+                   command: str | None = None, progress: bool = True,
+                   library: str | Path | None = None) -> ExperimentRun:
+    """Run every step of `spec` (a spec, a spec file, or a name found in the libraries, see
+    `find_spec`) on its model and write results.json (+ CSVs, report.html).
 
-    out_dir overrides [outputs] dir. command: recorded in the provenance (default: this
-    process's argv). progress: show a rich progress bar (it renders in Jupyter too).
+    out_dir overrides [outputs] dir; library: the team's spec folder searched by name. command:
+    recorded in the provenance (default: this process's argv). progress: show a rich progress bar
+    (it renders in Jupyter too).
     Model and argument problems raise `MicroscopeError`s before any long work starts."""
     import microscope
-    from microscope.progress import step_progress
     from microscope.provenance import provenance
-    from microscope.report import write_headline_json, write_report
+    from microscope.workbench.progress import step_progress
+    from microscope.workbench.report import write_headline_json, write_report
 
     if not isinstance(spec, ExperimentSpec):
-        spec = load_spec(spec)
+        spec = load_spec(find_spec(spec, library))
     functions = {}
     for step in spec.analysis:
         if step == DUMP:
@@ -329,7 +364,7 @@ def _run_dump(spec: ExperimentSpec, scope, command: str, on_progress):
     """Dump the spec's prompts x hooks into a fresh store; (opened store, report section)."""
     from microscope.activations.dump import dump
     from microscope.activations.reader import open_store
-    from microscope.report import Section
+    from microscope.workbench.report import Section
 
     if spec.store.exists():  # a fresh dump each run, but only over an earlier store
         if not (spec.store / "zarr.json").is_file():
@@ -350,7 +385,7 @@ def _run_dump(spec: ExperimentSpec, scope, command: str, on_progress):
 
 def _sections(step: str, result) -> list:
     """Report sections of one step's result (a dict of results gives one section per entry)."""
-    from microscope.report import Section
+    from microscope.workbench.report import Section
 
     if isinstance(result, Mapping):
         return [s for key, item in result.items() for s in _sections(f"{step}: {key}", item)]
