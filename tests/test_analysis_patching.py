@@ -8,9 +8,10 @@ import torch
 
 import microscope
 from microscope.analysis.attribution_patching import attribution_patching, patching_agreement
-from microscope.analysis.patching import (SITES, activation_patching, forward, logit_diff, run_patched,
+from microscope.analysis.patching import (SITES, activation_patching, logit_diff, run_patched,
                                           symmetric_corruption)
 from microscope.errors import AnalysisInputError
+from microscope.names import act_name
 from tests.analysis_fixtures import single_thread  # noqa: F401 (autouse)
 from tests.conftest import tiny_model
 
@@ -58,7 +59,7 @@ def test_patching_every_position_of_a_residual_recovers_the_clean_logits(scope, 
     clean_logits, cache = scope.run_with_cache(clean, names=names)
     patched = run_patched(scope, corrupt, cache, names, attention_mask=mask)
     torch.testing.assert_close(patched, clean_logits, atol=1e-5, rtol=1e-5)
-    unpatched = forward(scope, corrupt, mask)
+    unpatched = scope.run(corrupt, attention_mask=mask)
     assert (unpatched - clean_logits).abs().max() > 1e-3  # the corruption does change the output
 
 
@@ -79,9 +80,9 @@ def test_batched_patching_equals_patching_one_site_at_a_time(scope, clean, site,
     mask, last = torch.ones_like(clean), torch.full((3,), clean.shape[1] - 1)
     answer, wrong = torch.full((3,), ANSWER), torch.full((3,), WRONG)
     with torch.no_grad():
-        base_metric = logit_diff(forward(scope, base, mask), last, answer, wrong)
+        base_metric = logit_diff(scope.run(base, attention_mask=mask), last, answer, wrong)
     for layer, index in [(0, 2), (1, 3), (2, 1)]:
-        name = SITES[site].format(layer=layer)
+        name = act_name(SITES[site], layer)
         _, cache = scope.run_with_cache(source, names=[name])
 
         def paste_one(act, hook, index=index):
@@ -92,7 +93,7 @@ def test_batched_patching_equals_patching_one_site_at_a_time(scope, clean, site,
                 out[:, index] = cache[name][:, index]
             return out
         with torch.no_grad(), scope.hooks({name: paste_one}):
-            single = logit_diff(forward(scope, base, mask), last, answer, wrong) - base_metric
+            single = logit_diff(scope.run(base, attention_mask=mask), last, answer, wrong) - base_metric
         torch.testing.assert_close(result.effects[:, layer, index], single, atol=1e-5, rtol=1e-4)
 
 

@@ -37,6 +37,7 @@ from einops import einsum, rearrange
 from microscope.analysis.inputs import Prompts, Tokens, select_position, token_batch, token_ids
 from microscope.analysis.results import Result
 from microscope.models.anatomy import decoder, final_norm, is_pre_ln
+from microscope.names import act_name, head_label
 from microscope.viz.figures import head_grid
 
 
@@ -121,10 +122,9 @@ def _frozen_ln_pullback(ln: torch.nn.LayerNorm, x: torch.Tensor, g: torch.Tensor
 
 
 def _needed_hooks(n_layers: int) -> list[str]:
-    names = ["hook_pos_embed", "blocks.0.hook_resid_pre", f"blocks.{n_layers - 1}.hook_resid_post"]
+    names = [act_name("hook_pos_embed"), act_name("resid_pre", 0), act_name("resid_post", n_layers - 1)]
     for l in range(n_layers):
-        names += [f"blocks.{l}.hook_resid_pre", f"blocks.{l}.hook_attn_out", f"blocks.{l}.attn.hook_z",
-                  f"blocks.{l}.hook_resid_mid", f"blocks.{l}.mlp.hook_post", f"blocks.{l}.hook_mlp_out"]
+        names += [act_name(site, l) for site in ("resid_pre", "attn_out", "z", "resid_mid", "mlp_post", "mlp_out")]
     return list(dict.fromkeys(names))
 
 
@@ -166,42 +166,42 @@ def direct_logit_attribution(scope, prompts: Prompts, target: Tokens, *, baselin
     terms: dict[str, torch.Tensor] = {}
     heads = torch.zeros(batch, n_layers, n_heads)
     neurons = torch.zeros(batch, n_layers, cfg.ffn_dim)
-    g = g.to(at("blocks.0.hook_resid_pre").device)
+    g = g.to(at(act_name("resid_pre", 0)).device)
     if pre_ln and final_norm(model) is not None:
-        g, beta = _frozen_ln_pullback(final_norm(model), at(f"blocks.{n_layers - 1}.hook_resid_post"), g)
+        g, beta = _frozen_ln_pullback(final_norm(model), at(act_name("resid_post", n_layers - 1)), g)
         if beta is not None:
             terms["ln_final.bias"] = beta
     for l in reversed(range(n_layers)):
         layer = dec.layers[l]
         g = g.to(layer.fc2.weight.device)
         if not pre_ln:
-            x2 = at(f"blocks.{l}.hook_resid_mid") + at(f"blocks.{l}.hook_mlp_out")
+            x2 = at(act_name("hook_resid_mid", l)) + at(act_name("hook_mlp_out", l))
             g, beta = _frozen_ln_pullback(layer.final_layer_norm, x2, g)
             if beta is not None:
                 terms[f"L{l}.ln_mlp.bias"] = beta
-        neurons[:, l] = (at(f"blocks.{l}.mlp.hook_post") * (g @ layer.fc2.weight.float())).cpu()
+        neurons[:, l] = (at(act_name("mlp.hook_post", l)) * (g @ layer.fc2.weight.float())).cpu()
         terms[f"L{l}.mlp"] = neurons[:, l].sum(-1)
         if layer.fc2.bias is not None:
             terms[f"L{l}.mlp_bias"] = (g @ layer.fc2.bias.float()).cpu()
         if not pre_ln:
-            x1 = at(f"blocks.{l}.hook_resid_pre") + at(f"blocks.{l}.hook_attn_out")
+            x1 = at(act_name("hook_resid_pre", l)) + at(act_name("hook_attn_out", l))
             g, beta = _frozen_ln_pullback(layer.self_attn_layer_norm, x1, g)
             if beta is not None:
                 terms[f"L{l}.ln_attn.bias"] = beta
         out_proj = layer.self_attn.out_proj
         w_o = rearrange(out_proj.weight.float(), "d (h e) -> h e d", h=n_heads)
-        heads[:, l] = einsum(at(f"blocks.{l}.attn.hook_z"), w_o, g, "b h e, h e d, b d -> b h").cpu()
+        heads[:, l] = einsum(at(act_name("attn.hook_z", l)), w_o, g, "b h e, h e d, b d -> b h").cpu()
         for h in range(n_heads):
-            terms[f"L{l}H{h}"] = heads[:, l, h]
+            terms[head_label(l, h)] = heads[:, l, h]
         if out_proj.bias is not None:
             terms[f"L{l}.attn_bias"] = (g @ out_proj.bias.float()).cpu()
-    pos_embed = at("hook_pos_embed")
+    pos_embed = at(act_name("hook_pos_embed"))
     terms["pos_embed"] = (pos_embed * g).sum(-1)
-    terms["embed"] = ((at("blocks.0.hook_resid_pre") - pos_embed) * g).sum(-1)
+    terms["embed"] = ((at(act_name("resid_pre", 0)) - pos_embed) * g).sum(-1)
 
     order = ["embed", "pos_embed"]
     for l in range(n_layers):
-        order += [f"L{l}H{h}" for h in range(n_heads)]
+        order += [head_label(l, h) for h in range(n_heads)]
         order += [f"L{l}.attn_bias", f"L{l}.ln_attn.bias", f"L{l}.mlp", f"L{l}.mlp_bias", f"L{l}.ln_mlp.bias"]
     order.append("ln_final.bias")
     names = [n for n in order if n in terms]

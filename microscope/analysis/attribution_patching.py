@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 import torch
 
 from microscope.analysis.inputs import Prompts, Tokens, decode_token, last_positions
-from microscope.analysis.patching import (MODES, PatchingResult, forward, logit_diff, patching_inputs,
+from microscope.analysis.patching import (MODES, PatchingResult, logit_diff, patching_inputs,
                                           site_names)
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
@@ -57,7 +57,7 @@ def attribution_patching(scope, clean: Prompts, corrupted: Prompts | None = None
         p.requires_grad_(False)
     try:
         with torch.enable_grad(), scope.hooks({name: tap for name in names}):
-            base_metric = logit_diff(forward(scope, base, mask), last, ans, wr)
+            base_metric = logit_diff(scope.run(base, attention_mask=mask), last, ans, wr)
             grads = torch.autograd.grad(base_metric.sum(), [probes[n] for n in names])
     finally:
         for p, flag in zip(params, was_trainable):

@@ -30,6 +30,7 @@ from einops import rearrange
 from microscope.analysis.inputs import Prompts, token_batch
 from microscope.analysis.results import Result
 from microscope.models.anatomy import decoder, is_pre_ln, unembed
+from microscope.names import every_layer, head_label, layer_names
 from microscope.viz.figures import head_grid
 
 PATTERN_KINDS = ("previous_token", "duplicate_token", "induction")
@@ -64,7 +65,7 @@ class HeadScores(Result):
 
     def summary(self) -> str:
         best = self.top(1).iloc[0]
-        return f"top L{int(best['layer'])}H{int(best['head'])} = {best['score']:.3f} (chance {self.chance:.3f})"
+        return f"top {head_label(int(best['layer']), int(best['head']))} = {best['score']:.3f} (chance {self.chance:.3f})"
 
 
 def repeated_random_tokens(scope, *, n_prompts: int = 8, span: int = 16, seed: int = 0) -> torch.Tensor:
@@ -123,9 +124,9 @@ def pattern_head_scores(scope, prompts: Prompts | None = None, *, kinds=PATTERN_
     prompts: texts or ids; default `repeated_random_tokens(scope)`. Returns {kind: HeadScores}."""
     ids, mask = token_batch(scope, prompts if prompts is not None else repeated_random_tokens(scope),
                             attention_mask)
-    _, cache = scope.run_with_cache(ids, names=["blocks.*.attn.hook_pattern"], attention_mask=mask)
+    _, cache = scope.run_with_cache(ids, names=[every_layer("pattern")], attention_mask=mask)
     n_layers = scope.model.config.num_hidden_layers
-    patterns = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"].float().cpu() for l in range(n_layers)])
+    patterns = torch.stack([cache[name].float().cpu() for name in layer_names("pattern", n_layers)])
     out = {}
     for kind in kinds:
         scores, chance = _score(patterns, pattern_targets(ids, mask, kind))

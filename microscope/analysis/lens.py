@@ -30,13 +30,22 @@ from microscope.analysis.inputs import Prompts, Tokens, decode_token, select_pos
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
 from microscope.models.anatomy import unembed, unembed_direction
+from microscope.names import act_name, layer_names, parse, short_label
 from microscope.viz.figures import layer_position_heatmap
 
 
 def residual_points(scope) -> list[str]:
     """Default lens points: the embeddings, then each block's output."""
-    n_layers = scope.model.config.num_hidden_layers
-    return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(n_layers)]
+    return [act_name("resid_pre", 0)] + layer_names("resid_post", scope.model.config.num_hidden_layers)
+
+
+def point_label(name: str) -> str:
+    """A lens point's short label: 'embed' for the embeddings, 'L3' for block 3's output, else
+    `names.short_label` ('L3.resid_mid')."""
+    site, layer = parse(name)
+    if name == act_name("resid_pre", 0):
+        return "embed"
+    return f"L{layer}" if site == "hook_resid_post" else short_label(name)
 
 
 def vocab_projection(scope, direction: torch.Tensor, k: int = 10) -> pd.DataFrame:
@@ -74,17 +83,8 @@ class LensResult(Result):
 
     @property
     def layers(self) -> list[str]:
-        """Short point labels: 'embed', 'L0', 'L1', ... (resid_post of each block)."""
-        out = []
-        for name in self.points:
-            parts = name.split(".")
-            if name == "blocks.0.hook_resid_pre":
-                out.append("embed")
-            elif name.endswith("hook_resid_post"):
-                out.append(f"L{parts[1]}")
-            else:
-                out.append(name.replace("blocks.", "L").replace(".hook_", "."))
-        return out
+        """Short point labels: 'embed', 'L0', 'L1', ... (see `point_label`)."""
+        return [point_label(name) for name in self.points]
 
     def log_probs(self) -> torch.Tensor:
         return self.logits.log_softmax(-1)

@@ -31,15 +31,17 @@ from microscope.analysis.inputs import Prompts, Tokens, decode_token, last_posit
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import patch_from
+from microscope.names import layer_names
 from microscope.viz.figures import head_grid, layer_position_heatmap
 
+# The sites patching reads, by the short name callers pass -> the hook site in every block.
 SITES = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "heads": "blocks.{layer}.attn.hook_z",
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "heads": "attn.hook_z",
 }
 MODES = ("denoising", "noising")
 
@@ -145,15 +147,10 @@ def patching_inputs(scope, clean: Prompts, corrupted: Prompts | None, answer: To
     return clean_ids, corrupt_ids, mask, ans, wr
 
 
-def forward(scope, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits [batch, pos, vocab] of one plain forward pass (hooks in force apply)."""
-    return scope.run(ids, attention_mask=mask)
-
-
 def site_names(scope, site: str) -> list[str]:
     if site not in SITES:
         raise AnalysisInputError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
-    return [SITES[site].format(layer=l) for l in range(scope.model.config.num_hidden_layers)]
+    return layer_names(SITES[site], scope.model.config.num_hidden_layers)
 
 
 @torch.no_grad()
@@ -162,7 +159,7 @@ def run_patched(scope, base: torch.Tensor, source_cache, names: list[str], *,
     """Logits of the base ids with the named hooks replaced by the source cache's values
     (`hooks.interventions.patch_from`), at the given positions (all when None)."""
     with scope.hooks(patch_from(source_cache, names, positions=positions)):
-        return forward(scope, base, attention_mask)
+        return scope.run(base, attention_mask=attention_mask)
 
 
 def _variant_mask(n_variants: int, acts: torch.Tensor, per_head: bool) -> torch.Tensor:
@@ -193,7 +190,7 @@ def activation_patching(scope, clean: Prompts, corrupted: Prompts | None = None,
     base, source = (corrupt_ids, clean_ids) if mode == "denoising" else (clean_ids, corrupt_ids)
     names = site_names(scope, site)
     last = last_positions(mask)
-    base_metric = logit_diff(forward(scope, base, mask), last, ans, wr).cpu()
+    base_metric = logit_diff(scope.run(base, attention_mask=mask), last, ans, wr).cpu()
     source_logits, source_cache = scope.run_with_cache(source, names=names, attention_mask=mask)
     source_metric = logit_diff(source_logits, last, ans, wr).cpu()
 
@@ -213,7 +210,7 @@ def activation_patching(scope, clean: Prompts, corrupted: Prompts | None = None,
                 return torch.where(choose, src[None], acts).reshape(act.shape)
 
             with scope.hooks({name: paste}):
-                logits = forward(scope, base.repeat(k, 1), mask.repeat(k, 1))
+                logits = scope.run(base.repeat(k, 1), attention_mask=mask.repeat(k, 1))
             metric = logit_diff(logits, last.repeat(k), ans.repeat(k), wr.repeat(k)).cpu()
             effects[:, l, start:start + k] = (metric.reshape(k, batch) - base_metric).T
     tokens = [decode_token(scope.tokenizer, t) for t in clean_ids[0]]

@@ -30,13 +30,16 @@ from sklearn.model_selection import GroupShuffleSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from microscope.activations.reader import ActivationStore
 from microscope.analysis.inputs import Prompts, last_positions, token_batch
 from microscope.analysis.results import Result
-from microscope.errors import AnalysisInputError
+from microscope.errors import AnalysisInputError, UnknownHookError
+from microscope.names import every_layer, parse, resolve
+from microscope.scope import Scope
 from microscope.viz.figures import line_plot
 
 POSITIONS = ("last", "mean", "all")
-DEFAULT_HOOKS = "blocks.*.hook_resid_post"
+DEFAULT_HOOKS = every_layer("resid_post")
 
 
 @dataclass(repr=False)
@@ -83,8 +86,11 @@ class ProbeResult(Result):
 
 
 def _layer(hook: str) -> int | None:
-    parts = hook.split(".")
-    return int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else None
+    """The block of a hook name; None outside the blocks or for a feature name that is no hook."""
+    try:
+        return parse(hook).layer
+    except UnknownHookError:
+        return None
 
 
 def train_probes(features: dict[str, np.ndarray | torch.Tensor], labels: Sequence, *,
@@ -129,7 +135,7 @@ def live_features(scope, prompts: Prompts, hooks: str | Sequence[str] = DEFAULT_
     """({hook: [N, d]}, prompt index [N]) from running prompts through the scope."""
     if position not in POSITIONS:
         raise AnalysisInputError(f"position must be one of {POSITIONS}, got {position!r}")
-    names = scope.resolve_names([hooks] if isinstance(hooks, str) else list(hooks))
+    names = scope.resolve_names(hooks)
     ids, mask = token_batch(scope, prompts, attention_mask)
     out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     prompt_index = []
@@ -160,11 +166,7 @@ def store_features(store, hooks: str | Sequence[str] = DEFAULT_HOOKS, *, positio
     Reads each hook's whole flat token axis once; "last" is each prompt's last stored token."""
     if position not in POSITIONS:
         raise AnalysisInputError(f"position must be one of {POSITIONS}, got {position!r}")
-    from fnmatch import fnmatch
-    patterns = [hooks] if isinstance(hooks, str) else list(hooks)
-    names = [h for h in store.hooks if any(fnmatch(h, p) for p in patterns)]
-    if not names:
-        raise AnalysisInputError(f"no hook of this store matches {patterns}; it holds: {', '.join(store.hooks)}")
+    names = resolve(hooks, store.hooks, where="this store")
     offsets = np.asarray(store.prompt_offsets, dtype=np.int64)
     sizes = np.diff(offsets)
     present = np.nonzero(sizes > 0)[0]
@@ -192,7 +194,9 @@ def layer_probes(source, prompts: Prompts | None = None, labels: Sequence | str 
     with position="all", or (store) the name of a prompt-metadata field."""
     if labels is None:
         raise AnalysisInputError("give labels: one per prompt, or a metadata field name for a store")
-    is_store = hasattr(source, "prompt_offsets")
+    is_store = isinstance(source, ActivationStore)
+    if not is_store and not isinstance(source, Scope):
+        raise AnalysisInputError(f"source must be a Scope or an ActivationStore, not {type(source).__name__}")
     if is_store:
         if prompts is not None:
             raise AnalysisInputError("a store already holds its prompts: pass labels=..., not prompts")

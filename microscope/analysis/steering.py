@@ -27,9 +27,10 @@ from microscope.analysis.lens import vocab_projection
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import add_vector
+from microscope.names import act_name
 from microscope.viz.figures import line_plot
 
-DEFAULT_SITE = "blocks.{layer}.hook_resid_pre"
+DEFAULT_SITE = "hook_resid_pre"   # the hook of layer= (a site in every block)
 
 
 @dataclass(repr=False)
@@ -90,7 +91,7 @@ class SteeringVector(Result):
 def _hook_name(scope, layer: int | None, hook: str | None) -> str:
     if (layer is None) == (hook is None):
         raise AnalysisInputError("give exactly one of layer= (uses blocks.{layer}.hook_resid_pre) or hook=")
-    name = hook if hook is not None else DEFAULT_SITE.format(layer=layer)
+    name = hook if hook is not None else act_name(DEFAULT_SITE, layer)
     return scope.resolve_names([name])[0]
 
 

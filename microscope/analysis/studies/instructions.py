@@ -23,10 +23,10 @@ import torch
 
 from microscope.analysis.inputs import last_positions, token_batch
 from microscope.analysis.lens import logit_lens
-from microscope.analysis.patching import forward
 from microscope.analysis.studies.base import (StudyResult, first_layer_from, first_token_id, greedy_new_tokens,
                                               single_token_id)
 from microscope.errors import AnalysisInputError
+from microscope.names import act_name, head_label, short_label
 from microscope.prompts import Prompt, load_prompts
 from microscope.viz.figures import line_plot
 
@@ -181,7 +181,7 @@ def patch_cued_into_bare(scope, bare: list[str], cued: list[str], dialogue_id: i
                 out[rows, last] = src
             return out
         with scope.hooks({name: paste}):
-            lp = forward(scope, ids, mask).float()[rows, last].log_softmax(-1).cpu()
+            lp = scope.run(ids, attention_mask=mask).float()[rows, last].log_softmax(-1).cpu()
         effect = float((bare_lp[:, dialogue_id] - lp[:, dialogue_id]).mean())
         restored.append(effect / drop if abs(drop) > 1e-6 else float("nan"))
     return torch.tensor(restored), drop
@@ -224,12 +224,13 @@ def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *,
             bare_texts.append(p.text)
             cued_texts.append(twin)
     n_layers, n_heads = scope.model.config.num_hidden_layers, scope.model.config.num_attention_heads
-    sites = [f"blocks.{l}.{kind}" for l in range(n_layers) for kind in ("hook_attn_out", "hook_mlp_out")]
-    sites += [f"blocks.{l}.attn.hook_z:{h}" for l in range(n_layers) for h in range(n_heads)]
+    sites = [act_name(site, l) for l in range(n_layers) for site in ("attn_out", "mlp_out")]
+    labels_short = [short_label(name) for name in sites]
+    sites += [f"{act_name('z', l)}:{h}" for l in range(n_layers) for h in range(n_heads)]
+    labels_short += [head_label(l, h) for l in range(n_layers) for h in range(n_heads)]
     if not bare_texts:
         raise AnalysisInputError(f"no bare prompt has a cued twin (the same text plus ' {cue_token}')")
     restored, drop = patch_cued_into_bare(scope, bare_texts, cued_texts, dialogue_id, sites)
-    labels_short = [s.replace("blocks.", "L").replace(".hook_", ".").replace(".attn.hook_z:", "H") for s in sites]
     return InstructionsResult(prompts=texts, cued=cued, answers=answers, continuations=words, labels=labels,
                               layers=lens.layers, lens_margin=margin, patch_sites=labels_short,
                               patch_restored=restored, patch_drop=drop, dialogue_token=dialogue_token)

@@ -25,10 +25,11 @@ import torch
 
 from microscope.analysis.head_scores import HeadScores, pattern_head_scores
 from microscope.analysis.inputs import token_batch
-from microscope.analysis.patching import forward
 from microscope.analysis.studies.base import StudyResult, greedy_new_tokens
 from microscope.analysis.studies.loops import Loop, detect_loop
 from microscope.errors import AnalysisInputError
+from microscope.hooks.interventions import ablate_heads
+from microscope.names import head_label
 from microscope.prompts import Prompt, load_prompts
 from microscope.viz.figures import head_grid, line_plot
 
@@ -95,7 +96,7 @@ class RepetitionResult(StudyResult):
             "loops_broken": None if self.loops_broken is None else round(self.loops_broken, 4),
             "repeated_ngram_rate": round(sum(l.repeated_ngram_rate for l in self.clean) / len(self.clean), 4),
             "ablated_repeated_ngram_rate": round(sum(l.repeated_ngram_rate for l in self.ablated) / len(self.ablated), 4),
-            "induction_heads": [f"L{l}H{h}" for l, h in self.heads],
+            "induction_heads": [head_label(l, h) for l, h in self.heads],
             "top_induction_score": round(float(self.induction.scores.max()), 4),
             "induction_chance": round(self.induction.chance, 4),
             "top_previous_token_score": round(float(self.previous_token.scores.max()), 4),
@@ -127,24 +128,9 @@ def self_reinforcement(scope, spans: torch.Tensor, copies: int) -> torch.Tensor:
     """[copies] mean probability of the tokens of copy k (k = 0: the first occurrence) of the
     repeated spans ``spans`` [batch, 1 + span * copies] from `repeated_spans`, one forward pass."""
     span = (spans.shape[1] - 1) // copies
-    probs = forward(scope, spans, torch.ones_like(spans)).float().softmax(-1).cpu()
+    probs = scope.run(spans, attention_mask=torch.ones_like(spans)).float().softmax(-1).cpu()
     p_next = probs[:, :-1].gather(-1, spans[:, 1:, None]).squeeze(-1)  # p(token t+1 | prefix)
     return p_next.reshape(len(spans), copies, span).mean((0, 2))
-
-
-def zero_heads(heads: Sequence[tuple[int, int]]) -> dict:
-    """``{hook: fn}`` setting the outputs (``attn.hook_z``) of the given heads to zero."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-
-    def make(heads_here: list[int]):
-        def zero(z, hook):
-            z = z.clone()
-            z[:, :, heads_here] = 0
-            return z
-        return zero
-    return {f"blocks.{layer}.attn.hook_z": make(hs) for layer, hs in by_layer.items()}
 
 
 @torch.no_grad()
@@ -176,7 +162,7 @@ def run_repetition(scope, prompts: Sequence[Prompt] | str = "repetition", *, max
         return [detect_loop(row.tolist(), max_period=max_period) for row in new]
 
     clean = loops(None)
-    ablated = loops(zero_heads(heads)) if heads else clean
+    ablated = loops(ablate_heads(heads)) if heads else clean
     return RepetitionResult(prompts=texts, kinds=[str(p.metadata.get("kind", "")) for p in rows], clean=clean,
                             ablated=ablated,
                             reinforcement=self_reinforcement(scope, repeated_spans(

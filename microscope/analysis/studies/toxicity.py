@@ -31,13 +31,13 @@ import torch
 
 from microscope.analysis.attribution import direct_logit_attribution
 from microscope.analysis.inputs import token_batch
-from microscope.analysis.lens import residual_points
-from microscope.analysis.patching import forward
+from microscope.analysis.lens import point_label, residual_points
 from microscope.analysis.probes import ProbeResult, live_features, train_probes
 from microscope.analysis.steering import SteeringVector, mean_difference_vector
 from microscope.analysis.studies.base import StudyResult, first_layer_from, greedy_new_tokens, single_token_id
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ablate_heads
+from microscope.names import head_label
 from microscope.prompts import Prompt, load_prompts
 from microscope.viz.figures import head_grid, line_plot
 
@@ -123,9 +123,9 @@ class ToxicityResult(StudyResult):
             "direction_top_tokens": self.top_tokens["promoted"].str.strip().tolist(),
             "direction_insult_share_top": round(self.insult_share_top, 3),
             "direction_insult_share_chance": round(self.insult_share_chance, 3),
-            "top_insult_head": f"L{top // n_heads}H{top % n_heads}",
+            "top_insult_head": head_label(*divmod(top, n_heads)),
             "top_insult_head_dla": round(float(self.head_dla.flatten()[top]), 3),
-            "top_ablation_head": f"L{causal // n_heads}H{causal % n_heads}",
+            "top_ablation_head": head_label(*divmod(causal, n_heads)),
             "top_ablation_head_drop": round(float(self.head_ablation.flatten()[causal]), 3),
             "top_insult_neuron": (f"L{int(self.top_neurons.iloc[0]['layer'])}N{int(self.top_neurons.iloc[0]['neuron'])}"
                                   if len(self.top_neurons) else None),
@@ -153,7 +153,7 @@ def perplexity(scope, texts: Sequence[str], hooks: dict | None = None) -> float:
     """exp(mean next-token cross-entropy) over the real tokens of ``texts`` (hooks in force)."""
     ids, mask = token_batch(scope, list(texts))
     with scope.hooks(hooks or {}):
-        logits = forward(scope, ids, mask).float().cpu()
+        logits = scope.run(ids, attention_mask=mask).float().cpu()
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
     keep = mask[:, 1:].flatten().bool()
     return math.exp(float(nll[keep].mean()))
@@ -190,7 +190,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, insults
     groups = [p.metadata.get("pair", i) for i, p in enumerate(rows)]
     probe = train_probes(features, labels, groups=groups, seed=seed)
     probe_layer = first_layer_from([a >= probe_threshold for a in probe.test_accuracy])
-    layers = ["embed"] + [f"L{l}" for l in range(scope.model.config.num_hidden_layers)]
+    layers = [point_label(name) for name in points]
 
     # 2. the hostile direction where the probe first works (else where it works best)
     steer_point = points[probe_layer if probe_layer is not None else int(np.argmax(probe.test_accuracy))]
@@ -216,7 +216,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, insults
                                 for v, i in zip(flat.values, flat.indices)])
     head_ablation = _head_ablation(scope, hostile, insult_ids, praise_ids)
     ids, mask = token_batch(scope, texts)
-    logits = forward(scope, ids, mask).float().cpu()
+    logits = scope.run(ids, attention_mask=mask).float().cpu()
     probs = logits[torch.arange(len(ids)), mask.sum(-1) - 1].softmax(-1)[:, insult_ids].sum(-1)
     is_hostile = torch.tensor([l == "hostile" for l in labels])
 
