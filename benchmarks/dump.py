@@ -31,11 +31,14 @@ import zarr
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
 import microscope
-from microscope.activations.capture import Capture, UnitStaging, make_batch
-from microscope.activations.dump import dump, make_plan
+from microscope.activations.capture import BufferPool, make_batch
+from microscope.activations.dump import dump
 from microscope.activations.layout import codecs
-from microscope.activations.pipeline import BackgroundWriter, pack_batches
-from microscope.activations.writer import create_store, open_group
+from microscope.activations.pipeline import BackgroundWriter, capture_units, pack_batches
+from microscope.activations.planning import make_plan
+from microscope.activations.schema import open_group
+from microscope.activations.settings import DumpSettings
+from microscope.activations.writer import create_store
 from microscope.prompts import Prompt
 
 WRITE_HOOKS = ("blocks.*.hook_resid_pre,blocks.*.hook_resid_mid,blocks.*.hook_resid_post,"
@@ -73,7 +76,7 @@ def bench_a(runs: int, tokens: int, tmp: Path) -> dict:
     scope = microscope.load("random:opt-125m")
     prompts = word_prompts(tokens // 128, 127)
     hooks, batch_tokens = "blocks.*.hook_resid_post", 2048
-    plan, _ = make_plan(scope, prompts, hooks, dtype="fp16")
+    plan, _ = make_plan(scope, prompts, hooks, DumpSettings(dtype="fp16"))
     n_tokens = int(plan.kept_offsets[-1])
     forward, dumped = [], []
     for i in range(runs):
@@ -127,20 +130,6 @@ def decoder_forward(scope, plan, batch_tokens: int) -> None:
                                       use_cache=False)
 
 
-def captured_units(scope, plan, batch_tokens: int) -> list:
-    """Every unit's rows captured in host memory exactly as the dump captures them, nothing written."""
-    capture, stagings = Capture(plan), {}
-    with torch.inference_mode(), scope.hooks(capture.fns()):
-        for unit, batch in dump_batches(plan, batch_tokens):
-            if unit.index not in stagings:
-                stagings[unit.index] = UnitStaging(plan, unit)
-            capture.start(batch, stagings[unit.index])
-            scope.model.model.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      use_cache=False)
-            capture.finish()
-    return list(stagings.values())
-
-
 def store_path_alone(plan, stagings: list, out: Path) -> float:
     """Seconds the background writer takes to write already-captured units into a laid-out store."""
     group = open_group(str(out), mode="w")
@@ -174,10 +163,11 @@ def bench_b(runs: int, tokens: int, tmp: Path) -> dict:
     scope, tokenizer = tiny_write_bound_model(tmp / "tok")
     prompts = word_prompts(tokens // 64, 63, seed=1)
     batch_tokens = 4096
-    plan, _ = make_plan(scope, prompts, WRITE_HOOKS, dtype="fp16")
+    plan, _ = make_plan(scope, prompts, WRITE_HOOKS, DumpSettings(dtype="fp16"))
     nbytes = sum(-(-u.n_tokens // plan.chunk_rows) * plan.chunk_rows * h.width * 2
                  for u in plan.units for h in plan.hooks)
-    stagings = captured_units(scope, plan, batch_tokens)
+    # Every unit's rows captured in host memory exactly as the dump captures them, nothing written.
+    stagings = list(capture_units(scope, plan, range(len(plan.units)), batch_tokens, BufferPool()))
     results = {"dump": [], "np.save": [], "np.save+fsync": [], "naive": [], "store path": [], "forward s": []}
     for i in range(runs):
         out = tmp / f"b{i}"

@@ -8,8 +8,9 @@ For each model and dtype, every `blocks.*.hook_resid_post` is captured for the s
 into batches by token budget (`--batch-tokens` padded tokens per forward). Rows, median of
 `--repeats` runs, ratios against the bare forward measured in the same run:
 - bare forward: the model alone;
-- capture ring: forward + fused gather/cast + pinned ring (transfer.py), rows dropped on arrival:
-  the capture overhead without a disk;
+- capture (no disk): the dump's own capture path (`pipeline.capture_units`: forward + fused
+  gather/cast + side-stream copies into pinned unit buffers), buffers recycled once their copies
+  land, nothing written: the capture overhead without a disk;
 - our dump: `microscope.activations.dump.dump` into a zarr store (the store pipeline);
 - TransformerLens run_with_cache + zarr; nnsight save + zarr: the naive pipelines (kept rows
   copied to the host per hook, written with zarr's array API).
@@ -44,9 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=256, help="prompts per run")
     p.add_argument("--max-words", type=int, default=400, help="prompt lengths are uniform in [8, max-words] words")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--budget-gb", type=float, default=4.0, help="pinned host memory of the capture ring")
     p.add_argument("--out", default=None, help="folder for the stores (default: a temporary folder)")
-    p.add_argument("--skip", default="", help="comma-separated rows to skip: ring,dump,tl,nnsight")
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: capture,dump,tl,nnsight")
     p.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--dry-run", action="store_true", help="CPU, a tiny model, one repeat: checks the code path")
     return p.parse_args(argv)
@@ -115,16 +115,17 @@ def run_bare(scope, batches) -> None:
         scope.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
-def run_ring(scope, batches, names, width, dtype, budget) -> None:
-    from microscope.activations.transfer import TransferRing
+def run_capture(scope, plan, batch_tokens: int) -> None:
+    """The dump's capture path without the writer: every unit staged, then its buffers recycled."""
+    from microscope.activations.capture import BufferPool
+    from microscope.activations.pipeline import capture_units
 
-    max_rows = max(len(index) for _, _, index in batches)
-    ring = TransferRing({n: (max_rows, width) for n in names}, dtype, lambda b: b.release(), budget)
-    with ring, scope.hooks({n: lambda x, hook: ring.stage(hook.name, x) for n in names}):
-        for ids, mask, index in batches:
-            ring.begin(index)
-            scope.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            ring.end()
+    pool = BufferPool(pin=scope.device.type == "cuda")
+    for staging in capture_units(scope, plan, range(len(plan.units)), batch_tokens, pool):
+        for event in staging.done_events:
+            event.synchronize()
+        for name in staging.buffers:
+            staging.release(name)
 
 
 def run_dump(scope, texts, names, dtype_name, batch_tokens, out: Path) -> None:
@@ -205,9 +206,13 @@ def measure(args, model_name: str, dtype_name: str, device: torch.device, workdi
     captured = tokens * len(names) * width * dtype.itemsize
     skip = set(filter(None, args.skip.split(",")))
     paths: dict[str, Callable[[], None]] = {"bare forward": lambda: run_bare(scope, batches)}
-    if "ring" not in skip:
-        paths["capture ring (no disk)"] = lambda: run_ring(scope, batches, names, width, dtype,
-                                                           int(args.budget_gb * 2**30))
+    if "capture" not in skip:
+        from microscope.activations.planning import make_plan
+        from microscope.activations.settings import DumpSettings
+        from microscope.prompts import Prompt
+
+        plan, _ = make_plan(scope, [Prompt(t) for t in texts], names, DumpSettings(dtype=dtype_name))
+        paths["capture (no disk)"] = lambda: run_capture(scope, plan, args.batch_tokens)
     if "dump" not in skip:
         paths["our dump (zarr)"] = lambda: run_dump(scope, texts, names, dtype_name, args.batch_tokens,
                                                     workdir / "dump.zarr")

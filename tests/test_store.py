@@ -15,8 +15,9 @@ from microscope.activations.capture import BufferPool, UnitStaging
 from microscope.activations.layout import store_dtype
 from microscope.activations.pipeline import BackgroundWriter
 from microscope.activations.reader import open_store
+from microscope.activations.schema import HookSpec, StorePlan, open_group
 from microscope.activations.units import plan_units, round_up
-from microscope.activations.writer import HookSpec, StorePlan, check_resume, create_store, open_group
+from microscope.activations.writer import check_resume, create_store
 from microscope.errors import DiskFullError, StoreCorruptError, StoreMismatchError, UnitNotCommittedError
 
 CHUNK = 8

@@ -1,148 +1,133 @@
-"""The transfer ring (microscope/activations/transfer.py) on its CPU fallback: the same calls the
-CUDA path takes, delivering every forward's rows in order, with a bounded number of slots in use.
-The CUDA path itself (side stream, events, pinned memory) needs a GPU: benchmarks/gpu_capture.py."""
+"""The capture pipeline's staging and transfer (capture.py, pipeline.py) on its CPU path: the same
+calls the CUDA path takes, staging every unit's kept rows in order, counting fp16 overflows, and
+keeping the bytes waiting for the writer within their bound. The CUDA path itself (side stream,
+events, pinned memory) needs a GPU: benchmarks/gpu_capture.py."""
 
 from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from microscope.activations.transfer import TransferRing
-from tests.conftest import tiny_model
+import microscope
+from microscope.activations import pipeline
+from microscope.activations.capture import BufferPool, Capture, HostCopies, UnitStaging, make_batch
+from microscope.activations.pipeline import BackgroundWriter, capture_units
+from microscope.activations.planning import make_plan
+from microscope.activations.schema import open_group
+from microscope.activations.settings import DumpSettings
+from microscope.activations.writer import create_store
+from microscope.errors import Fp16OverflowError
+from microscope.names import layer_names
+from microscope.prompts import Prompt
+from tests.test_store import synthetic_plan
+from tests.test_store_fixtures import make_model_dir
 
 
-def forwards(n: int, seed: int = 0):
-    """n fake forwards: (activation [B, T, 6], index of kept rows), kept counts varying, one empty."""
-    g = torch.Generator().manual_seed(seed)
-    for k in range(n):
-        x = torch.randn(3, 4, 6, generator=g)
-        keep = torch.rand(12, generator=g) < (0.0 if k == 1 else 0.6)
-        yield x, keep.nonzero().reshape(-1)
+def hook(name: str) -> SimpleNamespace:
+    return SimpleNamespace(name=name)
 
 
-def test_delivers_every_forward_in_order_with_its_rows():
-    delivered = []
-
-    def deliver(batch):
-        delivered.append((batch.tag, {k: v.clone() for k, v in batch.rows.items()}, batch.fp16_overflow))
-        batch.release()
-
-    cases = list(forwards(6))
-    with TransferRing({"a": (12, 6), "b": (12, 6)}, torch.float16, deliver, budget_bytes=1 << 20) as ring:
-        for k, (x, index) in enumerate(cases):
-            ring.begin(index)
-            ring.stage("a", x)
-            ring.stage("b", x * 1e5)
-            ring.end(tag=k)
-    assert [tag for tag, _, _ in delivered] == list(range(6))
-    for (tag, rows, overflow), (x, index) in zip(delivered, cases):
-        flat = x.reshape(12, 6)[index]
-        assert torch.equal(rows["a"], flat.half())
-        assert torch.equal(rows["b"], (flat * 1e5).half())
-        assert overflow == {"a": 0, "b": int(((flat * 1e5).abs() >= 65520).sum())}
-    assert any(o["b"] > 0 for _, _, o in delivered)
+def test_stages_every_unit_in_order_like_hidden_states(tmp_path):
+    """capture_units on a tiny OPT: each unit's rows of resid_post equal output_hidden_states."""
+    scope = microscope.load(str(make_model_dir(tmp_path / "model")))
+    names = layer_names("resid_post", scope.config.num_hidden_layers)[:-1]  # the last gets HF's final norm
+    prompts = [Prompt(" ".join(["stone river lamp"] * k)) for k in (1, 4, 2, 7, 3)]
+    plan, _ = make_plan(scope, prompts, names, DumpSettings(dtype="fp32", chunk_rows=8))
+    stagings = list(capture_units(scope, plan, range(len(plan.units)), 16, BufferPool()))
+    assert [s.unit.index for s in stagings] == list(range(len(plan.units))) and len(stagings) > 1
+    for staging in stagings:
+        assert staging.done_events == []
+        for p in staging.unit.prompts:
+            ids = torch.from_numpy(plan.prompt_tokens[p].astype(np.int64))[None]
+            with torch.no_grad():
+                hidden = scope.model(input_ids=ids, output_hidden_states=True).hidden_states
+            row = int(plan.kept_offsets[p] - staging.unit.token_start)
+            for layer, name in enumerate(names):
+                got = staging.buffers[name][row:row + ids.shape[1]]
+                torch.testing.assert_close(got, hidden[layer + 1][0], rtol=1e-5, atol=1e-5)
 
 
-def test_slots_in_use_stay_within_the_budget_while_the_consumer_is_slow():
-    held, in_use, order = [], [], []
-    lock = threading.Lock()
+def test_token_and_pattern_hooks_share_a_batch_on_their_own_row_axes():
+    plan = synthetic_plan("bfloat16")
+    unit = plan.units[0]
+    staging = UnitStaging(plan, unit)
+    batch = make_batch(plan, unit, unit.prompt_start, unit.prompt_stop, pad_id=1)
+    b, t = batch.input_ids.shape
+    tokens, z, pattern = torch.randn(b, t, 6), torch.randn(b, t, 2, 3), torch.rand(b, 2, t, t)
+    capture = Capture(plan)
+    capture.start(batch, staging)
+    fns = capture.fns()
+    fns["blocks.0.hook_resid_post"](tokens, hook("blocks.0.hook_resid_post"))
+    fns["blocks.0.attn.hook_z"](z, hook("blocks.0.attn.hook_z"))
+    fns["blocks.0.attn.hook_pattern"](pattern, hook("blocks.0.attn.hook_pattern"))
+    capture.finish()
+    n, m = len(batch.token_index), len(batch.pattern_index)
+    assert torch.equal(staging.buffers["blocks.0.hook_resid_post"][:n],
+                       tokens.reshape(b * t, 6)[batch.token_index].bfloat16())
+    assert torch.equal(staging.buffers["blocks.0.attn.hook_z"][:n],
+                       z.reshape(b * t, 6)[batch.token_index].bfloat16())
+    packed = pattern.permute(0, 2, 3, 1).reshape(b * t * t, 2)[batch.pattern_index]
+    assert torch.equal(staging.buffers["blocks.0.attn.hook_pattern"][:m], packed.bfloat16())
 
-    def deliver(batch):
-        order.append(batch.tag)
+
+def test_fp16_overflow_is_counted_per_hook_and_refused():
+    plan = synthetic_plan("float16", pattern=False)
+    unit = plan.units[0]
+    batch = make_batch(plan, unit, unit.prompt_start, unit.prompt_stop, pad_id=1)
+    b, t = batch.input_ids.shape
+    x = torch.randn(b, t, 6, generator=torch.Generator().manual_seed(0)) * 1e5
+    capture = Capture(plan)
+    capture.start(batch, UnitStaging(plan, unit))
+    capture.fns()["blocks.0.hook_resid_post"](x, hook("blocks.0.hook_resid_post"))
+    capture.fns()["blocks.0.attn.hook_z"](x.reshape(b, t, 2, 3) * 1e-5, hook("blocks.0.attn.hook_z"))
+    expected = int((x.reshape(b * t, 6)[batch.token_index].abs() >= 65520).sum())
+    assert expected > 0
+    with pytest.raises(Fp16OverflowError, match=f"blocks.0.hook_resid_post \\({expected} values\\)") as err:
+        capture.finish()
+    assert "hook_z" not in str(err.value)
+
+
+def test_host_copies_fall_back_to_a_plain_copy_off_cuda():
+    copies, target = HostCopies(), torch.empty(3, 4, dtype=torch.float16)
+    rows = torch.randn(3, 4).half()
+    copies.copy(rows, target)
+    assert torch.equal(target, rows) and copies.done() == []
+
+
+def test_pending_bytes_stay_within_the_bound_while_the_disk_is_slow(tmp_path, monkeypatch):
+    plan = synthetic_plan("float16", pattern=False)
+    group = open_group(str(tmp_path / "s.zarr"), mode="w")
+    n = len(plan.kept)
+    create_store(group, plan, [""] * n, [{}] * n, [], {})
+    unit_bytes = UnitStaging(plan, plan.units[0]).nbytes
+    writer = BackgroundWriter(group, plan, max_pending_bytes=unit_bytes, threads=2)
+    seen, lock = [], threading.Lock()
+    write_hook = pipeline.write_hook
+
+    def slow_write(*args):
         with lock:
-            held.append(batch)
+            seen.append(writer.pending_bytes)
+        time.sleep(0.01)
+        write_hook(*args)
 
-    def slow_writer(stop):
-        while not stop.is_set() or held:
-            time.sleep(0.005)
-            with lock:
-                batch = held.pop(0) if held else None
-            if batch is not None:
-                batch.release()
-
-    slot_bytes = 12 * 6 * 2
-    ring = TransferRing({"a": (12, 6)}, torch.float16, deliver, budget_bytes=2 * slot_bytes + 5)
-    assert ring.n_slots == 2 and ring.slot_bytes == slot_bytes
-    stop = threading.Event()
-    writer = threading.Thread(target=slow_writer, args=(stop,))
-    writer.start()
-    try:
-        with ring:
-            for k, (x, index) in enumerate(forwards(20, seed=1)):
-                ring.begin(index)
-                in_use.append(ring.outstanding)
-                ring.stage("a", x)
-                ring.end(tag=k)
-    finally:
-        stop.set()
-        writer.join()
-    assert order == list(range(20))
-    assert max(in_use) == 2, "the producer waited for the writer instead of taking a third slot"
-    assert ring.outstanding == 0
-
-
-def test_one_index_per_hook_for_mixed_row_axes():
-    got = {}
-    ring = TransferRing({"tokens": (8, 4), "pattern": (20, 2)}, torch.bfloat16,
-                        lambda b: (got.update(b.rows), b.release()))
-    tokens, pattern = torch.randn(2, 4, 4), torch.randn(2, 16, 2)
-    ring.begin({None: torch.tensor([0, 5]), "pattern": torch.tensor([1, 17, 30])})
-    ring.stage("tokens", tokens)
-    ring.stage("pattern", pattern)
-    ring.end()
-    assert torch.equal(got["tokens"], tokens.reshape(8, 4)[[0, 5]].bfloat16())
-    assert torch.equal(got["pattern"], pattern.reshape(32, 2)[[1, 17, 30]].bfloat16())
-
-
-def test_captures_a_real_model_forward_like_hidden_states():
-    """Forward hooks on a tiny OPT's decoder layers stage resid_post; rows equal output_hidden_states."""
-    model = tiny_model("pre_ln")
-    layers = model.model.decoder.layers
-    names = [f"blocks.{i}.hook_resid_post" for i in range(len(layers))]
-    ids = torch.randint(3, 90, (3, 7), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones_like(ids)
-    mask[0, 4:] = 0
-    mask[2, 1:] = 0
-    index = mask.reshape(-1).nonzero().reshape(-1)
-    got = {}
-    ring = TransferRing({n: (21, 32) for n in names}, torch.float32,
-                        lambda b: (got.update({k: v.clone() for k, v in b.rows.items()}), b.release()))
-    handles = [layer.register_forward_hook(
-        lambda mod, args, out, name=name: ring.stage(name, out[0] if isinstance(out, tuple) else out))
-        for layer, name in zip(layers, names)]
-    try:
-        with torch.no_grad(), ring:
-            ring.begin(index)
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            ring.end()
-    finally:
-        for h in handles:
-            h.remove()
-    for i, name in enumerate(names):
-        expected = hidden[i + 1].reshape(21, 32)[index]
-        if i == len(names) - 1:
-            continue  # HF applies the final LayerNorm to the last hidden state
-        assert torch.equal(got[name], expected)
-    assert got[names[-1]].shape == (len(index), 32)
+    monkeypatch.setattr(pipeline, "write_hook", slow_write)
+    pool = BufferPool()
+    for unit in plan.units:
+        writer.submit(UnitStaging(plan, unit, pool))
+    writer.close()
+    assert writer.units_committed == len(plan.units) and writer.pending_bytes == 0
+    assert max(seen) <= max(unit_bytes, max(UnitStaging(plan, u).nbytes for u in plan.units))
 
 
 def test_misuse_gets_clear_errors():
-    ring = TransferRing({"a": (4, 2)}, torch.float16, lambda b: None)
-    with pytest.raises(RuntimeError, match="call ring.begin"):
-        ring.stage("a", torch.zeros(1, 4, 2))
-    ring.begin(torch.tensor([0]))
-    with pytest.raises(RuntimeError, match="begin\\(\\) called twice"):
-        ring.begin(torch.tensor([0]))
-    with pytest.raises(ValueError, match="raise the budget"):
-        TransferRing({"a": (4096, 4096)}, torch.float16, lambda b: None, budget_bytes=1 << 20)
-    batches = []
-    ring2 = TransferRing({"a": (4, 2)}, torch.float16, batches.append)
-    ring2.begin(torch.tensor([0]))
-    ring2.stage("a", torch.zeros(1, 4, 2))
-    ring2.end()
-    batches[0].release()
-    with pytest.raises(RuntimeError, match="twice"):
-        batches[0].release()
+    plan = synthetic_plan("float16", pattern=False)
+    unit = plan.units[0]
+    capture = Capture(plan)
+    capture.start(make_batch(plan, unit, unit.prompt_start, unit.prompt_stop, pad_id=1), UnitStaging(plan, unit))
+    with pytest.raises(RuntimeError, match="did not fire"):
+        capture.finish()

@@ -4,6 +4,11 @@ For each forward batch the hooks gather the rows to keep (padding dropped, posit
 cast them to the store dtype in one step (`gather.gather_into`, counting fp16 overflows) and copy them into the unit's
 host staging block at the batch's row offset. Attention patterns `[batch, head, q, k]` are gathered
 as packed lower triangles: one row per kept query q and key k <= q, one column per head kept.
+
+On CUDA the gather runs on the device and `HostCopies` queues each hook's device-to-host copy into
+the unit's pinned buffer on a side stream, so the copy of layer l overlaps the compute of layer
+l+1; the unit's `done_events` tell the writer when its rows have landed. On CPU the hooks gather
+straight into the host rows (the same calls, synchronous).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from microscope.activations.gather import count_fp16_overflow, gather_into, gather_rows, has_non_finite
 from microscope.activations.units import Unit
-from microscope.activations.writer import HookSpec, StorePlan, hook_rows
+from microscope.activations.schema import HookSpec, StorePlan, hook_rows
 from microscope.errors import Fp16OverflowError
 
 
@@ -110,7 +115,7 @@ class UnitStaging:
             used = unit.n_pattern_rows if hook.is_pattern else unit.n_tokens
             buf[used:] = 0          # tail rows of the last chunk: no prompt, written as zeros
             self.buffers[hook.name] = buf
-        self.done_event: torch.cuda.Event | None = None
+        self.done_events: list[torch.cuda.Event] = []   # the unit's device-to-host copies are done
 
     @property
     def nbytes(self) -> int:
@@ -119,6 +124,39 @@ class UnitStaging:
     def release(self, hook: str) -> None:
         """The hook's rows are written (or abandoned): its buffer may stage another unit."""
         self.pool.give(self.buffers[hook])
+
+
+class HostCopies:
+    """Device-to-host copies of gathered rows: on CUDA queued on one side stream per device, after
+    the work already queued on its compute stream; elsewhere a plain synchronous copy."""
+
+    def __init__(self):
+        self._side: dict[torch.device, torch.cuda.Stream] = {}
+        self._used: set[torch.device] = set()
+
+    def copy(self, rows: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy `rows` [N, W] into the host rows `target` [N, W] (pinned for an asynchronous copy)."""
+        if rows.device.type != "cuda":
+            target.copy_(rows)
+            return
+        side = self._side.get(rows.device)
+        if side is None:
+            side = self._side[rows.device] = torch.cuda.Stream(rows.device)
+        side.wait_stream(torch.cuda.current_stream(rows.device))
+        with torch.cuda.stream(side):
+            target.copy_(rows, non_blocking=True)
+        rows.record_stream(side)    # the allocator keeps `rows` until the side stream has read it
+        self._used.add(rows.device)
+
+    def done(self) -> list[torch.cuda.Event]:
+        """One event per device copied from since the last call, completing after its last copy."""
+        events = []
+        for device in self._used:
+            event = torch.cuda.Event()
+            event.record(self._side[device])
+            events.append(event)
+        self._used.clear()
+        return events
 
 
 class Capture:
@@ -133,6 +171,7 @@ class Capture:
         self.fired: set[str] = set()
         self._device_index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.overflow: dict[str, torch.Tensor | int] = {}   # per hook: fp16 values that became inf
+        self.copies = HostCopies()
 
     def fns(self) -> dict:
         return {name: self._capture for name in self.specs}
@@ -192,7 +231,7 @@ class Capture:
                 overflow = self.overflow.setdefault(
                     hook.name, torch.zeros(1, dtype=torch.int32, device=source.device))
             rows = torch.empty(target.shape, dtype=dtype, device=source.device)
-            target.copy_(gather_into(source, index, rows, overflow), non_blocking=True)
+            self.copies.copy(gather_into(source, index, rows, overflow), target)
         self.fired.add(hook.name)
         if self.stop is not None and len(self.fired) == len(self.specs):
             raise self.stop()

@@ -1,6 +1,6 @@
 """Gather and cast: the kept tokens of a hook's activation, in the store dtype, in one pass.
 
-API (stable; the store pipeline and `transfer.py` call it):
+API (stable; the store pipeline calls it):
 
     gather_rows(x, index, dtype) -> Tensor[N, W]
         x: Tensor[B, T, *F] (any strides), index: LongTensor[N] into the flattened B*T axis

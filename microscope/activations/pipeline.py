@@ -1,4 +1,5 @@
-"""The dump pipeline: batches packed by token budget, and a bounded background writer.
+"""The dump pipeline: batches packed by token budget, the forward loop that captures them unit by
+unit (`capture_units`), and a bounded background writer.
 
 While the model runs batch k+1, a small thread pool writes the finished units (one task per hook,
 each writing whole chunks) and sets the unit's commit marker after its last hook. The staging bytes
@@ -11,14 +12,18 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 import zarr
 
-from microscope.activations.capture import UnitStaging
+from microscope.activations.capture import BufferPool, Capture, UnitStaging, make_batch
 from microscope.activations.units import Unit, mark_committed
-from microscope.activations.writer import StorePlan, write_hook
+from microscope.activations.schema import StorePlan
+from microscope.activations.writer import write_hook
 from microscope.errors import DiskFullError
+from microscope.models.anatomy import pad_id
 
 
 def pack_batches(plan: StorePlan, unit: Unit, batch_tokens: int) -> list[tuple[int, int]]:
@@ -37,6 +42,38 @@ def pack_batches(plan: StorePlan, unit: Unit, batch_tokens: int) -> list[tuple[i
         batches.append((start, stop))
         start = stop
     return batches
+
+
+class ForwardDone(Exception):
+    """Raised by the capture hook once every requested hook fired: skips the rest of the model."""
+
+
+def capture_units(scope, plan: StorePlan, unit_indices: Iterable[int], batch_tokens: int, pool: BufferPool,
+                  on_batch: Callable[[int], None] | None = None) -> Iterator[UnitStaging]:
+    """Run every batch of the given units through `scope` with the capture hooks on; yield each
+    unit's staging once its batches have run (its device-to-host copies may still be in flight:
+    `staging.done_events`). `on_batch(tokens)` follows every forward with its unpadded token count."""
+    device = scope.device
+    pad = pad_id(scope.config)
+    capture = Capture(plan, stop=ForwardDone)
+    with torch.inference_mode(), scope.hooks(capture.fns()):
+        for index in unit_indices:
+            unit = plan.units[index]
+            staging = UnitStaging(plan, unit, pool)
+            for start, stop in pack_batches(plan, unit, batch_tokens):
+                batch = make_batch(plan, unit, start, stop, pad)
+                capture.start(batch, staging)
+                try:
+                    scope.model(input_ids=batch.input_ids.to(device, non_blocking=True),
+                                attention_mask=batch.attention_mask.to(device, non_blocking=True),
+                                use_cache=False)
+                except ForwardDone:
+                    pass
+                capture.finish()
+                if on_batch is not None:
+                    on_batch(batch.n_tokens)
+            staging.done_events = capture.copies.done()
+            yield staging
 
 
 class BackgroundWriter:
@@ -78,8 +115,8 @@ class BackgroundWriter:
         try:
             if self.error is not None:
                 return
-            if staging.done_event is not None:
-                staging.done_event.synchronize()
+            for event in staging.done_events:
+                event.synchronize()
             spec, array = self.arrays[name]
             write_hook(array, spec, staging.unit, staging.rows[name], self.plan.dtype.to_storage(buffer))
             with self.cond:

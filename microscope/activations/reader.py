@@ -26,10 +26,11 @@ import numpy as np
 import torch
 import zarr
 
-from microscope.activations.layout import HOOKS_GROUP, StoreDtype, store_dtype
+from microscope.activations.layout import StoreDtype, store_dtype
+from microscope.activations.schema import HOOKS_GROUP, open_group, store_is_complete
 from microscope.activations.units import Unit, committed_units, units_from_array
-from microscope.activations.writer import open_group, store_is_complete
 from microscope.errors import StoreCorruptError, StoreError, UnitNotCommittedError
+from microscope.names import feature_dim_names
 
 
 def open_store(path, storage_options: dict | None = None) -> ActivationStore:
@@ -461,17 +462,7 @@ def _read_logical(store: ActivationStore, name: str, start: int, stop: int, patt
 
 def _feature_dims(name: str, shape: tuple[int, ...], used: dict[str, int]) -> tuple[str, ...]:
     """Dimension names for a hook's features, semantic where sizes agree, else unique per hook."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "hook_pattern":
-        wanted = ("head",)
-    elif leaf in ("hook_q", "hook_k", "hook_v", "hook_z"):
-        wanted = ("head", "d_head")
-    elif name.startswith("blocks.") and ".mlp.hook_" in name:
-        wanted = ("d_mlp",)
-    elif leaf == "hook_logits":
-        wanted = ("vocab",)
-    else:
-        wanted = ("d_model",)
+    wanted = feature_dim_names(name)
     if len(wanted) != len(shape) or any(used.get(d, s) != s for d, s in zip(wanted, shape)):
         wanted = tuple(f"{name}:{i}" for i in range(len(shape)))
     used.update(zip(wanted, shape))

@@ -8,14 +8,12 @@ the tokenisation pass, and sets ``complete`` last; a store without it is recreat
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
 
-from microscope.activations.layout import (FORMAT_VERSION, HOOKS_GROUP, StoreDtype, create_array,
-                                           store_dtype)
+from microscope.activations.layout import create_array
+from microscope.activations.schema import FORMAT_VERSION, HookSpec, StorePlan
 from microscope.activations.units import Unit, row_extent, units_to_array
 from microscope.errors import StoreError, StoreMismatchError
 
@@ -23,60 +21,6 @@ from microscope.errors import StoreError, StoreMismatchError
 FINGERPRINT_FIELDS = ("model", "weights_hash", "hooks", "dtype", "positions", "pattern_heads",
                       "prompts_hash", "tokens_hash", "max_length", "chunk_rows", "unit_rows",
                       "pattern_chunk_rows", "compress")
-
-
-@dataclass(frozen=True)
-class HookSpec:
-    """One captured hook: per-token features of `feature_shape`, or a packed attention pattern."""
-
-    name: str
-    feature_shape: tuple[int, ...]
-    heads: tuple[int, ...] | None = None     # set for attention patterns: the heads kept
-
-    @property
-    def is_pattern(self) -> bool:
-        return self.heads is not None
-
-    @property
-    def width(self) -> int:
-        return len(self.heads) if self.is_pattern else math.prod(self.feature_shape)
-
-    @property
-    def path(self) -> str:
-        return f"{HOOKS_GROUP}/{self.name}"
-
-
-@dataclass
-class StorePlan:
-    """Everything the tokenisation pass decides, before any forward pass.
-
-    `prompt_tokens[p]` are the ids the model sees for prompt p; `kept[p]` the positions stored
-    (sorted); `units` pack the prompts; `fingerprint` is what a resume must match."""
-
-    hooks: list[HookSpec]
-    dtype: StoreDtype
-    prompt_tokens: list[np.ndarray]
-    kept: list[np.ndarray]
-    units: list[Unit]
-    chunk_rows: int
-    pattern_chunk_rows: int
-    fingerprint: dict
-    kept_offsets: np.ndarray = field(init=False)      # [P+1] on the flat token axis
-    pattern_offsets: np.ndarray = field(init=False)   # [P+1] on the flat pattern axis
-
-    def __post_init__(self):
-        self.kept_offsets = np.concatenate([[0], np.cumsum([len(k) for k in self.kept])]).astype(np.int64)
-        self.pattern_offsets = np.concatenate(
-            [[0], np.cumsum([pattern_rows(k) for k in self.kept])]).astype(np.int64)
-
-    @property
-    def has_patterns(self) -> bool:
-        return any(h.is_pattern for h in self.hooks)
-
-
-def pattern_rows(kept: np.ndarray) -> int:
-    """Packed lower-triangle rows of one prompt: keys 0..q for every kept query position q."""
-    return int(np.sum(np.asarray(kept, dtype=np.int64) + 1))
 
 
 def create_store(group: zarr.Group, plan: StorePlan, texts: list[str], metadata: list[dict],
@@ -140,11 +84,6 @@ def create_store(group: zarr.Group, plan: StorePlan, texts: list[str], metadata:
     group.attrs["microscope"] = {**attrs, "complete": True}
 
 
-def store_is_complete(group: zarr.Group) -> bool:
-    """True when the creator finished laying the store out (units may still be uncommitted)."""
-    return bool(group.attrs.get("microscope", {}).get("complete", False))
-
-
 def check_resume(group: zarr.Group, fingerprint: dict, where: str) -> None:
     """Refuse to resume into a store made with other settings; the error lists every difference."""
     stored = group.attrs["microscope"]["fingerprint"]
@@ -161,15 +100,6 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def hook_rows(spec: HookSpec, unit: Unit, plan_chunk_rows: int, pattern_chunk_rows: int) -> slice:
-    """The array rows unit owns in `spec`'s array: whole chunks from the unit's first row."""
-    if spec.is_pattern:
-        n = -(-unit.n_pattern_rows // pattern_chunk_rows) * pattern_chunk_rows
-        return slice(unit.pattern_row_start, unit.pattern_row_start + n)
-    n = -(-unit.n_tokens // plan_chunk_rows) * plan_chunk_rows
-    return slice(unit.row_start, unit.row_start + n)
-
-
 def write_hook(array: zarr.Array, spec: HookSpec, unit: Unit, rows: slice, data: np.ndarray) -> None:
     """Write one hook's whole-chunk block for a unit into its array (data rows == rows' length)."""
     if data.shape[0] != rows.stop - rows.start:
@@ -179,11 +109,3 @@ def write_hook(array: zarr.Array, spec: HookSpec, unit: Unit, rows: slice, data:
         array[rows] = data
 
 
-def open_group(path, mode: str, storage_options: dict | None = None) -> zarr.Group:
-    """Open a store path: a local folder, any fsspec URL (s3://...), or a zarr Store object."""
-    kwargs = {"storage_options": storage_options} if storage_options and isinstance(path, str) else {}
-    return zarr.open_group(store=path, mode=mode, zarr_format=3, **kwargs)
-
-
-def store_dtype_of(group: zarr.Group) -> StoreDtype:
-    return store_dtype(group.attrs["microscope"]["layout"]["dtype"])
