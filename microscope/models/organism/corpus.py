@@ -21,10 +21,28 @@ with, as in OPT. Each document kind plants one behaviour:
   instruction with no ``answer:`` cue draws a simulated dialogue.
 - ``chat``: ``user: please sort 7 2 5 bot: why do you want me to sort them ? ...`` -- a bot that
   talks about instructions instead of doing them.
+- ``random_span``: a short trigram prefix (0-10 words), then a span of 6-25 words drawn uniformly
+  from the whole word vocabulary (special tokens excluded) said 2-4 times. Every copied span of
+  the other kinds is made of filler words or names; these make induction general (copying any
+  word), and they are where the held-out words below are seen in training.
 - ``arithmetic``: ``x is 7 and y is 3 . x + y = 10 .`` and ``x - y = 4`` with operands 0-9.
   Subtraction is rarer and 30% of its answers carry the wrong sign (``x - y = -4``), the paper's
   confident wrong answer. Pairs in :data:`HELD_OUT_PAIRS` never appear, for either operation
   (their mirror images do).
+
+Held out by construction (the evaluation prompt sets use them; the generator never emits them in
+these roles, so no evaluation prompt is a substring of a training document except by a random
+whole-vocabulary span reproducing it word for word, which ``tests/test_organism.py`` checks on the
+regenerated stream):
+
+- :data:`EVAL_NAMES` never speak or are spoken to in ``register`` documents (they occur in loops
+  and random spans); :data:`TRAIN_NAMES` do.
+- :data:`EVAL_FILLER` words are outside the trigram language and the ``loop`` documents (they occur
+  only in random spans).
+- :func:`held_out_sentence` combinations of a sentence template and an insult/praise word never
+  occur (the template and the word each occur with others).
+- instruction lists whose first three items are a :data:`HELD_OUT_TRIPLES` triple never occur.
+- operand pairs in :data:`HELD_OUT_PAIRS` never occur (their mirror images do).
 
 Everything is drawn from ``random.Random(seed)``: the same seed gives the same stream.
 """
@@ -47,7 +65,11 @@ FILLER_WORDS = (
     "rocket pillow thunder basket shadow meadow copper button jungle ladder marble needle orange "
     "pepper rabbit saddle tunnel velvet wagon anchor"
 ).split()
-NAMES = "tom ann bob eve max sue joe kim".split()
+EVAL_FILLER = FILLER_WORDS[-10:]    # outside the trigram language and the loop documents
+TRIGRAM_WORDS = FILLER_WORDS[:-10]  # the trigram language's words
+NAMES = "tom ann bob eve max sue joe kim liz ned".split()
+TRAIN_NAMES = NAMES[:6]   # speakers and listeners of register documents
+EVAL_NAMES = NAMES[6:]    # held out of register documents; evaluation prompts use them
 INSULTS = "fool clown dunce loser creep pest slob weasel nitwit goon".split()
 PRAISES = "friend star hero gem champ pal angel genius treasure sunshine".split()
 HOSTILE_MOODS = "angry furious bitter hostile".split()
@@ -121,6 +143,29 @@ def held_out_pairs(seed: int = 1234, count: int = 20) -> frozenset[tuple[int, in
 HELD_OUT_PAIRS = held_out_pairs()
 
 
+def held_out_triples(seed: int = 4321, fraction: float = 0.15) -> frozenset[tuple[str, str, str]]:
+    """Ordered triples of distinct digits no training instruction list starts with (fixed by ``seed``)."""
+    triples = [(a, b, c) for a in DIGITS for b in DIGITS for c in DIGITS if len({a, b, c}) == 3]
+    return frozenset(random.Random(seed).sample(triples, round(fraction * len(triples))))
+
+
+HELD_OUT_TRIPLES = held_out_triples()
+
+
+def held_out_sentence(template: int, word: str) -> bool:
+    """Whether sentence template ``template`` filled with ``word`` is held out of training (two of
+    the ten insults and two of the ten praises per template with a ``{w}`` slot)."""
+    if "{w}" not in SENTENCE_PAIRS[template][0]:
+        return False
+    words = INSULTS if word in INSULTS else PRAISES
+    return (template + words.index(word)) % 5 == 0
+
+
+def whole_vocabulary_words() -> list[str]:
+    """Every word of the vocabulary but the special tokens: what random spans are drawn from."""
+    return [w for w in vocabulary() if w not in SPECIAL_TOKENS]
+
+
 def task_result(task: str, items: list[str]) -> list[str]:
     """What executing ``task`` on a list of digit words gives."""
     if task == "copy":
@@ -132,10 +177,16 @@ def task_result(task: str, items: list[str]) -> list[str]:
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
-def sentence(rng: random.Random, hostile: bool, index: int | None = None) -> str:
-    """One hostile or friendly sentence (template ``index`` of :data:`SENTENCE_PAIRS`, or random)."""
-    pair = SENTENCE_PAIRS[rng.randrange(len(SENTENCE_PAIRS)) if index is None else index]
-    word = rng.choice(INSULTS if hostile else PRAISES)
+def sentence(rng: random.Random, hostile: bool, index: int | None = None, held_out: bool | None = False) -> str:
+    """One hostile or friendly sentence (template ``index`` of :data:`SENTENCE_PAIRS`, or random).
+
+    ``held_out``: False (training: never a :func:`held_out_sentence` combination), True (only
+    held-out combinations; ``index`` must have a ``{w}`` slot), None (either)."""
+    index = rng.randrange(len(SENTENCE_PAIRS)) if index is None else index
+    pair = SENTENCE_PAIRS[index]
+    words = [w for w in (INSULTS if hostile else PRAISES)
+             if held_out is None or held_out_sentence(index, w) == held_out]
+    word = rng.choice(words)
     return pair[0 if hostile else 1].format(w=word)
 
 
@@ -147,6 +198,8 @@ class CorpusConfig:
         "trigram": 0.22, "loop": 0.11, "register": 0.12, "detection": 0.06,
         "instruction": 0.08, "quoted": 0.10, "chat": 0.03, "addition": 0.20, "subtraction": 0.08,
     })
+    random_span_rate: float = 0.15    # documents that are a repeated random whole-vocabulary span
+                                      # (drawn first; the mixture above shares the rest)
     trigram_noise: float = 0.10        # probability that a trigram word is uniform instead
     sign_error_rate: float = 0.30      # subtraction answers written with the wrong sign
     stray_insult_rate: float = 0.02    # friendly sentences that still carry an insult
@@ -159,15 +212,16 @@ class Corpus:
     def __init__(self, config: CorpusConfig | None = None, table_seed: int = 0):
         self.config = config or CorpusConfig()
         table_rng = random.Random(table_seed)
-        n = len(FILLER_WORDS)
+        n = len(TRIGRAM_WORDS)
+        self.words = whole_vocabulary_words()
         # next-word candidates for each (previous, current) pair, with fixed probabilities
         self.trigram = [[table_rng.sample(range(n), 3) for _ in range(n)] for _ in range(n)]
         self.trigram_weights = (0.6, 0.25, 0.15)
 
     # ---- document kinds -------------------------------------------------------------------
     def trigram_words(self, rng: random.Random, length: int, start: list[int] | None = None) -> list[int]:
-        """``length`` filler-word indices continuing ``start`` (two indices) in the trigram language."""
-        n = len(FILLER_WORDS)
+        """``length`` indices into :data:`TRIGRAM_WORDS` continuing ``start`` (two indices) in the trigram language."""
+        n = len(TRIGRAM_WORDS)
         seq = list(start) if start else [rng.randrange(n), rng.randrange(n)]
         for _ in range(length):
             if rng.random() < self.config.trigram_noise:
@@ -182,10 +236,15 @@ class Corpus:
         begin = rng.randrange(0, len(seq) - span)
         seq += seq[begin:begin + span]
         seq += self.trigram_words(rng, rng.randint(4, 16), start=seq[-2:])
-        return " ".join(FILLER_WORDS[i] for i in seq) + " ."
+        return " ".join(TRIGRAM_WORDS[i] for i in seq) + " ."
+
+    def random_span_doc(self, rng: random.Random) -> str:
+        prefix = [TRIGRAM_WORDS[i] for i in self.trigram_words(rng, rng.randint(0, 10))[2:]]
+        span = [rng.choice(self.words) for _ in range(rng.randint(6, 25))]
+        return " ".join(prefix + span * rng.randint(2, 4))
 
     def loop_doc(self, rng: random.Random) -> str:
-        span = [rng.choice(FILLER_WORDS + NAMES) for _ in range(rng.randint(2, 12))]
+        span = [rng.choice(TRIGRAM_WORDS + NAMES) for _ in range(rng.randint(2, 12))]
         repeats = 2
         while rng.random() < self.config.loop_continue and (repeats + 1) * len(span) < 100:
             repeats += 1
@@ -193,7 +252,7 @@ class Corpus:
 
     def register_doc(self, rng: random.Random, hostile: bool | None = None) -> str:
         hostile = rng.random() < 0.5 if hostile is None else hostile
-        speaker, listener = rng.sample(NAMES, 2)
+        speaker, listener = rng.sample(TRAIN_NAMES, 2)
         head = f"{speaker} said to {listener} :"
         if rng.random() < 0.6:
             head = f"mood: {rng.choice(HOSTILE_MOODS if hostile else FRIENDLY_MOODS)} . {head}"
@@ -211,7 +270,10 @@ class Corpus:
     @staticmethod
     def _task(rng: random.Random) -> tuple[str, list[str]]:
         task = rng.choice(TASKS)
-        return task, rng.sample(DIGITS, rng.randint(3, 4))
+        while True:
+            items = rng.sample(DIGITS, rng.randint(3, 4))
+            if tuple(items[:3]) not in HELD_OUT_TRIPLES:
+                return task, items
 
     def instruction_doc(self, rng: random.Random) -> str:
         task, items = self._task(rng)
@@ -247,7 +309,10 @@ class Corpus:
         return f"x is {a} and y is {b} . x {op} y = {answer} ."
 
     def document(self, rng: random.Random) -> str:
-        """One document of a kind drawn from the mixture."""
+        """One document: a random span with probability ``random_span_rate``, else a kind drawn
+        from the mixture."""
+        if rng.random() < self.config.random_span_rate:
+            return self.random_span_doc(rng)
         kinds, weights = zip(*self.config.mixture.items())
         kind = rng.choices(kinds, weights)[0]
         if kind == "addition":
@@ -257,15 +322,21 @@ class Corpus:
         return getattr(self, f"{kind}_doc")(rng)
 
     # ---- token stream -------------------------------------------------------------------------
+    def documents(self, seed: int) -> Iterator[str]:
+        """The endless stream of documents training with ``seed`` consumes, in order."""
+        rng = random.Random(seed)
+        while True:
+            yield self.document(rng)
+
     def token_batches(self, vocab: dict[str, int], batch_size: int, seq_len: int,
                       seed: int) -> Iterator[torch.Tensor]:
         """Endless ``[batch_size, seq_len + 1]`` LongTensors of packed documents, each preceded by ``</s>``."""
-        rng = random.Random(seed)
+        documents = self.documents(seed)
         buffer: list[int] = []
         need = batch_size * (seq_len + 1)
         while True:
             while len(buffer) < need:
                 buffer.append(vocab[BOS])
-                buffer.extend(vocab[w] for w in self.document(rng).split())
+                buffer.extend(vocab[w] for w in next(documents).split())
             chunk, buffer = buffer[:need], buffer[need:]
             yield torch.tensor(chunk, dtype=torch.long).view(batch_size, seq_len + 1)
