@@ -14,8 +14,8 @@ import pytest
 
 from microscope.errors import ExperimentSpecError, ModelNotFoundError
 from microscope.provenance import FIELDS
-from microscope.workbench.experiments import (ANALYSES, STEPS, ExperimentSpec, check_params, list_specs,
-                                              load_spec, run_experiment, select_prompts)
+from microscope.workbench.experiments import (ANALYSES, SHIPPED_SPECS, STEPS, ExperimentSpec, check_params,
+                                              find_spec, list_specs, load_spec, run_experiment, select_prompts)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_DIR = ROOT / "experiments"
@@ -92,6 +92,28 @@ def test_a_bad_spec_is_refused_naming_the_file_and_the_fix(tmp_path, text, messa
     with pytest.raises(ExperimentSpecError) as err:
         load_spec(path)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_team_library_is_listed_with_the_shipped_specs_and_shadows_them(tmp_path, monkeypatch):
+    team = tmp_path / "team"
+    team.mkdir()
+    write(team, 'purpose = "Ours."\nmodel = "organism"\nanalysis = ["arithmetic"]\n', "ours.toml")
+    write(team, 'purpose = "Our demo."\nmodel = "organism"\nanalysis = ["arithmetic"]\n', "demo.toml")
+    for given in (team, None):
+        if given is None:
+            monkeypatch.setenv("MICROSCOPE_EXPERIMENTS", str(team))
+        specs = {spec.name: spec for spec in list_specs(given)}
+        assert REQUIRED | {"ours"} == set(specs)
+        assert specs["demo"].purpose == "Our demo." and specs["arithmetic"].path.parent == SHIPPED_SPECS
+        assert find_spec("ours", given) == team / "ours.toml"
+    monkeypatch.delenv("MICROSCOPE_EXPERIMENTS")
+    monkeypatch.chdir(tmp_path)  # no ./experiments here: the shipped specs alone
+    assert {spec.name for spec in list_specs()} == REQUIRED
+    assert find_spec("induction_heads") == SHIPPED_SPECS / "induction_heads.toml"
+    with pytest.raises(ExperimentSpecError, match="no experiment named 'nope'.*microscope experiments list"):
+        find_spec("nope")
+    with pytest.raises(ExperimentSpecError, match="no experiment folder at"):
+        list_specs(tmp_path / "missing")
 
 
 def test_a_missing_spec_file_says_how_to_list_the_library(tmp_path):
