@@ -1,0 +1,105 @@
+"""Controls: the measurements that could make a claim false, computed in the same run and reported
+beside it (DESIGN.md "Evidence standards").
+
+    null = random_init_null(scope, lambda s: top_induction(s), seeds=range(5))
+    claim = Controlled(value=top_induction(scope), null=null, control="random init x5")
+    claim.clears          # value above every control value
+    claim.headline("top_induction_score")
+    # {"top_induction_score": 0.91, "top_induction_score_control_mean": 0.08,
+    #  "top_induction_score_control_max": 0.11, "top_induction_score_clears_control": True}
+
+Nulls available here: random-initialisation models of the same architecture (`random_init_scopes`,
+`random_init_null`), shuffled labels (`shuffled`), random heads other than the claimed ones
+(`random_heads`), random directions of equal norm (`random_directions`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import OPTForCausalLM
+
+from microscope.errors import AnalysisInputError
+
+DEFAULT_SEEDS = tuple(range(5))
+
+
+@dataclass(frozen=True)
+class Controlled:
+    """A measured `value` and the same measurement under a control (`null`, one value per draw).
+
+    `higher_is_claim`: the claim is that the value is larger than the control's (False: smaller,
+    e.g. a perplexity cost). `clears` compares with the control's extreme, not its mean."""
+
+    value: float
+    null: tuple[float, ...]
+    control: str
+    higher_is_claim: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "null", tuple(float(v) for v in self.null))
+        if not self.null:
+            raise AnalysisInputError(f"the control {self.control!r} has no values")
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.null))
+
+    @property
+    def extreme(self) -> float:
+        """The control value the claim must beat: its max (or min when lower is the claim)."""
+        return max(self.null) if self.higher_is_claim else min(self.null)
+
+    @property
+    def clears(self) -> bool:
+        return self.value > self.extreme if self.higher_is_claim else self.value < self.extreme
+
+    def headline(self, key: str) -> dict[str, float | bool | str]:
+        """The value with its control, as flat keys for a study's `summary()`."""
+        side = "max" if self.higher_is_claim else "min"
+        return {key: self.value, f"{key}_control": self.control, f"{key}_control_mean": self.mean,
+                f"{key}_control_{side}": self.extreme, f"{key}_clears_control": self.clears}
+
+
+def random_init_scopes(scope, seeds: Sequence[int] = DEFAULT_SEEDS) -> Iterator:
+    """Scopes over freshly initialised models of `scope`'s config (HF init, `torch.manual_seed(seed)`),
+    same tokenizer and device, one per seed; each is built when the iterator reaches it."""
+    from microscope.scope import Scope
+    config = scope.model.config
+    device, dtype = scope.model.lm_head.weight.device, scope.model.lm_head.weight.dtype
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = OPTForCausalLM(config).to(device=device, dtype=dtype).eval()
+        yield Scope(model, scope.tokenizer, source=f"random init (seed {seed}) of {scope.source}")
+
+
+def random_init_null(scope, measure: Callable, seeds: Sequence[int] = DEFAULT_SEEDS) -> list:
+    """`measure(random_scope)` for a random-init model of `scope`'s shape per seed."""
+    return [measure(s) for s in random_init_scopes(scope, seeds)]
+
+
+def shuffled(labels: Sequence, seed: int = 0) -> list:
+    """`labels` in a seeded random order (Hewitt & Liang's control task keeps the label counts)."""
+    out = list(labels)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def random_heads(n_layers: int, n_heads: int, k: int, *, exclude: Sequence[tuple[int, int]] = (),
+                 seed: int = 0) -> list[tuple[int, int]]:
+    """`k` distinct (layer, head) pairs drawn uniformly from the heads not in `exclude`."""
+    pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in set(exclude)]
+    if k > len(pool):
+        raise AnalysisInputError(f"cannot draw {k} heads from the {len(pool)} not excluded")
+    return sorted(random.Random(seed).sample(pool, k))
+
+
+def random_directions(like: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """[n, d] Gaussian directions, each scaled to the norm of `like` [d]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, like.numel(), generator=g)
+    return (x / x.norm(dim=-1, keepdim=True) * like.float().norm()).to(like.device)

@@ -1,0 +1,46 @@
+"""Controls: a claim clears its control only when it beats every control draw; the nulls are what
+they say (fresh weights of the same shape, equal-norm directions, heads other than the claimed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import microscope
+from microscope.analysis.controls import (Controlled, random_directions, random_heads, random_init_null,
+                                          random_init_scopes, shuffled)
+from tests.analysis_fixtures import single_thread  # noqa: F401 (autouse)
+from tests.conftest import tiny_model
+
+
+def test_a_claim_clears_only_above_the_controls_maximum():
+    assert Controlled(0.9, (0.1, 0.5, 0.3), "null").clears
+    assert not Controlled(0.4, (0.1, 0.5, 0.3), "null").clears      # beats the mean, not the max
+    lower = Controlled(0.01, (0.2, 0.3), "random directions", higher_is_claim=False)
+    assert lower.clears and lower.headline("cost")["cost_control_min"] == 0.2
+    head = Controlled(0.9, (0.1, 0.3), "random init").headline("score")
+    assert head == {"score": 0.9, "score_control": "random init", "score_control_mean": pytest.approx(0.2),
+                    "score_control_max": 0.3, "score_clears_control": True}
+
+
+def test_random_init_models_share_the_shape_but_not_the_weights():
+    scope = microscope.load(tiny_model("post_ln", seed=7))
+    nulls = list(random_init_scopes(scope, seeds=(0, 1)))
+    for null in nulls:
+        assert null.model.config.to_dict() == scope.model.config.to_dict()
+        assert null.tokenizer is scope.tokenizer
+    w = [s.model.lm_head.weight for s in (scope, *nulls)]
+    assert not torch.equal(w[1], w[2]) and not torch.equal(w[0], w[1])
+    again = random_init_null(scope, lambda s: float(s.model.lm_head.weight.sum()), seeds=(0, 1))
+    assert again == [float(w[1].sum()), float(w[2].sum())]     # seeded: reproducible
+
+
+def test_random_heads_avoid_the_claimed_ones_and_directions_keep_the_norm():
+    heads = random_heads(3, 4, 5, exclude=[(0, 0), (2, 3)], seed=1)
+    assert len(set(heads)) == 5 and not {(0, 0), (2, 3)} & set(heads)
+    with pytest.raises(microscope.errors.AnalysisInputError):
+        random_heads(1, 2, 2, exclude=[(0, 0)])
+    v = torch.tensor([3.0, 4.0, 0.0])
+    d = random_directions(v, 20, seed=0)
+    torch.testing.assert_close(d.norm(dim=-1), torch.full((20,), 5.0))
+    assert sorted(shuffled([0, 0, 1, 1, 1], seed=3)) == [0, 0, 1, 1, 1]
