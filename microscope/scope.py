@@ -8,20 +8,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 
-from microscope.errors import PromptError, TokenizerMissingError
+from microscope.errors import PromptError
 from microscope.hooks.cache import ActivationCache
-from microscope.hooks.hook_points import HookFn, HookPoint, OPTHookPoints
+from microscope.hooks.generation import GenerationResult, generate
+from microscope.hooks.hook_points import HookPoint, HookSpec, OPTHookPoints
+from microscope.hooks.inputs import Prompts, prepare_inputs, tokenize
 from microscope.models import anatomy
 
-Prompts = str | Sequence[str] | torch.Tensor | Sequence[Sequence[int]]
 Positions = None | Literal["all", "last"] | torch.Tensor
-HookSpec = Mapping[str, HookFn | Sequence[HookFn]]
 
 
 class Scope:
@@ -70,75 +70,12 @@ class Scope:
         A prompt longer than `max_length` (default: the model's context) is an error unless
         `truncation=True`, which keeps its first `max_length` tokens.
         """
-        if self.tokenizer is None:
-            raise TokenizerMissingError(
-                f"Scope({self.source!r}) has no tokenizer: pass token ids [batch, pos] instead of text")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise PromptError("no prompts given: pass a string or a non-empty list of strings")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise PromptError(f"prompt {i} is a {type(p).__name__}, not a string")
-            if not p:
-                raise PromptError(f"prompt {i} is empty: every prompt needs at least one character")
-        ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        return self._pad(ids, max_length, truncation)
+        return tokenize(self.tokenizer, self.config, prompts, max_length, truncation, source=self.source)
 
-    def _pad(self, ids: list[list[int]], max_length: int | None, truncation: bool):
-        limit = max_length or self.config.max_position_embeddings
-        for i, row in enumerate(ids):
-            if not row:
-                raise PromptError(f"prompt {i} has no tokens")
-            if len(row) > limit:
-                if not truncation:
-                    raise PromptError(
-                        f"prompt {i} is {len(row)} tokens, longer than the limit of {limit} "
-                        f"({'max_length' if max_length else 'the model context, max_position_embeddings'});"
-                        " shorten it or pass truncation=True to keep its first tokens")
-                ids[i] = row[:limit]
-        width = max(len(r) for r in ids)
-        pad = anatomy.pad_id(self.config)
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, :len(row)] = 1
-        return input_ids, attention_mask
-
-    def _inputs(self, prompts: Prompts, attention_mask: torch.Tensor | None):
-        """Texts or ids -> (input_ids, attention_mask) on the model's input device, checked."""
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                        and isinstance(prompts[0], str)):
-            if attention_mask is not None:
-                raise PromptError("attention_mask goes with token ids; text prompts make their own")
-            input_ids, attention_mask = self.tokenize(prompts)
-        elif isinstance(prompts, torch.Tensor):
-            input_ids = prompts.long()
-            if input_ids.dim() == 1:
-                input_ids = input_ids[None]
-            if input_ids.dim() != 2 or input_ids.numel() == 0:
-                raise PromptError(f"token ids must be [batch, pos] with at least one token, got "
-                                  f"{tuple(prompts.shape)}")
-            if input_ids.shape[1] > self.config.max_position_embeddings:
-                raise PromptError(f"{input_ids.shape[1]} tokens is longer than the model context of "
-                                  f"{self.config.max_position_embeddings} (max_position_embeddings)")
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-        elif isinstance(prompts, Sequence) and prompts:
-            if attention_mask is not None:
-                raise PromptError("attention_mask goes with a [batch, pos] tensor; lists of ids are padded here")
-            input_ids, attention_mask = self._pad([list(map(int, r)) for r in prompts], None, False)
-        else:
-            raise PromptError("no prompts given: pass text, a list of texts, or token ids [batch, pos]")
-        if attention_mask.shape != input_ids.shape:
-            raise PromptError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
-                              f"{tuple(input_ids.shape)}")
-        if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
-            raise PromptError(f"token ids must lie in [0, {self.config.vocab_size}); got "
-                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        return input_ids.to(self.device), attention_mask.to(self.device)
+    def _inputs(self, prompts: Prompts, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts or ids -> (input_ids, attention_mask) on the model's input device (`hooks.inputs`)."""
+        return prepare_inputs(prompts, attention_mask, tokenizer=self.tokenizer, config=self.config,
+                              device=self.device, source=self.source)
 
     # --- hooks -------------------------------------------------------------------------------
 
@@ -150,16 +87,8 @@ class Scope:
         the model's computation. Functions run in the order given; functions already attached
         (an outer block) run first.
         """
-        handles = []
-        try:
-            for pattern, fns in (hooks or {}).items():
-                fns = [fns] if callable(fns) else list(fns)
-                for name in self.resolve_names(pattern):
-                    handles += [self.hook_points.add(name, fn) for fn in fns]
+        with self.hook_points.attach(hooks):
             yield self
-        finally:
-            for handle in reversed(handles):
-                handle.remove()
 
     def run(self, prompts: Prompts, attention_mask: torch.Tensor | None = None,
             hooks: HookSpec | None = None) -> torch.Tensor:
@@ -205,14 +134,14 @@ class Scope:
         return logits, cache
 
     def generate(self, prompts: Prompts, max_new_tokens: int = 32, hooks: HookSpec | None = None,
-                 capture: str | Sequence[str] | None = None, **generate_kwargs: Any):
+                 capture: str | Sequence[str] | None = None, **generate_kwargs: Any) -> GenerationResult:
         """Generate with the KV cache, `hooks` applied at every step, `capture` hooks recorded.
 
         See `microscope.hooks.generation.generate`; returns a `GenerationResult`.
         """
-        from microscope.hooks.generation import generate
-        return generate(self, prompts, max_new_tokens=max_new_tokens, hooks=hooks, capture=capture,
-                        **generate_kwargs)
+        input_ids, attention_mask = self._inputs(prompts, generate_kwargs.pop("attention_mask", None))
+        return generate(self.model, self.hook_points, input_ids, attention_mask, tokenizer=self.tokenizer,
+                        max_new_tokens=max_new_tokens, hooks=hooks, capture=capture, **generate_kwargs)
 
 
 def _select_rows(positions: Positions, attention_mask: torch.Tensor) -> torch.Tensor | None:

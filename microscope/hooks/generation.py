@@ -14,16 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
-from microscope.hooks.hook_points import HookPoint
+from microscope.hooks.hook_points import HookPoint, HookSpec, OPTHookPoints
 from microscope.models import anatomy
 from microscope.names import is_pattern
-
-if TYPE_CHECKING:
-    from microscope.scope import HookSpec, Prompts, Scope
 
 
 @dataclass
@@ -57,28 +55,27 @@ def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int
     return ids, mask
 
 
-def generate(scope: "Scope", prompts: "Prompts", max_new_tokens: int = 32, hooks: "HookSpec | None" = None,
-             capture: str | Sequence[str] | None = None, attention_mask: torch.Tensor | None = None,
-             **generate_kwargs: Any) -> GenerationResult:
+def generate(model: nn.Module, hook_points: OPTHookPoints, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             *, tokenizer: Any = None, max_new_tokens: int = 32, hooks: HookSpec | None = None,
+             capture: str | Sequence[str] | None = None, **generate_kwargs: Any) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt with `hooks` active and `capture` hooks recorded.
 
+    input_ids/attention_mask: [B, P] right-padded, on the model's input device (`hooks.inputs`);
     `generate_kwargs` go to HF `generate` (e.g. `do_sample=True, top_p=0.9`); the default is the
-    model's generation config (greedy for OPT).
+    model's generation config (greedy for OPT). `scope.generate` is the usual way in.
     """
-    input_ids, attention_mask = scope._inputs(prompts, attention_mask)
-    pad_id = anatomy.pad_id(scope.config)
+    pad_id = anatomy.pad_id(model.config)
     input_ids, attention_mask = _left_pad(input_ids, attention_mask, pad_id)
-    names = [] if capture is None else scope.resolve_names(capture)
+    names = [] if capture is None else hook_points.resolve(capture)
     steps: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
     def record(x: torch.Tensor, hook: HookPoint) -> None:
         last = x[:, :, -1] if hook.pos_dim == 2 else x[:, -1]
         steps[hook.name].append(last.detach().clone())
 
-    with torch.no_grad(), scope.hooks(hooks), scope.hooks({n: record for n in names}):
-        sequences = scope.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                         max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                         **generate_kwargs)
+    with torch.no_grad(), hook_points.attach(hooks), hook_points.attach({n: record for n in names}):
+        sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad_id, **generate_kwargs)
     new_tokens = sequences[:, input_ids.shape[1]:]
     n_new = new_tokens.shape[1]
     activations = {}
@@ -91,6 +88,6 @@ def generate(scope: "Scope", prompts: "Prompts", max_new_tokens: int = 32, hooks
         else:
             activations[name] = torch.stack(rows, dim=1)
     texts = None
-    if scope.tokenizer is not None:
-        texts = scope.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    if tokenizer is not None:
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return GenerationResult(sequences, attention_mask, new_tokens, texts, activations)

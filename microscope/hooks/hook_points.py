@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +47,7 @@ from microscope.errors import HookError, UnknownHookError
 from microscope.models import anatomy
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
+HookSpec = Mapping[str, HookFn | Sequence[HookFn]]      # {name or glob pattern: fn or [fns]}
 
 # "output": forward hook, the module's output (or output[0] for a tuple);
 # "input": forward pre-hook, the module's first input;
@@ -203,6 +205,20 @@ class OPTHookPoints:
                 self._record_shape, with_kwargs=True)
         self._n_attached += 1
         return HookHandle(self, point, fn)
+
+    @contextmanager
+    def attach(self, hooks: HookSpec | None) -> Iterator[None]:
+        """Attach `{name_or_pattern: fn or [fns]}` for the block; always detached on exit, latest first."""
+        handles = []
+        try:
+            for pattern, fns in (hooks or {}).items():
+                fns = [fns] if callable(fns) else list(fns)
+                for name in self.resolve(pattern):
+                    handles += [self.add(name, fn) for fn in fns]
+            yield
+        finally:
+            for handle in reversed(handles):
+                handle.remove()
 
     def _detach(self, point: HookPoint, fn: HookFn) -> None:
         point.fns.remove(fn)
