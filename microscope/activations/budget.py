@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from microscope.models.family import BYTES_PER_PARAM, SIZES, VOCAB_ROWS, FamilySize, family_size, opt_config
-from microscope.names import feature_shape, is_pattern, model_names, resolve
+from microscope.names import every_layer, feature_shape, is_pattern, model_names, resolve
 
 Positions = Literal["all", "last"]
 STORE_DTYPES = ("fp16", "bf16", "fp32")
@@ -34,7 +34,7 @@ class PlanInputs:
     """What a dump does and what it runs on. Defaults: an 80 GB A100-class GPU (400 W board
     power, 125 TFLOP/s achieved), a data centre PUE of 1.1 and a grid of 429 gCO2e/kWh."""
 
-    hooks: str = "blocks.*.hook_resid_post"  # comma-separated names or glob patterns
+    hooks: str = every_layer("resid_post")  # comma-separated names or glob patterns
     tokens: int = 10_000_000  # prompt tokens pushed through the model
     dtype: str = "fp16"  # store dtype: fp16, bf16, fp32
     positions: Positions = "all"  # store every position or only each prompt's last
