@@ -48,7 +48,7 @@ def load_prompts(source: str | os.PathLike | list) -> list[Prompt]:
         if path.suffix == ".jsonl":
             prompts = _read_jsonl(path)
         elif path.suffix == ".txt":
-            prompts = [Prompt(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            prompts = [Prompt(line) for line in _read_text(path).splitlines()]
         else:
             raise PromptError(f"{path}: prompt files must end in .txt (one per line) or .jsonl")
     if not prompts:
@@ -59,9 +59,23 @@ def load_prompts(source: str | os.PathLike | list) -> list[Prompt]:
     return prompts
 
 
+def _read_text(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 text raises `PromptError` naming the byte offset."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise PromptError(f"{path}: not UTF-8 text: byte offset {err.start} (line {line}) is "
+                          f"{data[err.start:err.start + 1]!r} ({err.reason}); save the file as UTF-8") from None
+    if "\0" in text:
+        raise PromptError(f"{path}: a binary file, not text: a NUL byte at byte offset {data.index(0)}")
+    return text
+
+
 def _read_jsonl(path: Path) -> list[Prompt]:
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
