@@ -13,14 +13,14 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from microscope.analysis.head_scores import induction_scores
-from microscope.analysis.studies.base import StudyResult
+from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
 from microscope.names import act_name, head_label
 from microscope.viz.figures import attention_pattern
 
 
 @dataclass(repr=False)
-class InductionPatterns(StudyResult):
+class InductionPatterns(Result):
     """The attention patterns of the top induction heads on one prompt, read back from a store.
 
     heads: the (layer, head) pairs, best induction score first; scores: their scores;
