@@ -38,7 +38,7 @@ def test_a_planted_direction_is_read_at_every_layer_and_shuffled_labels_are_not(
     null = layer_probes(scope, ids, shuffled)
     assert np.all(np.abs(null.test_accuracy - 0.5) < 0.15)
     frame = result.to_frame()
-    assert list(frame.layer) == [0, 1, 2] and result.figure() is not None
+    assert list(frame.layer) == [0, 1, 2] and result.figures()
 
 
 def test_token_level_probes_split_by_prompt():

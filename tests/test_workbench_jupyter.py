@@ -42,4 +42,4 @@ def test_an_analysis_result_shows_its_summary_and_table(scope):
 
     result = logit_lens(scope, PROMPTS[:1], position="last")
     html = result._repr_html_()
-    assert type(result).__name__ in html and "<table" in html and ".figure()" in html
+    assert type(result).__name__ in html and "<table" in html and ".figures()" in html

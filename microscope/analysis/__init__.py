@@ -1,4 +1,5 @@
-"""Analysis tools: each returns a `Result` with ``.to_frame()`` (pandas) and ``.figure()`` (plotly).
+"""Analysis tools: each returns a `Result` with ``.summary()`` (dict), ``.figures()`` (plotly) and
+``.to_frame()`` (pandas).
 
     from microscope import analysis as an
     an.logit_lens(scope, prompts)                                    # lens.py

@@ -89,14 +89,14 @@ class AttributionResult(Result):
                                  value=float(self.values[b, c])))
         return pd.DataFrame(rows)
 
-    def figure(self) -> go.Figure:
-        return head_grid(self.head_grid(), title="direct logit attribution per head (mean over prompts)",
-                         colorbar="logit")
+    def figures(self) -> list[go.Figure]:
+        return [head_grid(self.head_grid(), title="direct logit attribution per head (mean over prompts)",
+                          colorbar="logit")]
 
-    def summary(self) -> str:
+    def summary(self) -> dict:
         err = (self.total() - self.metric).abs().max()
-        return (f"{len(self.components)} components, metric mean {self.metric.mean():.4g}, "
-                f"max |sum - metric| {err:.2e}")
+        return {"components": len(self.components), "metric_mean": round(float(self.metric.mean()), 4),
+                "max_sum_error": float(err)}
 
 
 def _layer_head(name: str) -> tuple[int | None, int | None]:

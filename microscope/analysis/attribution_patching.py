@@ -100,7 +100,7 @@ class PatchingAgreement(Result):
                                  attribution=self.attribution.tolist(),
                                  top_k=[i in strongest for i in range(len(self.labels))]))
 
-    def figure(self) -> go.Figure:
+    def figures(self) -> list[go.Figure]:
         frame = self.to_frame()
         fig = go.Figure(go.Scatter(x=frame.activation, y=frame.attribution, mode="markers", text=frame.cell,
                                    marker=dict(color=np.where(frame.top_k, "crimson", "steelblue"))))
@@ -109,11 +109,11 @@ class PatchingAgreement(Result):
         fig.add_shape(type="line", x0=lo, y0=lo, x1=hi, y1=hi, line=dict(dash="dot", color="grey"))
         fig.update_layout(title=f"{self.title}: r = {self.pearson:.3f}",
                           xaxis_title="activation patching effect", yaxis_title="attribution patching estimate")
-        return fig
+        return [fig]
 
-    def summary(self) -> str:
-        return (f"pearson r {self.pearson:.3f}; sign agreement on top {self.top_k}: "
-                f"{self.sign_agreement:.0%}")
+    def summary(self) -> dict:
+        return {"pearson": round(float(self.pearson), 4), "top_k": self.top_k,
+                "sign_agreement": round(float(self.sign_agreement), 4)}
 
 
 def patching_agreement(activation: PatchingResult, attribution: PatchingResult, top_k: int = 5

@@ -59,13 +59,14 @@ class HeadScores(Result):
                                   chance=self.chance)
                              for l in range(self.scores.shape[0]) for h in range(self.scores.shape[1])])
 
-    def figure(self) -> go.Figure:
-        return head_grid(self.scores, title=f"{self.kind} score (chance {self.chance:.3f})",
-                         colorbar="score", diverging=False)
+    def figures(self) -> list[go.Figure]:
+        return [head_grid(self.scores, title=f"{self.kind} score (chance {self.chance:.3f})",
+                          colorbar="score", diverging=False)]
 
-    def summary(self) -> str:
+    def summary(self) -> dict:
         best = self.top(1).iloc[0]
-        return f"top {head_label(int(best['layer']), int(best['head']))} = {best['score']:.3f} (chance {self.chance:.3f})"
+        return {"top_head": head_label(int(best["layer"]), int(best["head"])),
+                "top_score": round(float(best["score"]), 4), "chance": round(float(self.chance), 4)}
 
 
 def repeated_random_tokens(scope, *, n_prompts: int = 8, span: int = 16, seed: int = 0) -> torch.Tensor:

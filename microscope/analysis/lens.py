@@ -14,7 +14,7 @@ In both layouts the lens at the last block's ``hook_resid_post`` *is* the model'
 
     result = logit_lens(scope, ["x is 12, y is 9, x - y ="], position="last")
     result.token_prob(" 3")          # [point, batch, pos]: probability of " 3" at every layer
-    result.figure()                  # layer x position heatmap of the top-1 token
+    result.heatmap(0)                # layer x position heatmap of the top-1 token (prompt 0)
 """
 
 from __future__ import annotations
@@ -143,7 +143,11 @@ class LensResult(Result):
                                      top_prob=float(top_p[p, b, j])))
         return pd.DataFrame(rows)
 
-    def figure(self, prompt: int = 0) -> go.Figure:
+    def figures(self) -> list[go.Figure]:
+        """The heatmap of the first prompt (`heatmap` draws any other)."""
+        return [self.heatmap(0)]
+
+    def heatmap(self, prompt: int = 0) -> go.Figure:
         """Layer x position heatmap of one prompt: colour = top-1 probability, text = top-1 token."""
         probs = self.probs()[:, prompt]
         top_p, top_id = probs.max(-1)
@@ -154,8 +158,8 @@ class LensResult(Result):
                                       layers=self.layers, title=f"logit lens (prompt {prompt})",
                                       colorbar="top-1 prob", diverging=False, text=text)
 
-    def summary(self) -> str:
-        return f"{len(self.points)} points x {self.logits.shape[1]} prompts x {self.logits.shape[2]} positions"
+    def summary(self) -> dict:
+        return {"points": len(self.points), "prompts": self.logits.shape[1], "positions": self.logits.shape[2]}
 
 
 @torch.no_grad()

@@ -91,20 +91,22 @@ class PatchingResult(Result):
             frame.insert(5, "token", [self.tokens[x] for x in frame["position"]])
         return frame
 
-    def figure(self) -> go.Figure:
+    def figures(self) -> list[go.Figure]:
         title = f"{self.method} patching ({self.mode}, {self.site}): fraction of logit-diff gap moved"
         if self.site == "heads":
-            return head_grid(self.normalized, title=title, colorbar="normalized")
-        return layer_position_heatmap(self.normalized, tokens=self.tokens,
-                                      layers=[f"L{l}" for l in range(self.effect.shape[0])],
-                                      title=title, colorbar="normalized")
+            return [head_grid(self.normalized, title=title, colorbar="normalized")]
+        return [layer_position_heatmap(self.normalized, tokens=self.tokens,
+                                       layers=[f"L{l}" for l in range(self.effect.shape[0])],
+                                       title=title, colorbar="normalized")]
 
-    def summary(self) -> str:
+    def summary(self) -> dict:
         flat = self.normalized.flatten()
         i = int(flat.nan_to_num(0).abs().argmax())
         l, x = divmod(i, self.effect.shape[1])
-        return (f"base {self.base_metric.mean():.3g} -> source {self.source_metric.mean():.3g}; "
-                f"strongest L{l} {self.columns} {x}: {flat[i]:.3g}")
+        return {"base_metric": round(float(self.base_metric.mean()), 4),
+                "source_metric": round(float(self.source_metric.mean()), 4),
+                "strongest_layer": l, f"strongest_{self.columns}": x,
+                "strongest_normalized": round(float(flat[i]), 4)}
 
 
 def symmetric_corruption(ids: torch.Tensor, answer: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:

@@ -74,15 +74,15 @@ class ProbeResult(Result):
                                  train_accuracy=self.train_accuracy, test_accuracy=self.test_accuracy,
                                  chance=self.chance, n_train=self.n_train, n_test=self.n_test))
 
-    def figure(self) -> go.Figure:
+    def figures(self) -> list[go.Figure]:
         x = [_layer(h) if _layer(h) is not None else h for h in self.hooks]
-        return line_plot({"held-out": self.test_accuracy, "train": self.train_accuracy}, x=x,
-                         title="linear probe accuracy by layer", x_title="layer", y_title="accuracy",
-                         hline=self.chance)
+        return [line_plot({"held-out": self.test_accuracy, "train": self.train_accuracy}, x=x,
+                          title="linear probe accuracy by layer", x_title="layer", y_title="accuracy",
+                          hline=self.chance)]
 
-    def summary(self) -> str:
-        return (f"best {self.best_hook}: held-out {self.test_accuracy.max():.3f} "
-                f"(chance {self.chance:.3f}, {self.n_test} held out)")
+    def summary(self) -> dict:
+        return {"best_hook": self.best_hook, "best_test_accuracy": round(float(self.test_accuracy.max()), 4),
+                "chance": round(float(self.chance), 4), "n_test": self.n_test}
 
 
 def _layer(hook: str) -> int | None:

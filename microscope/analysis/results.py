@@ -1,11 +1,13 @@
-"""The shared shape of every analysis result: a table, a figure, and a compact notebook view.
+"""The one contract of every analysis and study result: headline numbers, figures, a table.
 
-Every tool in `microscope.analysis` returns a `Result` subclass (a dataclass holding tensors) with
+Every tool in `microscope.analysis` (and every study) returns a `Result` subclass (a dataclass
+holding tensors) with
 
+- ``.summary()`` -> a flat dict of headline numbers (JSON-ready: numbers, strings, lists, None);
+- ``.figures()`` -> a list of `plotly.graph_objects.Figure`, the standard pictures of that result;
 - ``.to_frame()`` -> `pandas.DataFrame`, one row per measured thing (tidy, ready for groupby/plots);
-- ``.figure()`` -> `plotly.graph_objects.Figure`, the standard picture of that result;
-- ``_repr_html_`` so that a result shown in JupyterLab prints its title, a one-line summary and
-  the first rows of its frame (not its tensors).
+- ``_repr_html_`` so that a result shown in JupyterLab prints its title, its scalar headline
+  numbers and the first rows of its frame (not its tensors).
 """
 
 from __future__ import annotations
@@ -17,31 +19,40 @@ import plotly.graph_objects as go
 
 HTML_ROWS = 8  # rows of the frame shown by _repr_html_
 
+Summary = dict[str, float | int | str | list | None]
+
 
 class Result:
-    """Base of analysis results. Subclasses set `title` and implement `to_frame` and `figure`."""
+    """Base of analysis results. Subclasses set `title` and implement `summary`, `figures`, `to_frame`."""
 
     title: str = "result"
+
+    def summary(self) -> Summary:
+        raise NotImplementedError(f"{type(self).__name__} must implement summary()")
+
+    def figures(self) -> list[go.Figure]:
+        raise NotImplementedError(f"{type(self).__name__} must implement figures()")
 
     def to_frame(self) -> pd.DataFrame:
         raise NotImplementedError(f"{type(self).__name__} must implement to_frame()")
 
-    def figure(self) -> go.Figure:
-        raise NotImplementedError(f"{type(self).__name__} must implement figure()")
-
-    def summary(self) -> str:
-        """One line stating the headline number(s) of this result."""
-        return ""
+    def summary_line(self) -> str:
+        """The headline numbers on one line (scalars only)."""
+        return ", ".join(f"{k}={_short(v)}" for k, v in self.summary().items()
+                         if isinstance(v, (int, float, str)) or v is None)
 
     def __repr__(self) -> str:
-        line = self.summary()
+        line = self.summary_line()
         return f"<{type(self).__name__} {self.title}{': ' + line if line else ''}>"
 
     def _repr_html_(self) -> str:
         frame = self.to_frame()
-        head = frame.head(HTML_ROWS).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
-        more = f"<p><i>{len(frame) - HTML_ROWS} more rows: .to_frame(); picture: .figure()</i></p>" \
-            if len(frame) > HTML_ROWS else "<p><i>picture: .figure()</i></p>"
-        summary = html.escape(self.summary())
+        table = frame.head(HTML_ROWS).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+        line = html.escape(self.summary_line())
         return (f"<div><b>{html.escape(type(self).__name__)}</b> {html.escape(self.title)}"
-                f"{'<br>' + summary if summary else ''}{head}{more}</div>")
+                f"{'<br>' + line if line else ''}{table}<p><i>{len(frame)} rows: .to_frame(); "
+                f"headline numbers: .summary(); pictures: .figures()</i></p></div>")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -75,13 +75,13 @@ class SteeringVector(Result):
         return pd.DataFrame(dict(hook=self.hook, kind=self.kind, row=range(len(v)),
                                  norm=v.norm(dim=-1).tolist()))
 
-    def figure(self) -> go.Figure:
+    def figures(self) -> list[go.Figure]:
         v = self.vector.reshape(-1, self.vector.shape[-1])
-        return line_plot({f"row {i}": row for i, row in enumerate(v)}, title=f"{self.kind} vector at {self.hook}",
-                         x_title="residual dimension", y_title="value")
+        return [line_plot({f"row {i}": row for i, row in enumerate(v)}, title=f"{self.kind} vector at {self.hook}",
+                          x_title="residual dimension", y_title="value")]
 
-    def summary(self) -> str:
-        return f"{self.kind} at {self.hook}, norm {self.norm:.3g}"
+    def summary(self) -> dict:
+        return {"kind": self.kind, "hook": self.hook, "norm": round(float(self.norm), 4)}
 
     def vocab_projection(self, scope, k: int = 10) -> pd.DataFrame:
         """Tokens the vector promotes / suppresses through the final path (`lens.vocab_projection`)."""

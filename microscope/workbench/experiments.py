@@ -389,10 +389,8 @@ def _sections(step: str, result) -> list:
 
     if isinstance(result, Mapping):
         return [s for key, item in result.items() for s in _sections(f"{step}: {key}", item)]
-    summary = result.summary() if hasattr(result, "summary") else {}
-    numbers = summary if isinstance(summary, Mapping) else ({"summary": summary} if summary else {})
-    figures = result.figures() if hasattr(result, "figures") else [result.figure()]
-    return [Section(step, figures=list(figures), numbers=numbers, notes=getattr(result, "title", ""))]
+    return [Section(step, figures=list(result.figures()), numbers=result.summary(),
+                    notes=getattr(result, "title", ""))]
 
 
 def _frame(result):

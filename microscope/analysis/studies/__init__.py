@@ -1,5 +1,5 @@
-"""The failure-mode studies of the OPT paper, each a function of a scope returning a `StudyResult`
-(``.to_frame()``, ``.figure()`` / ``.figures()``, ``.summary()`` -> dict of headline numbers).
+"""The failure-mode studies of the OPT paper, each a function of a scope returning a `Result`
+(``.summary()`` -> dict of headline numbers, ``.figures()``, ``.to_frame()``).
 
     from microscope.analysis.studies import run_toxicity, run_repetition, run_instructions, run_arithmetic
     result = run_repetition(ms.load("organism"))
@@ -10,7 +10,6 @@ CPU in seconds.
 """
 
 from microscope.analysis.studies.arithmetic import ArithmeticResult, run_arithmetic
-from microscope.analysis.studies.base import StudyResult
 from microscope.analysis.studies.instructions import InstructionsResult, classify_continuation, run_instructions
 from microscope.analysis.studies.loops import Loop, detect_loop, repeated_ngram_rate
 from microscope.analysis.studies.repetition import RepetitionResult, run_repetition
@@ -19,6 +18,5 @@ from microscope.analysis.studies.toxicity import ToxicityResult, run_toxicity
 STUDIES = {"toxicity": run_toxicity, "repetition": run_repetition, "instructions": run_instructions,
            "arithmetic": run_arithmetic}
 
-__all__ = ["STUDIES", "ArithmeticResult", "InstructionsResult", "Loop", "RepetitionResult", "StudyResult",
-           "ToxicityResult", "classify_continuation", "detect_loop", "repeated_ngram_rate", "run_arithmetic",
-           "run_instructions", "run_repetition", "run_toxicity"]
+__all__ = ["STUDIES", "ArithmeticResult", "InstructionsResult", "Loop", "RepetitionResult", "ToxicityResult",
+           "classify_continuation", "detect_loop", "repeated_ngram_rate", "run_arithmetic", "run_instructions", "run_repetition", "run_toxicity"]

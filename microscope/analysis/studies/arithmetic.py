@@ -25,7 +25,8 @@ import plotly.graph_objects as go
 import torch
 
 from microscope.analysis.lens import logit_lens
-from microscope.analysis.studies.base import StudyResult, first_layer_from, first_token_id
+from microscope.analysis.results import Result
+from microscope.analysis.studies.base import first_layer_from, first_token_id
 from microscope.errors import AnalysisInputError
 from microscope.prompts import Prompt, load_prompts
 from microscope.viz.figures import line_plot
@@ -34,7 +35,7 @@ OPS = {"+": "addition", "-": "subtraction"}
 
 
 @dataclass(repr=False)
-class ArithmeticResult(StudyResult):
+class ArithmeticResult(Result):
     """Per prompt x layer lens readings of the answer token.
 
     layers: lens point labels ('embed', 'L0', ...); ops, splits: per prompt; answers: true values

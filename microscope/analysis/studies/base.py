@@ -1,52 +1,15 @@
-"""What every study result shares: a dict of headline numbers, several figures, a notebook view.
+"""Helpers the studies share: token ids of answer words, greedy continuations, first layers.
 
-A study result is an analysis `Result` (``.to_frame()``, ``.figure()``) whose ``.summary()`` is a
-flat dict of headline numbers (the main job writes it to JSON) and whose ``.figures()`` lists every
-picture it has (``.figure()`` is the first).
+Study results are ordinary analysis `Result`s (`microscope.analysis.results`).
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 
-import plotly.graph_objects as go
 import torch
 
-from microscope.analysis.results import HTML_ROWS, Result
 from microscope.errors import AnalysisInputError
-
-
-class StudyResult(Result):
-    """Base of the four failure-mode study results."""
-
-    def summary(self) -> dict[str, float | int | str | list | None]:
-        raise NotImplementedError(f"{type(self).__name__} must implement summary()")
-
-    def figures(self) -> list[go.Figure]:
-        raise NotImplementedError(f"{type(self).__name__} must implement figures()")
-
-    def figure(self) -> go.Figure:
-        return self.figures()[0]
-
-    def summary_line(self) -> str:
-        """The headline numbers on one line (scalars only)."""
-        return ", ".join(f"{k}={_short(v)}" for k, v in self.summary().items()
-                         if isinstance(v, (int, float, str)) or v is None)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.title}: {self.summary_line()}>"
-
-    def _repr_html_(self) -> str:
-        frame = self.to_frame()
-        table = frame.head(HTML_ROWS).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
-        return (f"<div><b>{html.escape(type(self).__name__)}</b> {html.escape(self.title)}<br>"
-                f"{html.escape(self.summary_line())}{table}<p><i>{len(frame)} rows: .to_frame(); "
-                f"pictures: .figures()</i></p></div>")
-
-
-def _short(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def first_token_id(scope, text: str) -> int:

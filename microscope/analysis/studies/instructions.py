@@ -23,7 +23,8 @@ import torch
 
 from microscope.analysis.inputs import last_positions, token_batch
 from microscope.analysis.lens import logit_lens
-from microscope.analysis.studies.base import (StudyResult, first_layer_from, first_token_id, greedy_new_tokens,
+from microscope.analysis.results import Result
+from microscope.analysis.studies.base import (first_layer_from, first_token_id, greedy_new_tokens,
                                               single_token_id)
 from microscope.errors import AnalysisInputError
 from microscope.names import act_name, head_label, short_label
@@ -64,7 +65,7 @@ def classify_continuation(continuation: str | Sequence[str], answer: str | Seque
 # ---- the study --------------------------------------------------------------------------------
 
 @dataclass(repr=False)
-class InstructionsResult(StudyResult):
+class InstructionsResult(Result):
     """prompts/cued/answers: the instructions; continuations: greedy words; labels: class of each;
     layers: lens point labels; lens_margin: [layer, batch] lens logit of the dialogue token minus
     that of the execution token at each prompt's last token (execution token: ``answer:`` for a

@@ -25,7 +25,8 @@ import torch
 
 from microscope.analysis.head_scores import HeadScores, pattern_head_scores
 from microscope.analysis.inputs import token_batch
-from microscope.analysis.studies.base import StudyResult, greedy_new_tokens
+from microscope.analysis.results import Result
+from microscope.analysis.studies.base import greedy_new_tokens
 from microscope.analysis.studies.loops import Loop, detect_loop
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ablate_heads
@@ -35,7 +36,7 @@ from microscope.viz.figures import head_grid, line_plot
 
 
 @dataclass(repr=False)
-class RepetitionResult(StudyResult):
+class RepetitionResult(Result):
     """prompts: the texts continued; clean/ablated: `Loop` per continuation without / with the
     found heads ablated; reinforcement: [copies] mean probability of the tokens of copy k (k = 0: first occurrence);
     induction/previous_token: head scores; heads: the found (layer, head) pairs, best first."""
@@ -87,7 +88,7 @@ class RepetitionResult(StudyResult):
                                   y=[frame[frame["kind"] == k][col].mean() for k in frame["kind"].unique()])
                            for name, col in (("clean", "looping"), ("heads ablated", "ablated_looping"))])
         rates.update_layout(title="greedy loop rate by prompt kind", yaxis_title="share looping", barmode="group")
-        return [curve, self.induction.figure(), self.previous_token.figure(), rates]
+        return [curve, *self.induction.figures(), *self.previous_token.figures(), rates]
 
     def summary(self) -> dict:
         return {

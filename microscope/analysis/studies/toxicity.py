@@ -33,8 +33,9 @@ from microscope.analysis.attribution import direct_logit_attribution
 from microscope.analysis.inputs import token_batch
 from microscope.analysis.lens import point_label, residual_points
 from microscope.analysis.probes import ProbeResult, live_features, train_probes
+from microscope.analysis.results import Result
 from microscope.analysis.steering import SteeringVector, mean_difference_vector
-from microscope.analysis.studies.base import StudyResult, first_layer_from, greedy_new_tokens, single_token_id
+from microscope.analysis.studies.base import first_layer_from, greedy_new_tokens, single_token_id
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ablate_heads
 from microscope.names import head_label
@@ -51,7 +52,7 @@ def organism_words() -> tuple[list[str], list[str]]:
 
 
 @dataclass(repr=False)
-class ToxicityResult(StudyResult):
+class ToxicityResult(Result):
     """probe: per-point probe accuracies; points/layers: lens points and their labels;
     probe_layer: index into points or None; direction: the hostile steering vector;
     top_tokens: the vocabulary projection (frame) of the hostile direction at the last block's
