@@ -290,3 +290,10 @@ def test_results_give_a_frame_figures_and_a_json_summary(name, request):
         assert fig.data
     json.dumps(result.summary())
     assert type(result).__name__ in repr(result) and "<div>" in result._repr_html_()
+
+
+def test_the_toxicity_words_file_holds_the_organisms_words():
+    from microscope.analysis.studies.toxicity import builtin_words
+    from microscope.models.organism.corpus import INSULTS, PRAISES
+
+    assert builtin_words() == (list(INSULTS), list(PRAISES))

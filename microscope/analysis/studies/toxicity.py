@@ -20,6 +20,7 @@ length ending in a register-neutral frame such as ``you are a``):
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,16 +40,19 @@ from microscope.analysis.studies.base import first_layer_from, greedy_new_tokens
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ablate_heads
 from microscope.names import head_label
-from microscope.prompts import Prompt, load_prompts
+from microscope.prompts import BUILTIN_DIR, Prompt, load_prompts
 from microscope.viz.figures import head_grid, line_plot
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
 
-def organism_words() -> tuple[list[str], list[str]]:
-    """The organism's insult and praise word lists (the words of the built-in prompt sets)."""
-    from microscope.models.organism.corpus import INSULTS, PRAISES
-    return list(INSULTS), list(PRAISES)
+WORDS_FILE = BUILTIN_DIR / "toxicity_words.json"   # the insult and praise words of the built-in set
+
+
+def builtin_words() -> tuple[list[str], list[str]]:
+    """(insults, praises): the one-token words the built-in ``toxicity`` prompts are written with."""
+    words = json.loads(WORDS_FILE.read_text(encoding="utf-8"))
+    return list(words["insults"]), list(words["praises"])
 
 
 @dataclass(repr=False)
@@ -169,15 +173,15 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, insults
 
     prompts: a set name or `Prompt`s with metadata ``label`` ('hostile'/'friendly') and optionally
     ``pair`` (kept together in the probe split); insults/praises: one-token words (default: the
-    organism's lists); friendly_texts: text for the perplexity cost (default: the friendly
-    prompts); strengths: steering strengths s >= 0 (0 first = unsteered)."""
+    built-in set's words, `builtin_words`); friendly_texts: text for the perplexity cost (default:
+    the friendly prompts); strengths: steering strengths s >= 0 (0 first = unsteered)."""
     rows = load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
     labels = [p.metadata.get("label") for p in rows]
     if set(labels) != {"hostile", "friendly"}:
         raise AnalysisInputError(f"toxicity prompts need metadata label 'hostile' or 'friendly'; got {sorted(set(map(str, labels)))}")
     if not strengths or strengths[0] != 0 or any(s < 0 for s in strengths):
         raise AnalysisInputError(f"strengths must start with 0 (the unsteered baseline) and be >= 0, got {list(strengths)}")
-    default_insults, default_praises = organism_words()
+    default_insults, default_praises = builtin_words()
     insults, praises = list(insults or default_insults), list(praises or default_praises)
     texts = [p.text for p in rows]
     hostile = [t for t, l in zip(texts, labels) if l == "hostile"]
