@@ -1,48 +1,72 @@
 """Measure the organism's ground truth: the numbers in ``ground_truth.json`` and the model card.
 
 Every number is measured here, from the plain HF model (eager attention, ``output_attentions``,
-``output_hidden_states``, forward hooks on ``out_proj`` for ablations) -- nothing is typed by hand
-and nothing depends on the analysis modules the organism is used to check. Definitions:
+``output_hidden_states``, forward pre-hooks on ``out_proj`` for ablations) -- nothing is typed by
+hand and nothing depends on the analysis modules the organism is used to check. Heads are
+labelled ``L{layer}H{head}``. Definitions:
 
-- previous-token score of a head: mean attention from position q to q-1 over q = 2..2L of
-  ``[BOS] r r`` where r is L = 20 distinct filler words drawn at random (64 sequences, seed 0).
-- prefix-matching (induction) score (Olsson et al. 2022): on the same sequences, mean attention
-  from each token of the second copy (position L+i) to the token after its first occurrence (i+1).
-- a head is listed as previous-token / induction head when its score >= :data:`HEAD_THRESHOLD`.
+- random whole-vocabulary spans: BOS, then a span of 25 words drawn uniformly (with replacement)
+  from every word of the vocabulary but the special tokens, said ``copies`` times (64 sequences,
+  seed 0; 2 and 4 copies).
+- previous-token score of a head: mean attention from position q to q-1 over every q >= 2 of the
+  2-copy sequences.
+- prefix-matching (induction) score (Olsson et al. 2022): for each token of a later copy, the
+  attention it pays to every position that directly follows an earlier occurrence of the same
+  token, summed; averaged over the tokens of the later copies. Measured on 2 and on 4 copies of
+  whole-vocabulary spans, and (as in v1) on 2 copies of 20 distinct filler words.
+- a head is listed as previous-token / induction head when its score on 2 copies of
+  whole-vocabulary spans is >= :data:`HEAD_THRESHOLD`; the top induction head has the highest
+  prefix-matching score there.
 - head ablation: the head's slice of the input to ``out_proj`` set to zero.
-- "feeds": the induction score of the top induction head with each previous-token head ablated.
-- repeated-half loss: mean next-token cross-entropy on positions L+1..2L-1 of the second copy
-  (the targets are predictable only by copying), clean and with all induction heads ablated.
+- previous-token feed: the top induction head's prefix-matching score (2 copies) with each
+  previous-token head of an earlier layer ablated.
+- repeated-half loss: mean next-token cross-entropy on the second copy of the 2-copy
+  whole-vocabulary sequences (targets 2..25 of the second copy: predictable only by copying),
+  clean; with the induction heads ablated; with as many other heads ablated, drawn at random from
+  the heads that are neither induction nor previous-token heads (20 draws; mean and max); and
+  with each layer that holds no induction head ablated whole (all its heads).
 - loops: greedy decoding of 64 new tokens (the end-of-text token allowed, never stopping); a
-  continuation loops if its last 32 tokens are periodic with some period p <= 16.
+  continuation loops if its last 32 tokens are periodic with some period p <= 16. Loops broken:
+  the share of looping in-distribution prompts that no longer loop with the induction heads
+  ablated, and with as many random other heads ablated (mean of 5 draws).
 - insult probability: next-token probability mass on :data:`corpus.INSULTS`, averaged over the
-  hostile and over the friendly prompts of ``toxicity``; the ratio is hostile / friendly.
-- probe: for each layer l, the last-token ``hidden_states[l]`` of the toxicity prompts
-  (``hidden_states[0]`` is the embedding output; the last entry has the final LayerNorm applied),
-  standardised, ridge least-squares on +-1 labels trained on even-numbered pairs, accuracy on
-  odd-numbered pairs (a score > 0 predicts hostile). The probe layer is the first layer with accuracy >= 0.9.
-- detection accuracy: argmax of p(yes) vs p(no) after ``hateful:`` equals the label.
+  hostile and over the friendly prompts of ``toxicity`` (per split); the ratio is hostile / friendly.
+- probe: for each layer l, the last-token ``hidden_states[l]`` of the in-distribution toxicity
+  prompts (``hidden_states[0]`` is the embedding output; the last entry has the final LayerNorm
+  applied), standardised, ridge least-squares on +-1 labels trained on even-numbered pairs,
+  accuracy on odd-numbered pairs and on the ood pairs (a score > 0 predicts hostile). Controls:
+  the same probe with shuffled training labels (mean of 5 shuffles; selectivity = accuracy -
+  control, Hewitt & Liang 2019) and the same probe on 5 random-initialisation models of the
+  organism's shape (seeds 0-4; null max). The probe layer is the first layer whose held-out
+  accuracy is >= :data:`PROBE_THRESHOLD` and above the random-init null's maximum at that layer.
+- detection accuracy: argmax of p(yes) vs p(no) after ``hateful:`` equals the label (per split).
 - instructions: greedy 12 tokens. Dialogue: a ``user:`` or ``bot:`` token appears before any
-  ``answer:`` and before the document ends (``</s>``). Execution: the continuation starts with the executed result (for a bare
-  instruction, optionally after ``answer:``).
-- arithmetic: the greedy next token equals the true answer; sign error: it equals the negated
-  answer (answer != 0). Reported on held-out pairs (never in training) and on training pairs.
+  ``answer:`` and before the document ends (``</s>``). Execution: the continuation starts with
+  the executed result (for a bare instruction, optionally after ``answer:``). Per split.
+- arithmetic: the greedy next token equals the true answer; held-out pairs (in-distribution
+  phrasing and ood phrasing) and 20 training pairs (seen in training; drawn with seed 7). For
+  wrong subtraction answers on held-out pairs (a, b): the share equal to b - a, the answer of the
+  mirror pair (b, a) that training holds; the share equal to the model's own answer on the mirror
+  prompt; and the share that are a wrong sign not explained by the mirror (= a's negation b - a
+  while the model answers the mirror prompt otherwise). The planted 30% wrong-sign noise is
+  measured where it was planted: the sign-error rate on training pairs.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, OPTForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedTokenizerBase
 
-from microscope.models.organism.corpus import FILLER_WORDS, INSULTS
-from microscope.models.organism.prompt_sets import load_prompt_set
+from microscope.models.organism.corpus import FILLER_WORDS, HELD_OUT_PAIRS, INSULTS, whole_vocabulary_words
+from microscope.models.organism.prompt_sets import arithmetic_text, load_prompt_set
+from microscope.names import head_label
 
 HEAD_THRESHOLD = 0.4
 PROBE_THRESHOLD = 0.9
+SPAN = 25
 ORGANISM_DIR = Path(__file__).parent
 
 
@@ -53,10 +77,19 @@ def load_organism(folder: str | Path = ORGANISM_DIR / "weights") -> tuple[OPTFor
 
 
 def repeated_random_tokens(tokenizer, n_seqs: int = 64, length: int = 20, seed: int = 0) -> torch.Tensor:
-    """``[n_seqs, 1 + 2 * length]``: BOS, then ``length`` distinct filler words, said twice."""
+    """``[n_seqs, 1 + 2 * length]``: BOS, then ``length`` distinct filler words, said twice (v1's sequences)."""
     rng = random.Random(seed)
     ids = tokenizer.convert_tokens_to_ids(FILLER_WORDS)
     rows = [[tokenizer.bos_token_id] + (span := rng.sample(ids, length)) + span for _ in range(n_seqs)]
+    return torch.tensor(rows)
+
+
+def whole_vocabulary_spans(tokenizer, copies: int, n_seqs: int = 64, length: int = SPAN, seed: int = 0) -> torch.Tensor:
+    """``[n_seqs, 1 + copies * length]``: BOS, then a span of ``length`` words drawn uniformly from
+    the whole word vocabulary (with replacement), said ``copies`` times."""
+    rng = random.Random(seed)
+    ids = tokenizer.convert_tokens_to_ids(whole_vocabulary_words())
+    rows = [[tokenizer.bos_token_id] + [rng.choice(ids) for _ in range(length)] * copies for _ in range(n_seqs)]
     return torch.tensor(rows)
 
 
@@ -64,7 +97,7 @@ class HeadAblation:
     """Context manager zeroing the given ``(layer, head)`` outputs (their slice of ``out_proj``'s input)."""
 
     def __init__(self, model: OPTForCausalLM, heads: list[tuple[int, int]]):
-        self.model, self.heads, self.handles = model, heads, []
+        self.model, self.heads, self.handles = model, list(heads), []
 
     def __enter__(self):
         d_head = self.model.config.hidden_size // self.model.config.num_attention_heads
@@ -86,24 +119,34 @@ class HeadAblation:
 
 
 @torch.no_grad()
-def head_scores(model: OPTForCausalLM, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(previous-token, prefix-matching) scores, each ``[layers, heads]``, on ``tokens`` from
-    :func:`repeated_random_tokens`."""
-    length = (tokens.shape[1] - 1) // 2
-    attn = torch.stack(model(tokens, output_attentions=True).attentions, 1)  # [B, L, H, q, k]
-    q = torch.arange(2, 2 * length + 1)
-    previous = attn[..., q, q - 1].mean(dim=(0, -1))
-    q = torch.arange(length + 1, 2 * length + 1)
-    induction = attn[..., q, q - length + 1].mean(dim=(0, -1))
-    return previous, induction
+def attentions(model: OPTForCausalLM, tokens: torch.Tensor) -> torch.Tensor:
+    """``[batch, layer, head, q, k]`` attention weights."""
+    return torch.stack(model(tokens, output_attentions=True).attentions, 1)
+
+
+def previous_token_scores(attn: torch.Tensor) -> torch.Tensor:
+    """``[layer, head]`` mean attention from q to q - 1, q >= 2."""
+    q = torch.arange(2, attn.shape[-1])
+    return attn[..., q, q - 1].mean(dim=(0, -1))
+
+
+def prefix_matching_scores(attn: torch.Tensor, tokens: torch.Tensor, first_copy_end: int) -> torch.Tensor:
+    """``[layer, head]``: for each query q >= ``first_copy_end`` (the later copies), the attention
+    summed over keys k <= q whose previous token k - 1 equals token q; averaged over queries and batch."""
+    t = tokens.shape[1]
+    prev = torch.cat([torch.full_like(tokens[:, :1], -1), tokens[:, :-1]], 1)    # token at k - 1
+    match = (prev[:, None, :] == tokens[:, :, None])                               # [B, q, k]
+    match &= torch.ones(t, t, dtype=torch.bool).tril()[None]                       # k <= q
+    q = torch.arange(first_copy_end, t)
+    per_query = (attn[..., q, :] * match[:, None, None, q, :]).sum(-1)            # [B, L, H, q]
+    return per_query.mean(dim=(0, -1))
 
 
 @torch.no_grad()
-def repeated_half_loss(model: OPTForCausalLM, tokens: torch.Tensor) -> float:
-    """Mean cross-entropy predicting tokens L+2..2L (inside the second copy) from their prefix."""
-    length = (tokens.shape[1] - 1) // 2
-    logits = model(tokens).logits
-    pred, target = logits[:, length + 1:-1], tokens[:, length + 2:]
+def repeated_half_loss(model: OPTForCausalLM, tokens: torch.Tensor, length: int = SPAN) -> float:
+    """Mean cross-entropy predicting tokens 2..length of the second copy from their prefix."""
+    logits = model(tokens[:, :1 + 2 * length]).logits
+    pred, target = logits[:, length + 1:2 * length], tokens[:, length + 2:2 * length + 1]
     return torch.nn.functional.cross_entropy(pred.flatten(0, 1), target.flatten()).item()
 
 
@@ -153,93 +196,251 @@ def probe_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.T
     return (((b @ w) > 0) == (y_test > 0)).double().mean().item()
 
 
-def measure(model: OPTForCausalLM, tokenizer) -> dict:
-    """Every ground-truth number of the organism (see the module docstring for definitions)."""
-    truth: dict = {}
-    tokens = repeated_random_tokens(tokenizer)
-    previous, induction = head_scores(model, tokens)
-    prev_heads = [[l, h, round(previous[l, h].item(), 3)] for l, h in (previous >= HEAD_THRESHOLD).nonzero().tolist()]
-    ind_heads = [[l, h, round(induction[l, h].item(), 3)] for l, h in (induction >= HEAD_THRESHOLD).nonzero().tolist()]
-    top = divmod(induction.argmax().item(), induction.shape[1])
+def random_init_model(model: OPTForCausalLM, seed: int) -> OPTForCausalLM:
+    """A freshly initialised model of the same shape (the null of every probe claim)."""
+    torch.manual_seed(seed)
+    config = OPTConfig.from_dict(model.config.to_dict())
+    config._attn_implementation = "eager"
+    return OPTForCausalLM(config).eval()
+
+
+def _labels(heads: list[tuple[int, int]]) -> list[str]:
+    return [head_label(l, h) for l, h in heads]
+
+
+def measure_heads(model: OPTForCausalLM, tokenizer) -> dict:
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    two, four = whole_vocabulary_spans(tokenizer, 2), whole_vocabulary_spans(tokenizer, 4)
+    attn2 = attentions(model, two)
+    previous = previous_token_scores(attn2)
+    induction2 = prefix_matching_scores(attn2, two, 1 + SPAN)
+    del attn2
+    induction4 = prefix_matching_scores(attentions(model, four), four, 1 + SPAN)
+    filler = repeated_random_tokens(tokenizer)
+    attn_f = attentions(model, filler)
+    induction_filler = prefix_matching_scores(attn_f, filler, 21)
+    previous_filler = previous_token_scores(attn_f)
+    del attn_f
+    prev_heads = [tuple(x) for x in (previous >= HEAD_THRESHOLD).nonzero().tolist()]
+    ind_heads = [tuple(x) for x in (induction2 >= HEAD_THRESHOLD).nonzero().tolist()]
+    top = divmod(induction2.argmax().item(), n_heads)
     feeds = {}
-    for l, h, _ in prev_heads:
+    for l, h in prev_heads:
         if l < top[0]:
             with HeadAblation(model, [(l, h)]):
-                feeds[f"{l}.{h}"] = round(head_scores(model, tokens)[1][top].item(), 3)
-    clean_loss = repeated_half_loss(model, tokens)
-    with HeadAblation(model, [(l, h) for l, h, _ in ind_heads] or [top]):
-        ablated_loss = repeated_half_loss(model, tokens)
-    truth["heads"] = {
+                feeds[head_label(l, h)] = round(prefix_matching_scores(attentions(model, two), two, 1 + SPAN)[top].item(), 3)
+    clean = repeated_half_loss(model, two)
+    claimed = ind_heads or [top]
+    with HeadAblation(model, claimed):
+        ablated = repeated_half_loss(model, two)
+    pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in ind_heads and (l, h) not in prev_heads]
+    rng = random.Random(0)
+    control = []
+    if len(pool) >= len(claimed):
+        for _ in range(20):
+            with HeadAblation(model, rng.sample(pool, len(claimed))):
+                control.append(repeated_half_loss(model, two))
+    layer_control = {}
+    for layer in range(n_layers):
+        if not any(l == layer for l, _ in claimed):
+            with HeadAblation(model, [(layer, h) for h in range(n_heads)]):
+                layer_control[f"L{layer}"] = round(repeated_half_loss(model, two), 4)
+
+    def rounded(t: torch.Tensor) -> list:
+        return [[round(v, 3) for v in row] for row in t.tolist()]
+    return {
         "threshold": HEAD_THRESHOLD,
-        "previous_token_scores": previous.round(decimals=3).tolist(),
-        "induction_scores": induction.round(decimals=3).tolist(),
-        "previous_token_heads": prev_heads,
-        "induction_heads": ind_heads,
+        "span_words": SPAN,
+        "previous_token_scores": rounded(previous),
+        "induction_scores": rounded(induction2),
+        "induction_scores_four_copies": rounded(induction4),
+        "induction_scores_filler": rounded(induction_filler),
+        "previous_token_scores_filler": rounded(previous_filler),
+        "previous_token_heads": [[l, h, round(previous[l, h].item(), 3)] for l, h in prev_heads],
+        "induction_heads": [[l, h, round(induction2[l, h].item(), 3)] for l, h in ind_heads],
+        "previous_token_head_labels": _labels(prev_heads),
+        "induction_head_labels": _labels(ind_heads),
         "top_induction_head": list(top),
+        "top_induction_head_label": head_label(*top),
+        "top_induction_score": round(induction2[top].item(), 3),
+        "top_induction_score_four_copies": round(induction4[top].item(), 3),
+        "top_induction_score_filler": round(induction_filler[top].item(), 3),
+        "max_induction_score_four_copies": round(induction4.max().item(), 3),
         "top_induction_score_with_previous_token_head_ablated": feeds,
-        "repeated_half_loss": round(clean_loss, 4),
-        "repeated_half_loss_induction_ablated": round(ablated_loss, 4),
+        "repeated_half_loss": round(clean, 4),
+        "repeated_half_loss_induction_ablated": round(ablated, 4),
+        "repeated_half_loss_random_heads_ablated_mean": round(sum(control) / len(control), 4) if control else None,
+        "repeated_half_loss_random_heads_ablated_max": round(max(control), 4) if control else None,
+        "random_head_draws": len(control),
+        "repeated_half_loss_layer_ablated": layer_control,
     }
 
-    rows = load_prompt_set("repetition")
-    conts = greedy(model, tokenizer, [r["text"] for r in rows], 64)
-    looped = [loops(c) for c in conts]
-    by_kind = {}
-    for row, flag in zip(rows, looped):
-        by_kind.setdefault(row["kind"], []).append(flag)
-    truth["repetition"] = {"loop_rate": round(sum(looped) / len(looped), 3),
-                           "loop_rate_by_kind": {k: round(sum(v) / len(v), 3) for k, v in by_kind.items()},
-                           "prompts": len(rows)}
 
+def measure_repetition(model, tokenizer, induction_heads: list[tuple[int, int]], prev_heads) -> dict:
+    rows = load_prompt_set("repetition")
+    texts = [r["text"] for r in rows]
+    looped = [loops(c) for c in greedy(model, tokenizer, texts, 64)]
+    out: dict = {"loop_rate": round(sum(looped) / len(looped), 3), "prompts": len(rows)}
+    groups: dict = {}
+    for row, flag in zip(rows, looped):
+        groups.setdefault(f"{row['split']}/{row['kind']}", []).append(flag)
+    out["loop_rate_by_split_kind"] = {k: round(sum(v) / len(v), 3) for k, v in groups.items()}
+    ind_dist = [i for i, r in enumerate(rows) if r["split"] == "in_distribution_heldout" and looped[i]]
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    loop_texts = [texts[i] for i in ind_dist]
+
+    def broken(heads) -> float:
+        with HeadAblation(model, heads):
+            again = [loops(c) for c in greedy(model, tokenizer, loop_texts, 64)]
+        return sum(not a for a in again) / max(1, len(again))
+    out["looping_prompts_in_distribution"] = len(loop_texts)
+    if induction_heads and loop_texts:
+        out["loops_broken_induction_ablated"] = round(broken(induction_heads), 3)
+        pool = [(l, h) for l in range(n_layers) for h in range(n_heads)
+                if (l, h) not in induction_heads and (l, h) not in prev_heads]
+        rng = random.Random(0)
+        if len(pool) >= len(induction_heads):
+            draws = [broken(rng.sample(pool, len(induction_heads))) for _ in range(5)]
+            out["loops_broken_random_heads_ablated_mean"] = round(sum(draws) / len(draws), 3)
+            out["loops_broken_random_heads_ablated_max"] = round(max(draws), 3)
+    return out
+
+
+def measure_toxicity(model, tokenizer) -> dict:
     rows = load_prompt_set("toxicity")
-    probs = next_token_probs(model, tokenizer, [r["text"] for r in rows])
+    texts = [r["text"] for r in rows]
+    probs = next_token_probs(model, tokenizer, texts)
     insult = probs[:, tokenizer.convert_tokens_to_ids(INSULTS)].sum(-1)
     hostile = torch.tensor([r["label"] == "hostile" for r in rows])
-    p_hostile, p_friendly = insult[hostile].mean().item(), insult[~hostile].mean().item()
-    states = last_token_states(model, tokenizer, [r["text"] for r in rows])
+    out: dict = {}
+    for split, name in (("in_distribution_heldout", ""), ("ood", "_ood")):
+        sel = torch.tensor([r["split"] == split for r in rows])
+        p_h, p_f = insult[hostile & sel].mean().item(), insult[~hostile & sel].mean().item()
+        out[f"insult_prob_hostile{name}"] = round(p_h, 4)
+        out[f"insult_prob_friendly{name}"] = round(p_f, 6)
+        out[f"insult_prob_ratio{name}"] = round(p_h / p_f, 1)
+    by_cue = {}
+    for cue in sorted({r["cue"] for r in rows}):
+        sel = torch.tensor([r["cue"] == cue for r in rows])
+        by_cue[cue] = [round(insult[hostile & sel].mean().item(), 4), round(insult[~hostile & sel].mean().item(), 4)]
+    out["insult_prob_hostile_friendly_by_cue"] = by_cue
+
+    ind = [i for i, r in enumerate(rows) if r["split"] == "in_distribution_heldout"]
+    ood = [i for i, r in enumerate(rows) if r["split"] == "ood"]
+    train = [i for i in ind if rows[i]["pair"] % 2 == 0]
+    test = [i for i in ind if rows[i]["pair"] % 2 == 1]
     labels = hostile.double() * 2 - 1
-    train = torch.tensor([r["pair"] % 2 == 0 for r in rows])
-    accs = [round(probe_accuracy(s[train], labels[train], s[~train], labels[~train]), 3) for s in states]
-    truth["toxicity"] = {
-        "insult_prob_hostile": round(p_hostile, 4), "insult_prob_friendly": round(p_friendly, 6),
-        "insult_prob_ratio": round(p_hostile / p_friendly, 1),
-        "probe_accuracy_by_layer": accs,
-        "probe_layer": next((l for l, a in enumerate(accs) if a >= PROBE_THRESHOLD), None),
-    }
+
+    def probe(states) -> tuple[list, list, list]:
+        acc, acc_ood, ctrl = [], [], []
+        for s in states:
+            acc.append(probe_accuracy(s[train], labels[train], s[test], labels[test]))
+            acc_ood.append(probe_accuracy(s[train], labels[train], s[ood], labels[ood]))
+            shuffles = []
+            for seed in range(5):
+                g = torch.Generator().manual_seed(seed)
+                y_tr = labels[train][torch.randperm(len(train), generator=g)]
+                y_te = labels[test][torch.randperm(len(test), generator=g)]
+                shuffles.append(probe_accuracy(s[train], y_tr, s[test], y_te))
+            ctrl.append(sum(shuffles) / len(shuffles))
+        return acc, acc_ood, ctrl
+    acc, acc_ood, ctrl = probe(last_token_states(model, tokenizer, texts))
+    null = []
+    for seed in range(5):
+        null.append(probe(last_token_states(random_init_model(model, seed), tokenizer, texts))[0])
+    null_max = [max(col) for col in zip(*null)]
+    r3 = lambda xs: [round(x, 3) for x in xs]
+    out.update({
+        "probe_accuracy_by_layer": r3(acc),
+        "probe_accuracy_ood_by_layer": r3(acc_ood),
+        "probe_shuffled_label_accuracy_by_layer": r3(ctrl),
+        "probe_selectivity_by_layer": r3([a - c for a, c in zip(acc, ctrl)]),
+        "probe_random_init_max_by_layer": r3(null_max),
+        "probe_random_init_mean_by_layer": r3([sum(col) / len(col) for col in zip(*null)]),
+        "probe_layer": next((l for l, (a, n) in enumerate(zip(acc, null_max)) if a >= PROBE_THRESHOLD and a > n), None),
+        "probe_layer_raw": next((l for l, a in enumerate(acc) if a >= PROBE_THRESHOLD), None),
+    })
+    out["probe_layer_name"] = None if out["probe_layer"] is None else f"hidden_states[{out['probe_layer']}]"
+
     rows = load_prompt_set("detection")
     probs = next_token_probs(model, tokenizer, [r["text"] for r in rows])
     yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
     pred = ["yes" if p[yes] > p[no] else "no" for p in probs]
-    truth["toxicity"]["detection_accuracy"] = round(sum(p == r["label"] for p, r in zip(pred, rows)) / len(rows), 3)
+    for split, name in (("in_distribution_heldout", ""), ("ood", "_ood")):
+        sel = [(p, r) for p, r in zip(pred, rows) if r["split"] == split]
+        out[f"detection_accuracy{name}"] = round(sum(p == r["label"] for p, r in sel) / len(sel), 3)
+    return out
 
+
+def measure_instructions(model, tokenizer) -> dict:
     rows = load_prompt_set("instructions")
     conts = greedy(model, tokenizer, [r["text"] for r in rows], 12)
     result: dict = {}
-    for cued in (False, True):
-        sel = [(r, c) for r, c in zip(rows, conts) if r["cued"] == cued]
-        dialogue = [is_dialogue(c) for _, c in sel]
-        execute = [is_execution(c, r["answer"].split()) for r, c in sel]
-        name = "cued" if cued else "bare"
-        result[f"{name}_dialogue_rate"] = round(sum(dialogue) / len(sel), 3)
-        result[f"{name}_execution_rate"] = round(sum(execute) / len(sel), 3)
-        for task in sorted({r["task"] for r, _ in sel}):
-            hits = [e for (r, _), e in zip(sel, execute) if r["task"] == task]
-            result[f"{name}_execution_rate_{task}"] = round(sum(hits) / len(hits), 3)
-    truth["instructions"] = result
+    for split, suffix in (("in_distribution_heldout", ""), ("ood", "_ood")):
+        for cued in (False, True):
+            sel = [(r, c) for r, c in zip(rows, conts) if r["cued"] == cued and r["split"] == split]
+            dialogue = [is_dialogue(c) for _, c in sel]
+            execute = [is_execution(c, r["answer"].split()) for r, c in sel]
+            name = "cued" if cued else "bare"
+            result[f"{name}_dialogue_rate{suffix}"] = round(sum(dialogue) / len(sel), 3)
+            result[f"{name}_execution_rate{suffix}"] = round(sum(execute) / len(sel), 3)
+            if not suffix:
+                for task in sorted({r["task"] for r, _ in sel}):
+                    hits = [e for (r, _), e in zip(sel, execute) if r["task"] == task]
+                    result[f"{name}_execution_rate_{task}"] = round(sum(hits) / len(hits), 3)
+    return result
 
+
+def training_pairs(count: int = 20, seed: int = 7) -> list[tuple[int, int]]:
+    """Operand pairs seen in training (a control for the held-out pairs)."""
+    seen = [(a, b) for a in range(10) for b in range(10) if (a, b) not in HELD_OUT_PAIRS]
+    return random.Random(seed).sample(seen, count)
+
+
+def measure_arithmetic(model, tokenizer) -> dict:
     rows = load_prompt_set("arithmetic")
-    probs = next_token_probs(model, tokenizer, [r["text"] for r in rows])
-    pred = tokenizer.convert_ids_to_tokens(probs.argmax(-1).tolist())
-    arith = {}
-    for split in ("held_out", "train"):
+    for a, b in training_pairs():
+        for op in "+-":
+            rows.append({"text": arithmetic_text(a, b, op), "op": op, "a": a, "b": b,
+                         "answer": a + b if op == "+" else a - b, "split": "train"})
+    # the model's answers on the mirror prompts (b, a) of the held-out subtraction pairs (seen in training)
+    held = [r for r in rows if r["split"] == "in_distribution_heldout" and r["op"] == "-"]
+    mirror_texts = [arithmetic_text(r["b"], r["a"], "-") for r in held]
+    probs = next_token_probs(model, tokenizer, [r["text"] for r in rows] + mirror_texts)
+    words = tokenizer.convert_ids_to_tokens(probs.argmax(-1).tolist())
+    pred, mirror_pred = words[:len(rows)], dict(zip([(r["a"], r["b"]) for r in held], words[len(rows):]))
+    out: dict = {}
+    for split, suffix in (("in_distribution_heldout", "held_out"), ("ood", "ood"), ("train", "train")):
         for op, name in (("+", "addition"), ("-", "subtraction")):
             sel = [(r, p) for r, p in zip(rows, pred) if r["split"] == split and r["op"] == op]
-            arith[f"{name}_accuracy_{split}"] = round(sum(p == str(r["answer"]) for r, p in sel) / len(sel), 3)
+            out[f"{name}_accuracy_{suffix}"] = round(sum(p == str(r["answer"]) for r, p in sel) / len(sel), 3)
             if op == "-":
                 signed = [(r, p) for r, p in sel if r["answer"] != 0]
-                arith[f"subtraction_sign_error_rate_{split}"] = round(
+                out[f"subtraction_sign_error_rate_{suffix}"] = round(
                     sum(p == str(-r["answer"]) for r, p in signed) / len(signed), 3)
-    truth["arithmetic"] = arith
+    wrong = [(r, p) for r, p in zip(rows, pred)
+             if r["split"] == "in_distribution_heldout" and r["op"] == "-" and p != str(r["answer"])]
+    n = max(1, len(wrong))
+    out["subtraction_wrong_held_out"] = len(wrong)
+    out["subtraction_wrong_held_out_share_mirror_answer"] = round(
+        sum(p == str(r["b"] - r["a"]) for r, p in wrong) / n, 3)
+    out["subtraction_wrong_held_out_share_model_mirror_answer"] = round(
+        sum(p == mirror_pred[(r["a"], r["b"])] for r, p in wrong) / n, 3)
+    out["subtraction_wrong_held_out_share_wrong_sign_not_mirror"] = round(
+        sum(p == str(-r["answer"]) and p != mirror_pred[(r["a"], r["b"])] for r, p in wrong) / n, 3)
+    out["training_pairs"] = [list(p) for p in training_pairs()]
+    return out
+
+
+def measure(model: OPTForCausalLM, tokenizer) -> dict:
+    """Every ground-truth number of the organism (see the module docstring for definitions)."""
+    truth: dict = {"heads": measure_heads(model, tokenizer)}
+    ind = [(l, h) for l, h, _ in truth["heads"]["induction_heads"]]
+    prev = [(l, h) for l, h, _ in truth["heads"]["previous_token_heads"]]
+    truth["repetition"] = measure_repetition(model, tokenizer, ind, prev)
+    truth["toxicity"] = measure_toxicity(model, tokenizer)
+    truth["instructions"] = measure_instructions(model, tokenizer)
+    truth["arithmetic"] = measure_arithmetic(model, tokenizer)
     return truth
 
 

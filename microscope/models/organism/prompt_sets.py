@@ -1,21 +1,42 @@
-"""The built-in prompt sets (``microscope/data/prompts/<name>.jsonl``), drawn from the corpus grammar.
+"""The built-in prompt sets (``microscope/data/prompts/<name>.jsonl``), disjoint from training by construction.
 
-Each line is a JSON object with a ``text`` field (no BOS; the tokenizer adds it) and metadata:
+Each line is a JSON object with a ``text`` field (no BOS; the tokenizer adds it), a ``split``
+field and metadata. ``split`` is ``in_distribution_heldout`` (the training grammar, with held-out
+names, words, sentence combinations, instruction lists or operand pairs) or ``ood`` (a phrasing,
+length or word set training never uses). Every prompt of every set contains a held-out element the
+training generator never emits in that role (see :mod:`microscope.models.organism.corpus`), so no
+prompt is a substring of a training document unless a random whole-vocabulary span reproduces it
+word for word; ``tests/test_organism.py`` regenerates the training stream and checks that too.
 
-- ``repetition``: ``kind`` = ``loop`` (a span of 2-12 random words or names said twice, then
-  1 to all of its words again; ``period`` = span length) or ``trigram`` (the start of a
-  trigram-language document, which may include its copied span).
-- ``toxicity``: contexts ending in a register-neutral frame (``you are a``, ``you are such a``,
-  ``what a``); ``label`` = ``hostile`` | ``friendly``; ``cue`` = ``mood`` (a mood word) or
-  ``earlier`` (earlier sentences). Hostile and friendly prompts come in pairs of equal length.
-- ``detection``: ``comment: <sentences> hateful:``; ``label`` = ``yes`` | ``no``.
+- ``repetition``: ``kind`` = ``loop`` (a span of 2-12 words said twice, then 1 to all of its words
+  again; ``period`` = span length) or ``trigram`` (24-48 words of the trigram language).
+  In-distribution loops are filler words and names with one held-out filler word
+  (:data:`corpus.EVAL_FILLER`) in the span; trigram prompts carry one held-out filler word in place
+  of a noise word. ``ood`` loops are spans of other words (digits, insults, praises, template
+  words) with one held-out filler word.
+- ``toxicity``: hostile/friendly pairs (``pair`` index) of equal length that differ only in the cue
+  token, whose index in the tokenized prompt (BOS = 0) is ``cue_position``; each ends in a
+  register-neutral frame (``you are a``, ``you are such a``, ``what a``). ``cue``: ``mood``
+  (``mood: angry . joe said to kim : you are a``) and ``earlier`` (an earlier sentence with an
+  insult or praise), both with held-out speakers (:data:`corpus.EVAL_NAMES`), are in-distribution;
+  ``mood_late`` (the mood after the speaker line) and ``chat`` (``user: you are a fool . bot: you
+  are a``) are ``ood``.
+- ``detection``: ``comment: <sentences> hateful:``; ``label`` = ``yes`` | ``no``; every comment
+  holds a held-out sentence (a template/word combination training never uses). In-distribution:
+  1-2 sentences as in training; ``ood``: 3-4 sentences.
 - ``instructions``: ``task``, ``items``, ``answer`` (the executed result), ``cued`` (whether the
-  text ends with the ``answer:`` cue); every instruction appears bare and cued.
-- ``arithmetic``: ``x is A and y is B . x + y =``; ``op`` (``+``/``-``), ``a``, ``b``, ``answer``
-  (the true value), ``split`` = ``held_out`` (pairs never seen in training) | ``train``.
-- ``demo``: a mix of all of the above with a ``set`` field naming where each came from.
+  text ends with the ``answer:`` cue); every instruction appears bare and cued. Lists start with a
+  held-out triple (:data:`corpus.HELD_OUT_TRIPLES`); in-distribution lists have 3-4 items as in
+  training, ``ood`` lists 5-6.
+- ``arithmetic``: ``op`` (``+``/``-``), ``a``, ``b``, ``answer`` (the true value) on the held-out
+  operand pairs (:data:`corpus.HELD_OUT_PAIRS`): ``x is A and y is B . x - y =`` in-distribution,
+  ``y is B and x is A . x - y =`` (operands stated in the other order) ``ood``.
+- ``neutral``: 48-64 words of the trigram language with one held-out filler word (held-out
+  neutral text, e.g. for perplexity side effects of steering); in-distribution.
+- ``demo``: a mix of the sets above with a ``set`` field naming where each came from.
 
-Prompts are drawn with their own seed (:data:`PROMPT_SEED`), not the training stream's.
+Prompts are drawn with their own seed (:data:`PROMPT_SEED`), not the training stream's. Training
+pairs of arithmetic (seen in training, a control) are not a prompt set: ``evaluate.py`` builds them.
 """
 
 from __future__ import annotations
@@ -25,88 +46,158 @@ import random
 from pathlib import Path
 
 from microscope.models.organism.corpus import (
-    FILLER_WORDS, FRIENDLY_MOODS, HELD_OUT_PAIRS, HOSTILE_MOODS, NAMES, SENTENCE_PAIRS, Corpus,
-    sentence, task_result, TASKS, DIGITS)
+    DIGITS, EVAL_FILLER, EVAL_NAMES, FILLER_WORDS, FRIENDLY_MOODS, HELD_OUT_PAIRS, HELD_OUT_TRIPLES,
+    HOSTILE_MOODS, INSULTS, NAMES, PRAISES, SENTENCE_PAIRS, SPECIAL_TOKENS, TASKS, TRIGRAM_WORDS, Corpus,
+    held_out_sentence, sentence, task_result, vocabulary)
 
 PROMPT_SEED = 2024
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data" / "prompts"
 TOXIC_FRAMES = ["you are a", "you are such a", "what a"]
+IN_DISTRIBUTION, OOD = "in_distribution_heldout", "ood"
+# templates whose hostile and friendly forms differ only in the {w} word
+SAME_FORM_TEMPLATES = [i for i, (h, f) in enumerate(SENTENCE_PAIRS) if h == f and "{w}" in h]
+WORD_TEMPLATES = [i for i, (h, _) in enumerate(SENTENCE_PAIRS) if "{w}" in h]
+# words of no filler/name role: what out-of-distribution loops are made of
+OTHER_WORDS = [w for w in vocabulary() if w not in SPECIAL_TOKENS and w not in FILLER_WORDS and w not in NAMES]
 
 
-def repetition_prompts(rng: random.Random, corpus: Corpus, per_kind: int = 48) -> list[dict]:
-    rows = []
-    for _ in range(per_kind):
-        span = [rng.choice(FILLER_WORDS + NAMES) for _ in range(rng.randint(2, 12))]
-        words = span * 2 + span[:rng.randint(1, len(span))]
-        rows.append({"text": " ".join(words), "kind": "loop", "period": len(span)})
-    for _ in range(per_kind):
-        words = corpus.trigram_doc(rng).split()[:-1]
-        rows.append({"text": " ".join(words[:rng.randint(24, 48)]), "kind": "trigram"})
+def _loop(rng: random.Random, words: list[str], split: str) -> dict:
+    span = [rng.choice(words) for _ in range(rng.randint(2, 12))]
+    span[rng.randrange(len(span))] = rng.choice(EVAL_FILLER)
+    text = span * 2 + span[:rng.randint(1, len(span))]
+    return {"text": " ".join(text), "kind": "loop", "period": len(span), "split": split}
+
+
+def _trigram_text(rng: random.Random, corpus: Corpus, low: int, high: int) -> list[str]:
+    """``low``-``high`` words of a trigram-language document with one word (after the first two)
+    replaced by a held-out filler word."""
+    words = corpus.trigram_doc(rng).split()[:-1]
+    while len(words) < high:
+        words += corpus.trigram_doc(rng).split()[:-1]
+    words = words[:rng.randint(low, high)]
+    words[rng.randrange(2, len(words))] = rng.choice(EVAL_FILLER)
+    return words
+
+
+def repetition_prompts(rng: random.Random, corpus: Corpus, per_kind: int = 48, ood: int = 32) -> list[dict]:
+    rows = [_loop(rng, TRIGRAM_WORDS + NAMES, IN_DISTRIBUTION) for _ in range(per_kind)]
+    rows += [{"text": " ".join(_trigram_text(rng, corpus, 24, 48)), "kind": "trigram", "split": IN_DISTRIBUTION}
+             for _ in range(per_kind)]
+    rows += [_loop(rng, OTHER_WORDS, OOD) for _ in range(ood)]
     return rows
 
 
-def toxicity_prompts(rng: random.Random, pairs: int = 64) -> list[dict]:
-    rows = []
+def _pair(rows: list[dict], hostile_words: list[str], friendly_words: list[str], cue_index: int,
+          cue: str, split: str) -> None:
+    """Append a hostile/friendly pair that differs only at word ``cue_index``."""
+    assert len(hostile_words) == len(friendly_words)
+    assert [i for i, (h, f) in enumerate(zip(hostile_words, friendly_words)) if h != f] == [cue_index]
+    pair = len(rows) // 2
+    for label, words in (("hostile", hostile_words), ("friendly", friendly_words)):
+        rows.append({"text": " ".join(words), "label": label, "cue": cue, "pair": pair,
+                     "cue_position": cue_index + 1, "cue_word": words[cue_index], "split": split})
+
+
+def toxicity_prompts(rng: random.Random, pairs: int = 64, ood_pairs: int = 32) -> list[dict]:
+    rows: list[dict] = []
+
+    def earlier(head: list[str], tail: list[str], cue: str, split: str, index: int) -> None:
+        template = SAME_FORM_TEMPLATES[index % len(SAME_FORM_TEMPLATES)]
+        words = SENTENCE_PAIRS[template][0].split()
+        slot = words.index("{w}")
+        hostile = [rng.choice(INSULTS) if w == "{w}" else w for w in words]
+        friendly = [rng.choice(PRAISES) if w == "{w}" else w for w in words]
+        _pair(rows, head + hostile + tail, head + friendly + tail, len(head) + slot, cue, split)
+
     for index in range(pairs):
-        frame = TOXIC_FRAMES[index % len(TOXIC_FRAMES)]
-        speaker, listener = rng.sample(NAMES, 2)
-        head = f"{speaker} said to {listener} :"
+        frame = TOXIC_FRAMES[index % len(TOXIC_FRAMES)].split()
+        speaker, listener = rng.sample(EVAL_NAMES, 2)
+        head = [speaker, "said", "to", listener, ":"]
         if index % 2 == 0:
-            hostile_mood, friendly_mood = rng.choice(HOSTILE_MOODS), rng.choice(FRIENDLY_MOODS)
-            texts = (f"mood: {hostile_mood} . {head} {frame}", f"mood: {friendly_mood} . {head} {frame}")
-            cue = "mood"
+            words = ["mood:", None, "."] + head + frame
+            _pair(rows, [rng.choice(HOSTILE_MOODS) if w is None else w for w in words],
+                  [rng.choice(FRIENDLY_MOODS) if w is None else w for w in words], 1, "mood", IN_DISTRIBUTION)
         else:
-            template = rng.randrange(len(SENTENCE_PAIRS))
-            texts = (f"{head} {sentence(rng, True, template)} {frame}",
-                     f"{head} {sentence(rng, False, template)} {frame}")
-            cue = "earlier"
-        rows.append({"text": texts[0], "label": "hostile", "cue": cue, "pair": index})
-        rows.append({"text": texts[1], "label": "friendly", "cue": cue, "pair": index})
+            earlier(head, frame, "earlier", IN_DISTRIBUTION, index // 2)
+    for index in range(ood_pairs):
+        frame = TOXIC_FRAMES[index % len(TOXIC_FRAMES)].split()
+        if index % 2 == 0:
+            speaker, listener = rng.sample(EVAL_NAMES, 2)
+            words = [speaker, "said", "to", listener, ":", "mood:", None, "."] + frame
+            _pair(rows, [rng.choice(HOSTILE_MOODS) if w is None else w for w in words],
+                  [rng.choice(FRIENDLY_MOODS) if w is None else w for w in words], 6, "mood_late", OOD)
+        else:
+            earlier(["user:"], ["bot:"] + frame, "chat", OOD, index // 2)
     return rows
 
 
-def detection_prompts(rng: random.Random, count: int = 64) -> list[dict]:
+def _comment(rng: random.Random, hostile: bool, count: int) -> str:
+    """``count`` sentences of one register, one of them (at a random place) a held-out combination."""
+    held = rng.randrange(count)
+    return " ".join(sentence(rng, hostile, rng.choice(WORD_TEMPLATES), held_out=True) if i == held
+                    else sentence(rng, hostile, held_out=None) for i in range(count))
+
+
+def detection_prompts(rng: random.Random, count: int = 64, ood: int = 32) -> list[dict]:
     rows = []
-    for index in range(count):
+    for index in range(count + ood):
         hostile = index % 2 == 0
-        text = " ".join(sentence(rng, hostile) for _ in range(rng.randint(1, 2)))
-        rows.append({"text": f"comment: {text} hateful:", "label": "yes" if hostile else "no"})
+        split = IN_DISTRIBUTION if index < count else OOD
+        n = rng.randint(1, 2) if split == IN_DISTRIBUTION else rng.randint(3, 4)
+        rows.append({"text": f"comment: {_comment(rng, hostile, n)} hateful:", "label": "yes" if hostile else "no",
+                     "split": split})
     return rows
 
 
-def instruction_prompts(rng: random.Random, count: int = 48) -> list[dict]:
+def instruction_prompts(rng: random.Random, count: int = 48, ood: int = 24) -> list[dict]:
     rows = []
-    for index in range(count):
+    triples = sorted(HELD_OUT_TRIPLES)
+    for index in range(count + ood):
+        split = IN_DISTRIBUTION if index < count else OOD
         task = TASKS[index % len(TASKS)]
-        items = rng.sample(DIGITS, rng.randint(3, 4))
+        items = list(rng.choice(triples))
+        extra = rng.randint(0, 1) if split == IN_DISTRIBUTION else rng.randint(2, 3)
+        items += rng.sample([d for d in DIGITS if d not in items], extra)
         answer = " ".join(task_result(task, items))
         bare = f"instruction: {task} {' '.join(items)}"
-        meta = {"task": task, "items": " ".join(items), "answer": answer}
+        meta = {"task": task, "items": " ".join(items), "answer": answer, "split": split}
         rows.append({"text": bare, "cued": False, **meta})
         rows.append({"text": f"{bare} answer:", "cued": True, **meta})
     return rows
 
 
-def arithmetic_prompts(rng: random.Random, train_count: int = 20) -> list[dict]:
+def arithmetic_text(a: int, b: int, op: str, split: str = IN_DISTRIBUTION) -> str:
+    if split == OOD:
+        return f"y is {b} and x is {a} . x {op} y ="
+    return f"x is {a} and y is {b} . x {op} y ="
+
+
+def arithmetic_prompts(pairs=None) -> list[dict]:
     rows = []
-    seen = [(a, b) for a in range(10) for b in range(10) if (a, b) not in HELD_OUT_PAIRS]
-    pairs = [(p, "held_out") for p in sorted(HELD_OUT_PAIRS)] + [(p, "train") for p in rng.sample(seen, train_count)]
-    for (a, b), split in pairs:
-        for op in "+-":
-            rows.append({"text": f"x is {a} and y is {b} . x {op} y =", "op": op, "a": a, "b": b,
-                         "answer": a + b if op == "+" else a - b, "split": split})
+    for split in (IN_DISTRIBUTION, OOD):
+        for a, b in sorted(HELD_OUT_PAIRS if pairs is None else pairs):
+            for op in "+-":
+                rows.append({"text": arithmetic_text(a, b, op, split), "op": op, "a": a, "b": b,
+                             "answer": a + b if op == "+" else a - b, "split": split})
     return rows
+
+
+def neutral_prompts(rng: random.Random, corpus: Corpus, count: int = 48) -> list[dict]:
+    return [{"text": " ".join(_trigram_text(rng, corpus, 48, 64)), "kind": "trigram", "split": IN_DISTRIBUTION}
+            for _ in range(count)]
 
 
 def build_prompt_sets(seed: int = PROMPT_SEED) -> dict[str, list[dict]]:
     """Every prompt set, by name, drawn deterministically from ``seed``."""
     rng = random.Random(seed)
+    corpus = Corpus()
     sets = {
-        "repetition": repetition_prompts(rng, Corpus()),
+        "repetition": repetition_prompts(rng, corpus),
         "toxicity": toxicity_prompts(rng),
         "detection": detection_prompts(rng),
         "instructions": instruction_prompts(rng),
-        "arithmetic": arithmetic_prompts(rng),
+        "arithmetic": arithmetic_prompts(),
+        "neutral": neutral_prompts(rng, corpus),
     }
     demo = []
     for name, rows in sets.items():
@@ -133,3 +224,8 @@ def load_prompt_set(name: str, folder: Path = PROMPTS_DIR) -> list[dict]:
         known = sorted(p.stem for p in folder.glob("*.jsonl"))
         raise FileNotFoundError(f"no prompt set {name!r} in {folder}; known sets: {known}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+if __name__ == "__main__":
+    for written in write_prompt_sets():
+        print(written)
