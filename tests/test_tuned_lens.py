@@ -85,3 +85,17 @@ def test_a_saved_lens_loads_back_identical(tmp_path, scope):
     x = torch.randn(4, scope.model.config.hidden_size)
     for name in lens.points:
         torch.testing.assert_close(loaded.translate(name, x), lens.translate(name, x))
+
+
+def test_the_logit_lens_reads_through_a_tuned_lens_when_given_its_translators(scope):
+    from microscope.analysis.lens import logit_lens
+    lens = fit_tuned_lens(scope, _ids(1), steps=20, lr=3e-3)
+    ids = _ids(4, n=3)
+    plain, tuned = logit_lens(scope, ids), logit_lens(scope, ids, translate=lens.translate)
+    torch.testing.assert_close(tuned.logits[-1], plain.logits[-1])           # the output is the output
+    assert not torch.allclose(tuned.logits[0], plain.logits[0])
+    first = lens.points[0]
+    with torch.no_grad():
+        _, cache = scope.run_with_cache(ids, names=[first])
+        expected = microscope.models.anatomy.unembed(scope.model, lens.translate(first, cache[first]))
+    torch.testing.assert_close(tuned.logits[0], expected, atol=1e-5, rtol=1e-5)

@@ -19,7 +19,7 @@ In both layouts the lens at the last block's ``hook_resid_post`` *is* the model'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -164,13 +164,15 @@ class LensResult(Result):
 
 @torch.no_grad()
 def logit_lens(scope, prompts: Prompts, *, points: Sequence[str] | None = None,
-               position: int | str = "all", attention_mask: torch.Tensor | None = None) -> LensResult:
+               position: int | str = "all", attention_mask: torch.Tensor | None = None,
+               translate: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> LensResult:
     """Read residual-stream points through the final path (`anatomy.unembed`) at every position.
 
     prompts: texts or ids [batch, pos]; points: hook names or glob patterns of residual-shaped
     hooks (default `residual_points`: embeddings + every block's resid_post); position: "all"
     (every position; padded ones get position -1 in `.positions`), "last" or an int (one column
-    per prompt, see `inputs.select_position`)."""
+    per prompt, see `inputs.select_position`). translate: ``(point, resid) -> resid`` applied
+    before the final path: a tuned lens's ``TunedLens.translate`` (`tuned_lens.py`)."""
     ids, mask = token_batch(scope, prompts, attention_mask)
     names = scope.resolve_names(list(points)) if points is not None else residual_points(scope)
     logits, cache = scope.run_with_cache(ids, names=names, attention_mask=mask)
@@ -187,7 +189,10 @@ def logit_lens(scope, prompts: Prompts, *, points: Sequence[str] | None = None,
         if act.shape[-1] != scope.model.config.hidden_size or act.ndim != 3:
             raise AnalysisInputError(f"{name} has shape {tuple(act.shape)}; the lens reads residual-stream "
                                      "hooks [batch, pos, d_model] (hook_resid_pre/mid/post)")
-        lens.append(unembed(scope.model, act[rows, gather.to(act.device)]).cpu())
+        resid = act[rows, gather.to(act.device)]
+        if translate is not None:
+            resid = translate(name, resid)
+        lens.append(unembed(scope.model, resid).cpu())
     model_logits = logits.float().cpu()[rows, gather]
     tokens = [[decode_token(scope.tokenizer, t) for t in row] for row in ids]
     return LensResult(points=names, logits=torch.stack(lens), positions=cols, input_ids=ids,
