@@ -16,7 +16,7 @@ app = typer.Typer(help="OPT Microscope: look inside OPT language models.", no_ar
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", envvar="MICROSCOPE_DEBUG",
                                     help="Show the traceback of user errors too.")) -> None:
-    """OPT Microscope: look inside OPT language models."""
+    """OPT Microscope: look inside OPT language models."""  # `debug` is read by ErrorReportingGroup
 
 
 # --- command registrations (one line per command; keep sorted by area) ---
@@ -36,3 +36,6 @@ from microscope.cli.workbench import demo_command, experiments_app, run_command 
 app.command("demo")(demo_command)
 app.command("run")(run_command)
 app.add_typer(experiments_app, name="experiments")
+from microscope.cli.features import features_app  # noqa: E402
+
+app.add_typer(features_app, name="features")
