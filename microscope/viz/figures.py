@@ -85,3 +85,25 @@ def line_plot(series: Mapping[str, Sequence[float]], *, x: Sequence | None = Non
         fig.add_hline(y=hline, line_dash="dot", annotation_text=f"{hline:.3g}")
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title)
     return fig
+
+
+def circuit_graph(nodes: Mapping[str, tuple[float, float]], edges: Sequence[tuple[str, str, float, str]], *,
+                  title: str = "") -> go.Figure:
+    """Nodes at (x, y) and edges (sender, receiver, score, port): width by |score|, colour by the
+    receiving port (q / k / v / in), solid for positive scores, dotted for negative ones."""
+    colors = {"q": "royalblue", "k": "crimson", "v": "seagreen", "in": "grey"}
+    top = max((abs(e[2]) for e in edges), default=1.0) or 1.0
+    fig = go.Figure()
+    for sender, receiver, score, port in edges:
+        (x0, y0), (x1, y1) = nodes[sender], nodes[receiver]
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="text",
+                                 text=f"{sender} -> {receiver}.{port}: {score:.3g}",
+                                 line=dict(width=1 + 7 * abs(score) / top, color=colors.get(port, "grey"),
+                                           dash="solid" if score >= 0 else "dot")))
+    fig.add_trace(go.Scatter(x=[p[0] for p in nodes.values()], y=[p[1] for p in nodes.values()],
+                             mode="markers+text", text=list(nodes), textposition="top center",
+                             marker=dict(size=10, color="black"), showlegend=False, hoverinfo="text"))
+    for port, color in colors.items():
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=color), name=port))
+    fig.update_layout(title=title, xaxis=dict(visible=False), yaxis=dict(visible=False))
+    return fig

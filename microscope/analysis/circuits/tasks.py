@@ -4,7 +4,7 @@ The metric is the log-odds of two named token sets at each prompt's last real to
 over prompts: ``logsumexp(logits[good]) - logsumexp(logits[bad])`` (a logit difference when each
 set holds one token; the softmax normaliser cancels, so it is log P(good) - log P(bad)).
 
-    task = repetition_task(scope, n_prompts=32, span=8, seed=0)
+    task = repetition_task(scope, n_prompts=32, span=10, shown=5, seed=0)
     task = toxicity_task(scope, "toxicity", good=["fool", ...], bad=["friend", ...])
     task.metric(scope.run(task.clean, attention_mask=task.mask))      # scalar tensor
 """
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from microscope.analysis.head_scores import repeated_random_tokens
 from microscope.analysis.inputs import last_positions, token_batch, token_ids
 from microscope.errors import AnalysisInputError
 from microscope.prompts import Prompt, load_prompts
@@ -55,20 +54,35 @@ class CircuitTask:
         return self.per_prompt(logits).mean()
 
 
-def repetition_task(scope, *, n_prompts: int = 32, span: int = 8, shown: int = 4, seed: int = 0) -> CircuitTask:
+def repetition_task(scope, *, n_prompts: int = 32, span: int = 10, shown: int = 5, seed: int = 0,
+                    words: Sequence[str] | None = None) -> CircuitTask:
     """A repeated span: ``bos a_1..a_span a_1..a_shown``, answer a_{shown+1} (by induction).
 
-    Corruption resamples the first copy (``bos b_1..b_span a_1..a_shown``), so nothing earlier
-    predicts the answer; the wrong token is b_{shown+1}. Spans are random ordinary tokens of the
-    whole vocabulary (`head_scores.repeated_random_tokens`, seeds `seed` and `seed + 1`)."""
+    Corruption resamples the first copy (``bos b_1..b_span a_1..a_shown``, the b's distinct from
+    the a's), so nothing earlier predicts the answer; the wrong token is b_{shown+1}. Tokens are
+    drawn (seeded) from `words` (one token each) or, by default, every ordinary token."""
     if not 0 < shown < span:
         raise AnalysisInputError(f"shown must lie in (0, span={span}), got {shown}")
-    clean = repeated_random_tokens(scope, n_prompts=n_prompts, span=span, seed=seed)[:, : 1 + span + shown]
-    other = repeated_random_tokens(scope, n_prompts=n_prompts, span=span, seed=seed + 1)
-    corrupt = torch.cat([clean[:, :1], other[:, 1: 1 + span], clean[:, 1 + span:]], 1)
-    good, bad = clean[:, shown + 1: shown + 2], other[:, shown + 1: shown + 2]
-    keep = good[:, 0] != bad[:, 0]
-    return CircuitTask("repetition", clean[keep], corrupt[keep], torch.ones_like(clean[keep]), good[keep], bad[keep])
+    pool = _token_pool(scope, words)
+    if len(pool) < 2 * span:
+        raise AnalysisInputError(f"{len(pool)} tokens to draw from; a span of {span} needs {2 * span}")
+    g = torch.Generator().manual_seed(seed)
+    drawn = torch.stack([pool[torch.randperm(len(pool), generator=g)[: 2 * span]] for _ in range(n_prompts)])
+    first, other = drawn[:, :span], drawn[:, span:]
+    bos = torch.full((n_prompts, 1), scope.config.bos_token_id)
+    clean = torch.cat([bos, first, first[:, :shown]], 1)
+    corrupt = torch.cat([bos, other, first[:, :shown]], 1)
+    return CircuitTask("repetition", clean, corrupt, torch.ones_like(clean), first[:, shown:shown + 1],
+                       other[:, shown:shown + 1])
+
+
+def _token_pool(scope, words: Sequence[str] | None) -> torch.Tensor:
+    """LongTensor of candidate tokens: the ids of `words`, or every id that is not special."""
+    if words is not None:
+        return token_ids(scope, list(words), len(words))
+    special = set(scope.tokenizer.all_special_ids) | {scope.config.pad_token_id, scope.config.bos_token_id}
+    n_vocab = min(len(scope.tokenizer), scope.config.vocab_size)
+    return torch.tensor([t for t in range(n_vocab) if t not in special])
 
 
 def toxicity_task(scope, prompts: Sequence[Prompt] | str = "toxicity", *, good: Sequence[str],

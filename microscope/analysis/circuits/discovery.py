@@ -1,0 +1,85 @@
+"""Find a task's circuit: exact edge effects, EAP and EAP-IG scores, the faithfulness curve of the
+EAP-IG ranking, and the same curve on random-init models of the same shape as the control.
+
+    result = find_circuit(scope, repetition_task(scope), steps=5)
+    result.summary()["spearman_eap_ig"], result.summary()["faithfulness"]
+    run_circuit(scope, task="repetition")          # the workbench step (`microscope run ...`)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from scipy.stats import spearmanr
+
+from microscope.analysis.circuits.eap import eap_scores
+from microscope.analysis.circuits.edge_patching import exact_edge_effects
+from microscope.analysis.circuits.extraction import edge_grid, faithfulness_curve, minimal_circuit
+from microscope.analysis.circuits.graph import CircuitGraph
+from microscope.analysis.circuits.results import Agreement, CircuitResult, budget_edges
+from microscope.analysis.circuits.tasks import CircuitTask, repetition_task, toxicity_task
+from microscope.analysis.controls import DEFAULT_SEEDS, random_init_scopes
+from microscope.errors import AnalysisInputError
+
+TASKS = ("repetition", "toxicity")
+
+
+def agreement(exact: torch.Tensor, estimate: torch.Tensor, gap: float, *, share: float = 0.01,
+              top: int = 20) -> Agreement:
+    """How an estimate ranks edges against exact patching, over the edges whose exact effect
+    exceeds `share` of the clean-vs-corrupt metric gap: Spearman of |values| (the ranking that
+    extraction uses) and of signed values, and the overlap of the `top` edges by |value|."""
+    big = exact.abs() > share * abs(gap)
+    top = min(top, len(exact))
+    overlap = len(set(exact.abs().topk(top).indices.tolist()) & set(estimate.abs().topk(top).indices.tolist()))
+    return Agreement(spearman=float(spearmanr(exact[big].abs(), estimate[big].abs())[0]),
+                     spearman_signed=float(spearmanr(exact[big], estimate[big])[0]),
+                     top_overlap=overlap / top, top=top, compared=int(big.sum()))
+
+
+def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "corrupt", target: float = 0.8,
+                 budget: float = 0.1, exact: bool = True, control_seeds: Sequence[int] = DEFAULT_SEEDS
+                 ) -> CircuitResult:
+    """Score every edge (EAP-IG with `steps`; EAP and exact patching beside it when `exact`),
+    extract the circuit (faithfulness curve of the EAP-IG ranking; `budget`: the share of edges
+    the headline circuit keeps; `target`: the faithfulness the minimal circuit must reach), and run
+    the same extraction on random-init models (`control_seeds`)."""
+    graph = CircuitGraph.of(scope.model)
+    ig = eap_scores(scope, graph, task, steps=steps, ablation=ablation)
+    ks = sorted({*edge_grid(graph.n_edges), budget_edges(graph.n_edges, budget)})
+    curve = faithfulness_curve(scope, graph, task, ig, ks=ks, ablation=ablation)
+    gap = curve.clean - curve.corrupt
+    effects = eap = None
+    if exact:
+        effects = exact_edge_effects(scope, graph, task, ablation=ablation)
+        eap = eap_scores(scope, graph, task, steps=1, ablation=ablation)
+    control_scores, controls = [], []
+    for control in random_init_scopes(scope, control_seeds):
+        control_scores.append(eap_scores(control, graph, task, steps=steps, ablation=ablation))
+        controls.append(faithfulness_curve(control, graph, task, control_scores[-1], ks=ks, ablation=ablation))
+    return CircuitResult(
+        task=task.name, graph=graph, eap_ig=ig, curve=curve, controls=controls, control_scores=control_scores,
+        target=target, budget=budget,
+        minimal=minimal_circuit(curve, target), steps=steps, exact=effects, eap=eap,
+        agreement_eap_ig=agreement(effects, ig, gap) if exact else None,
+        agreement_eap=agreement(effects, eap, gap) if exact else None)
+
+
+def run_circuit(scope, task: str = "repetition", *, n_prompts: int = 32, span: int = 10, shown: int = 5,
+                words: Sequence[str] | None = None, prompts: str = "toxicity", good: Sequence[str] = (),
+                bad: Sequence[str] = (), seed: int = 0, steps: int = 5, ablation: str = "corrupt",
+                target: float = 0.8, budget: float = 0.1, exact: bool = True,
+                control_seeds: Sequence[int] = DEFAULT_SEEDS) -> CircuitResult:
+    """The workbench step: build the named task from its parameters (repetition: n_prompts, span,
+    shown, words, seed; toxicity: prompts, good, bad) and `find_circuit` on it."""
+    if task == "repetition":
+        built = repetition_task(scope, n_prompts=n_prompts, span=span, shown=shown, seed=seed, words=words)
+    elif task == "toxicity":
+        if not good or not bad:
+            raise AnalysisInputError("the toxicity task needs its word lists: good = [...] and bad = [...]")
+        built = toxicity_task(scope, prompts, good=good, bad=bad)
+    else:
+        raise AnalysisInputError(f"task must be one of {TASKS}, got {task!r}")
+    return find_circuit(scope, built, steps=steps, ablation=ablation, target=target, budget=budget, exact=exact,
+                        control_seeds=control_seeds)

@@ -1,0 +1,68 @@
+"""Circuit extraction: keep the top edges by score, ablate every other edge, measure faithfulness.
+
+    faithfulness(k) = (metric(top k edges kept) - metric(corrupt)) / (metric(clean) - metric(corrupt))
+
+the share of the clean-vs-corrupt metric the circuit recovers (1: all of it; 0: none). Edges are
+ranked by |score|. The minimal circuit is the smallest k on the curve reaching a target.
+
+    curve = faithfulness_curve(scope, graph, task, scores, ks=[1, 2, 5, 10, 20])
+    k = minimal_circuit(curve, target=0.8)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from microscope.analysis.circuits.edge_patching import ablation_values, run_with_ablated_edges
+from microscope.analysis.circuits.graph import CircuitGraph
+from microscope.analysis.circuits.tasks import CircuitTask
+
+
+@dataclass(frozen=True)
+class FaithfulnessCurve:
+    """ks: edges kept; faithfulness: one value per k; clean / corrupt: the metric's two ends;
+    order: edge indices by decreasing |score| (the circuit of k edges is ``order[:k]``)."""
+
+    ks: list[int]
+    faithfulness: list[float]
+    clean: float
+    corrupt: float
+    order: list[int]
+
+    def at(self, k: int) -> float:
+        """Faithfulness at the largest k on the curve not above `k`."""
+        i = max(j for j, kk in enumerate(self.ks) if kk <= k) if k >= self.ks[0] else None
+        return float("nan") if i is None else self.faithfulness[i]
+
+
+def edge_grid(n_edges: int, points: int = 40) -> list[int]:
+    """Edge counts for a curve: every k up to 20, then `points` geometric steps to n_edges."""
+    geometric = np.geomspace(1, n_edges, points).round().astype(int).tolist()
+    return sorted({k for k in [*range(1, min(20, n_edges) + 1), *geometric] if 1 <= k <= n_edges})
+
+
+@torch.no_grad()
+def faithfulness_curve(scope, graph: CircuitGraph, task: CircuitTask, scores: torch.Tensor,
+                       ks: list[int] | None = None, ablation: str = "corrupt") -> FaithfulnessCurve:
+    """Faithfulness of the top-k edges by |score| ([n_edges]) for each k in `ks` (`edge_grid`)."""
+    values = ablation_values(scope, graph, task, ablation)
+    clean = float(task.metric(scope.run(task.clean, attention_mask=task.mask)))
+    corrupt = float(task.metric(run_with_ablated_edges(scope, graph, task, graph.upstream, values)))
+    order = scores.abs().argsort(descending=True)
+    ks = ks or edge_grid(graph.n_edges)
+    out = []
+    for k in ks:
+        kept = torch.zeros(graph.n_edges, dtype=torch.bool)
+        kept[order[:k]] = True
+        ablated = graph.mask(~kept)
+        metric = float(task.metric(run_with_ablated_edges(scope, graph, task, ablated, values)))
+        out.append((metric - corrupt) / (clean - corrupt))
+    return FaithfulnessCurve(list(ks), out, clean, corrupt, order.tolist())
+
+
+def minimal_circuit(curve: FaithfulnessCurve, target: float = 0.8) -> int | None:
+    """The smallest k on the curve whose faithfulness reaches `target` (None: none does)."""
+    return next((k for k, f in zip(curve.ks, curve.faithfulness) if f >= target), None)

@@ -1,0 +1,167 @@
+"""`CircuitResult`: the edges' scores, the extracted circuit, its faithfulness and its control."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from microscope.analysis.circuits.extraction import FaithfulnessCurve, minimal_circuit
+from microscope.analysis.circuits.graph import CircuitGraph
+from microscope.analysis.controls import Controlled
+from microscope.analysis.results import Result
+from microscope.viz.figures import circuit_graph, line_plot
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """An estimate against exact patching over `compared` edges (see `discovery.agreement`)."""
+
+    spearman: float
+    spearman_signed: float
+    top_overlap: float
+    top: int
+    compared: int
+
+
+@dataclass(repr=False)
+class CircuitResult(Result):
+    """eap_ig / eap / exact: [n_edges] scores in `graph.edges` order (exact: metric change when the
+    edge alone is ablated); curve: faithfulness of the EAP-IG ranking; controls / control_scores:
+    the same on random-init models; budget: share of edges the headline circuit keeps; minimal:
+    the fewest edges reaching `target` (None: not reached)."""
+
+    task: str
+    graph: CircuitGraph
+    eap_ig: torch.Tensor
+    curve: FaithfulnessCurve
+    controls: list[FaithfulnessCurve]
+    control_scores: list[torch.Tensor]
+    target: float
+    budget: float
+    minimal: int | None
+    steps: int
+    exact: torch.Tensor | None = None
+    eap: torch.Tensor | None = None
+    agreement_eap_ig: Agreement | None = None
+    agreement_eap: Agreement | None = None
+
+    @property
+    def title(self) -> str:
+        return f"{self.task} circuit"
+
+    @property
+    def kept(self) -> int:
+        """Edges in the headline circuit: `budget` of all edges."""
+        return budget_edges(self.graph.n_edges, self.budget)
+
+    def circuit(self, k: int | None = None) -> list[str]:
+        """Labels of the top-`k` edges by |EAP-IG| (default: the headline circuit)."""
+        return [self.graph.edge_labels[i] for i in self.curve.order[: k or self.kept]]
+
+    def circuit_heads(self, k: int | None = None) -> list[str]:
+        """Heads that send or receive along an edge of the circuit, sorted."""
+        nodes = {part.split(".")[0] for edge in self.circuit(k) for part in edge.split("->")}
+        return sorted(n for n in nodes if n.startswith("L"))
+
+    def recovered(self) -> Controlled:
+        """Metric recovered by the headline circuit (faithfulness x gap), against random init."""
+        def recovered(curve: FaithfulnessCurve) -> float:
+            return curve.at(self.kept) * (curve.clean - curve.corrupt)
+        return Controlled(recovered(self.curve), [recovered(c) for c in self.controls],
+                          control=f"random init x{len(self.controls)}")
+
+    def summary(self) -> dict:
+        out = {"task": self.task, "edges": self.graph.n_edges, "eap_ig_steps": self.steps,
+               "metric_clean": round(self.curve.clean, 4), "metric_corrupt": round(self.curve.corrupt, 4)}
+        for name, agreement in (("eap_ig", self.agreement_eap_ig), ("eap", self.agreement_eap)):
+            if agreement is not None:
+                out[f"spearman_{name}"] = round(agreement.spearman, 4)
+                out[f"spearman_{name}_signed"] = round(agreement.spearman_signed, 4)
+                out[f"top{agreement.top}_overlap_{name}"] = agreement.top_overlap
+                out["edges_compared"] = agreement.compared
+        control_f = [c.at(self.kept) for c in self.controls]
+        out.update({
+            "faithfulness": round(self.curve.at(self.kept), 4), "edges_kept": self.kept,
+            "edge_share": round(self.kept / self.graph.n_edges, 4), "target": self.target,
+            "minimal_edges": self.minimal,
+            "minimal_edge_share": None if self.minimal is None else round(self.minimal / self.graph.n_edges, 4),
+            "faithfulness_control_max": round(max(control_f), 4) if control_f else None,
+            "minimal_edges_control": [minimal_circuit(c, self.target) for c in self.controls],
+            "metric_gap_control_max": round(max(abs(c.clean - c.corrupt) for c in self.controls), 4)
+            if self.controls else None,
+            "circuit_heads": self.circuit_heads(),
+        })
+        if self.controls:
+            out.update({k: (round(v, 4) if isinstance(v, float) else v)
+                        for k, v in self.recovered().headline("recovered_metric").items()})
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        g = self.graph
+        rank = np.empty(g.n_edges, dtype=int)
+        rank[self.curve.order] = np.arange(g.n_edges)
+        frame = pd.DataFrame({"edge": g.edge_labels, "sender": [g.senders[s] for s in g.edges[:, 0].tolist()],
+                              "receiver": [g.receivers[r] for r in g.edges[:, 1].tolist()],
+                              "eap_ig": self.eap_ig.tolist(), "rank": rank, "in_circuit": rank < self.kept})
+        if self.exact is not None:
+            frame["exact"] = self.exact.tolist()
+            frame["eap"] = self.eap.tolist()
+        return frame.sort_values("rank").reset_index(drop=True)
+
+    def figures(self) -> list[go.Figure]:
+        curves = {"model": self.curve.faithfulness}
+        curves.update({f"random init {i}": c.faithfulness for i, c in enumerate(self.controls)})
+        figures = [self._graph_figure(self.eap_ig, self.curve.order, f"{self.title}: top {self.kept} edges "
+                                      f"(faithfulness {self.curve.at(self.kept):.2f})"),
+                   line_plot(curves, x=self.curve.ks, title=f"{self.title}: faithfulness by edges kept",
+                             x_title="edges kept (top by |EAP-IG|)", y_title="faithfulness", hline=self.target)]
+        if self.controls:
+            figures.append(self._graph_figure(self.control_scores[0], self.controls[0].order,
+                                              f"control (random init 0): top {self.kept} edges "
+                                              f"(faithfulness {self.controls[0].at(self.kept):.2f})"))
+        if self.exact is not None:
+            figures.append(self._agreement_figure())
+        return figures
+
+    def _graph_figure(self, scores: torch.Tensor, order: list[int], title: str) -> go.Figure:
+        g = self.graph
+        edges = []
+        for i in order[: self.kept]:
+            s, r = g.edges[i].tolist()
+            receiver, _, port = g.receivers[r].partition(".")
+            edges.append((g.senders[s], receiver, float(scores[i]), port or "in"))
+        return circuit_graph(node_positions(g), edges, title=title)
+
+    def _agreement_figure(self) -> go.Figure:
+        fig = go.Figure(go.Scatter(x=self.exact.numpy(), y=self.eap_ig.numpy(), mode="markers",
+                                   text=self.graph.edge_labels, name="EAP-IG"))
+        fig.add_trace(go.Scatter(x=self.exact.numpy(), y=self.eap.numpy(), mode="markers",
+                                 text=self.graph.edge_labels, name="EAP", marker=dict(symbol="x")))
+        a = self.agreement_eap_ig
+        fig.update_layout(title=f"{self.title}: EAP-IG vs exact edge patching (Spearman |.| {a.spearman:.2f}, "
+                                f"top-{a.top} overlap {a.top_overlap:.0%})",
+                          xaxis_title="exact effect of ablating the edge", yaxis_title="estimate")
+        return fig
+
+
+def budget_edges(n_edges: int, budget: float) -> int:
+    """Edges kept for a `budget` share of `n_edges` (at least one)."""
+    return max(1, math.floor(budget * n_edges))
+
+
+def node_positions(graph: CircuitGraph) -> dict[str, tuple[float, float]]:
+    """(x, y) of each component for drawing: embed at the bottom, then per layer its heads in a
+    row and its MLP above them, logits on top."""
+    middle = (graph.n_heads - 1) / 2
+    out = {"embed": (middle, 0.0)}
+    for l in range(graph.n_layers):
+        for h in range(graph.n_heads):
+            out[graph.senders[graph.head_sender(l, h)]] = (float(h), 2.0 * l + 1)
+        out[graph.senders[graph.mlp_sender(l)]] = (middle, 2.0 * l + 2)
+    out["logits"] = (middle, 2.0 * graph.n_layers + 1)
+    return out
