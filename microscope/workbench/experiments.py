@@ -61,6 +61,7 @@ ANALYSES: dict[str, str] = {
     "head_scores": "microscope.analysis.head_scores:pattern_head_scores",
     "logit_lens": "microscope.analysis.lens:logit_lens",
     "induction_patterns": "microscope.analysis.induction_patterns:induction_patterns",
+    "features": "microscope.analysis.features.study:run_features_study",
 }
 DUMP = "dump"
 STEPS = (DUMP, *ANALYSES)
@@ -390,7 +391,8 @@ def _sections(step: str, result) -> list:
     if isinstance(result, Mapping):
         return [s for key, item in result.items() for s in _sections(f"{step}: {key}", item)]
     return [Section(step, figures=list(result.figures()), numbers=result.summary(),
-                    notes=getattr(result, "title", ""))]
+                    notes=getattr(result, "title", ""),
+                    html=result.report_html() if hasattr(result, "report_html") else "")]
 
 
 def _frame(result):

@@ -29,12 +29,14 @@ PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
 @dataclass
 class Section:
-    """One analysis in a report: its headline numbers (flat dict), figures, and optional notes."""
+    """One analysis in a report: its headline numbers (flat dict), figures, optional notes, and
+    optional HTML of its own (e.g. the searchable feature dashboards), shown after the figures."""
 
     title: str
     figures: Sequence[go.Figure] = ()
     numbers: Mapping[str, object] = field(default_factory=dict)
     notes: str = ""
+    html: str = ""
 
 
 def figure_title(fig: go.Figure) -> str:
@@ -94,6 +96,7 @@ def render_report(title: str, sections: Sequence[Section], *, provenance: Mappin
         for fig in section.figures:
             n += 1
             body.append("<div class='figure'>" + _figure_div(fig, f"figure-{n}") + "</div>")
+        body.append(section.html)
         body.append("</section>")
     body.append("<h2>Provenance</h2><pre class='provenance'>"
                 + html.escape(json.dumps(provenance, indent=2)) + "</pre>")

@@ -179,15 +179,13 @@ class FeatureDashboards(Result):
                 "dead_share": float((self.density == 0).float().mean()),
                 "median_density": float(self.density.median())}
 
-    def figure(self) -> go.Figure:
+    def figures(self) -> list[go.Figure]:
+        """The firing density of every live latent (log10 share of tokens)."""
         live = self.density[self.density > 0].numpy()
         fig = go.Figure(go.Histogram(x=np.log10(live), nbinsx=40))
         fig.update_layout(title=f"Latent firing density on {self.hook} ({len(live)} live latents)",
                           xaxis_title="log10 density (share of tokens)", yaxis_title="latents")
-        return fig
-
-    def figures(self) -> list[go.Figure]:
-        return [self.figure()]
+        return [fig]
 
     def to_html(self, latents=None, notes: dict[int, str] | None = None) -> str:
         """A searchable list of latents, one panel each (self-contained HTML, no script library)."""

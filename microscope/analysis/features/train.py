@@ -77,13 +77,14 @@ def store_fingerprint(store: ActivationStore) -> str:
 
 def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | None = None,
                      settings: TrainSettings | None = None, resume: bool = True, progress: bool = True,
-                     storage_options: dict | None = None,
+                     storage_options: dict | None = None, command_line: str | None = None,
                      on_step: Callable[[dict], None] | None = None, **changes) -> Dictionary:
     """Train on `hook` of `store` (an `ActivationStore`, a folder or an fsspec URL) into folder `out`.
 
     transcode_to: train a transcoder predicting this hook from `hook`. `changes` set single
     `TrainSettings` fields (``k=32, steps=500``). resume: continue from OUT/checkpoint.pt (a
-    finished run is loaded, not retrained); False starts over. on_step receives
+    finished run is loaded, not retrained); False starts over. command_line: recorded in the
+    provenance. on_step receives
     {"step", "steps", "fvu", "dead", "tokens_per_s"} after every step (rank 0)."""
     settings = (settings or TrainSettings()).but(**changes)
     if not isinstance(store, ActivationStore):
@@ -158,7 +159,7 @@ def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | N
         "n_latents": n_latents, "lr": lr, "steps_done": state["step"], "tokens_seen": state["tokens"],
         "resumed_from_step": resumed_from, "tokens_per_s_this_run": tokens_now / seconds if seconds else None,
         "history": state["history"], "code_version": __version__, "git_commit": commit, "git_dirty": dirty,
-        "torch": torch.__version__})
+        "torch": torch.__version__, "command": command_line})
     if ranks.is_main:
         dictionary.save(out)
     barrier(ranks)

@@ -1,0 +1,204 @@
+"""The features study: does a dictionary trained on a store find the organism's planted hostile
+register, and would the same recipe find it in a model that has none?
+
+    result = run_features_study(scope, store, hook="blocks.1.hook_resid_post",
+                                out="results/features/dictionaries", target_words=INSULT_WORDS)
+    result.summary()   # hostile_latent_auroc, control_best_auroc, insult_words_in_top10, fvu, ...
+
+Recipe: train a TopK SAE on `hook` of `store` (the model's activations on a mixed prompt set);
+take the evaluation prompts (`eval_prompts`, labelled by `label_field`) that are not in the
+store; read each one's last-token activation and encode it. The latent with the best AUROC for
+`positive` on the selection half (even `pair`, or even index; ties broken by the standardised gap
+of means) is the hostile latent; its AUROC is reported on the other half. The control repeats the recipe on random-init models of the same
+shape (`controls.random_init_scopes`): each dumps the same prompts into its own store and trains
+the same dictionary; its *best* latent's AUROC on the evaluation half (picked there, so the
+control is generous) is the control value. `target_words`: the words the claimed latent should
+promote (e.g. the insult words); the latent with most of them among its top 10 unembedded
+decoder tokens is reported with the same count for the control. FVU over the store and the CE
+loss recovered on the evaluation prompts (`metrics`) say whether the dictionary is faithful.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from sklearn.metrics import roc_auc_score
+
+from microscope.activations.dump import dump
+from microscope.activations.reader import open_store
+from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
+from microscope.analysis.features.coder import Dictionary
+from microscope.analysis.features.dashboards import FeatureDashboards, feature_dashboards
+from microscope.analysis.features.metrics import ce_loss_recovered, reconstruction_metrics
+from microscope.analysis.features.train import TrainSettings, train_dictionary
+from microscope.analysis.results import Result
+from microscope.models import anatomy
+from microscope.prompts import Prompt, load_prompts
+
+TOP_TOKENS = 10
+
+
+def latent_aurocs(latents: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AUROC [n_latents] of each latent's activation [n, n_latents] for bool labels [n] (0.5 if constant)."""
+    return np.array([roc_auc_score(labels, col) if col.std() > 0 else 0.5 for col in latents.T])
+
+
+def separation(latents: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(mean over positives - mean over negatives) / standard deviation, per latent [n_latents]."""
+    gap = latents[labels].mean(0) - latents[~labels].mean(0)
+    return gap / (latents.std(0) + 1e-12)
+
+
+def last_token_latents(scope, d: Dictionary, texts: list[str]) -> np.ndarray:
+    """Latent activations [n_prompts, n_latents] at each prompt's last token."""
+    _, cache = scope.run_with_cache(texts, names=[d.hook], positions="last")
+    return d.encode_dense(cache[d.hook].float()).numpy()
+
+
+def top_token_hits(scope, d: Dictionary, words: set[str], vocab: np.ndarray) -> np.ndarray:
+    """How many of each latent's top-10 promoted tokens (through the unembedding) are in `words`."""
+    hits = []
+    for row in d.decoder:
+        top = anatomy.unembed_direction(scope.model, row)[:len(vocab)].topk(TOP_TOKENS).indices
+        hits.append(sum(str(vocab[int(t)]).strip() in words for t in top))
+    return np.array(hits)
+
+
+def store_prompts(store) -> list[Prompt]:
+    """The prompts a store was dumped from (text and metadata)."""
+    return [Prompt(store.prompt_text(p), store.prompt_metadata(p)) for p in range(store.n_prompts)]
+
+
+@dataclass
+class Recipe:
+    """One model's run of the recipe: its dictionary, per-latent AUROCs and word hits."""
+
+    dictionary: Dictionary
+    auroc_select: np.ndarray
+    separation_select: np.ndarray
+    auroc_eval: np.ndarray
+    word_hits: np.ndarray
+
+    @property
+    def chosen(self) -> int:
+        """The best latent on the selection half: highest AUROC, ties broken by separation."""
+        return int(np.lexsort((self.separation_select, self.auroc_select))[-1])
+
+    @property
+    def word_latent(self) -> int:
+        return int(np.argmax(self.word_hits))
+
+
+def _recipe(scope, store, hook: str, out: Path, settings: TrainSettings, texts: list[str],
+            labels: np.ndarray, select: np.ndarray, words: set[str], progress: bool) -> Recipe:
+    d = train_dictionary(store, hook, out, settings=settings, resume=False, progress=progress)
+    acts = last_token_latents(scope, d, texts)
+    return Recipe(d, latent_aurocs(acts[select], labels[select]), separation(acts[select], labels[select]),
+                  latent_aurocs(acts[~select], labels[~select]),
+                  top_token_hits(scope, d, words, np.asarray(store.vocab)) if words else np.zeros(d.n_latents))
+
+
+def run_features_study(scope, store, *, hook: str = "blocks.1.hook_resid_post",
+                       out: str = "results/features/dictionaries", eval_prompts: str = "toxicity",
+                       label_field: str = "label", positive: str = "hostile",
+                       target_words: list[str] | None = None, control_seeds: tuple[int, ...] | list[int] = DEFAULT_SEEDS,
+                       steps: int = 300, batch_size: int = 512, k: int = 16, expansion_factor: int = 8,
+                       dead_tokens: int = 20_000, seed: int = 0, dashboard_latents: int = 48,
+                       progress: bool = False) -> FeatureStudy:
+    """Run the recipe on `scope` (dictionary from `store`) and on random-init controls; see the module
+    docstring. Dictionaries and control stores are written under `out`."""
+    out = Path(out)
+    settings = TrainSettings(steps=steps, batch_size=batch_size, k=k, expansion_factor=expansion_factor,
+                             dead_tokens=dead_tokens, seed=seed, checkpoint_every=steps)
+    stored = {store.prompt_text(p) for p in range(store.n_prompts)}
+    prompts = [p for p in load_prompts(eval_prompts) if p.text not in stored and label_field in p.metadata]
+    texts = [p.text for p in prompts]
+    labels = np.array([p.metadata[label_field] == positive for p in prompts])
+    select = np.array([int(p.metadata.get("pair", i)) % 2 == 0 for i, p in enumerate(prompts)])
+    words = set(target_words or ())
+    model = _recipe(scope, store, hook, out / "model", settings, texts, labels, select, words, progress)
+    controls = []
+    for i, control_scope in zip(control_seeds, random_init_scopes(scope, control_seeds)):
+        path = out / f"control_{i}.zarr"
+        shutil.rmtree(path, ignore_errors=True)
+        dump(control_scope, store_prompts(store), [hook], str(path), seed=seed)
+        controls.append(_recipe(control_scope, open_store(str(path)), hook, out / f"control_{i}", settings,
+                                texts, labels, select, words, progress))
+    recon = reconstruction_metrics(model.dictionary, store)
+    ce = ce_loss_recovered(scope, model.dictionary, texts)
+    dashboards = feature_dashboards(model.dictionary, store, scope=scope)
+    return FeatureStudy(model=model, controls=controls, reconstruction=recon, ce=ce, dashboards=dashboards,
+                        n_eval=int((~select).sum()), n_select=int(select.sum()), positive=positive,
+                        dashboard_latents=dashboard_latents, control_seeds=list(control_seeds))
+
+
+@dataclass
+class FeatureStudy(Result):
+    """The study's measurements (see `run_features_study`)."""
+
+    model: Recipe
+    controls: list[Recipe]
+    reconstruction: dict
+    ce: dict
+    dashboards: FeatureDashboards
+    n_eval: int
+    n_select: int
+    positive: str
+    dashboard_latents: int = 48
+    control_seeds: list[int] = field(default_factory=list)
+
+    title = "features: a dictionary finds the hostile register"
+
+    @property
+    def auroc(self) -> Controlled:
+        """The chosen latent's held-out AUROC against each control's best latent."""
+        return Controlled(float(self.model.auroc_eval[self.model.chosen]),
+                          [float(c.auroc_eval.max()) for c in self.controls],
+                          control=f"best latent of the same recipe on random-init models (seeds {self.control_seeds})")
+
+    @property
+    def word_hits(self) -> Controlled:
+        return Controlled(float(self.model.word_hits.max()), [float(c.word_hits.max()) for c in self.controls],
+                          control="most target words in any latent's top 10, random-init models")
+
+    def summary(self) -> dict:
+        auroc, hits = self.auroc, self.word_hits
+        return {"hostile_latent": self.model.chosen, "hostile_latent_auroc": auroc.value,
+                "control_best_auroc": auroc.extreme, "auroc_clears_control": auroc.clears,
+                "insult_latent": self.model.word_latent, "insult_words_in_top10": int(hits.value),
+                "control_insult_words_in_top10": int(hits.extreme), "fvu": self.reconstruction["fvu"],
+                "l0": self.reconstruction["l0"], "dead_share": self.reconstruction["dead_share"],
+                "dense_share": self.reconstruction["dense_share"], **self.ce,
+                "eval_prompts": self.n_eval, "selection_prompts": self.n_select,
+                "tokens_per_s": self.model.dictionary.provenance.get("tokens_per_s_this_run")}
+
+    def to_frame(self) -> pd.DataFrame:
+        frame = self.dashboards.to_frame()
+        frame.insert(1, "auroc_select", self.model.auroc_select)
+        frame.insert(2, "auroc_eval", self.model.auroc_eval)
+        frame.insert(3, "target_words_in_top10", self.model.word_hits)
+        return frame
+
+    def figures(self) -> list[go.Figure]:
+        """Held-out AUROC of every latent, organism against controls; the latents' firing density."""
+        fig = go.Figure()
+        fig.add_histogram(x=self.model.auroc_eval, name="organism latents", opacity=0.7, nbinsx=50)
+        fig.add_histogram(x=np.concatenate([c.auroc_eval for c in self.controls]), name="random-init latents",
+                          opacity=0.7, nbinsx=50)
+        fig.add_vline(x=self.auroc.value, line_dash="dash", annotation_text=f"latent {self.model.chosen}")
+        fig.update_layout(barmode="overlay", title=f"Held-out AUROC for '{self.positive}' of every latent",
+                          xaxis_title="AUROC (evaluation half)", yaxis_title="latents")
+        return [fig, *self.dashboards.figures()]
+
+    def report_html(self) -> str:
+        """Dashboards of the hostile and insult latents, then the most frequently firing latents."""
+        named = {self.model.chosen: f"hostile latent (AUROC {self.auroc.value:.3f})",
+                 self.model.word_latent: f"insult latent ({int(self.word_hits.value)}/10 target words)"}
+        others = [i for i in torch.argsort(-self.dashboards.density).tolist() if i not in named]
+        return self.dashboards.to_html(list(named) + others[:self.dashboard_latents], notes=named)
