@@ -61,6 +61,7 @@ ANALYSES: dict[str, str] = {
     "head_scores": "microscope.analysis.head_scores:pattern_head_scores",
     "logit_lens": "microscope.analysis.lens:logit_lens",
     "induction_patterns": "microscope.analysis.induction_patterns:induction_patterns",
+    "circuit": "microscope.analysis.circuits.discovery:run_circuit",
     "features": "microscope.analysis.features.study:run_features_study",
 }
 DUMP = "dump"

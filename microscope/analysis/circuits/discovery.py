@@ -21,6 +21,7 @@ from microscope.analysis.circuits.results import Agreement, CircuitResult, budge
 from microscope.analysis.circuits.tasks import CircuitTask, repetition_task, toxicity_task
 from microscope.analysis.controls import DEFAULT_SEEDS, random_init_scopes
 from microscope.errors import AnalysisInputError
+from microscope.hooks.interventions import ablate_heads
 
 TASKS = ("repetition", "toxicity")
 
@@ -36,6 +37,18 @@ def agreement(exact: torch.Tensor, estimate: torch.Tensor, gap: float, *, share:
     return Agreement(spearman=float(spearmanr(exact[big].abs(), estimate[big].abs())[0]),
                      spearman_signed=float(spearmanr(exact[big], estimate[big])[0]),
                      top_overlap=overlap / top, top=top, compared=int(big.sum()))
+
+
+@torch.no_grad()
+def head_ablation(scope, task: CircuitTask) -> torch.Tensor:
+    """[layer, head]: metric on the clean prompts minus the same with the head zeroed
+    (`interventions.ablate_heads`, as the toxicity study ablates heads): node-level evidence to
+    compare the circuit's heads with."""
+    def metric(hooks=None) -> float:
+        return float(task.metric(scope.run(task.clean, attention_mask=task.mask, hooks=hooks)))
+    clean, c = metric(), scope.config
+    return torch.tensor([[clean - metric(ablate_heads([(l, h)])) for h in range(c.num_attention_heads)]
+                         for l in range(c.num_hidden_layers)])
 
 
 def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "corrupt", target: float = 0.8,
@@ -54,13 +67,14 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "c
     if exact:
         effects = exact_edge_effects(scope, graph, task, ablation=ablation)
         eap = eap_scores(scope, graph, task, steps=1, ablation=ablation)
+    heads = head_ablation(scope, task)
     control_scores, controls = [], []
     for control in random_init_scopes(scope, control_seeds):
         control_scores.append(eap_scores(control, graph, task, steps=steps, ablation=ablation))
         controls.append(faithfulness_curve(control, graph, task, control_scores[-1], ks=ks, ablation=ablation))
     return CircuitResult(
         task=task.name, graph=graph, eap_ig=ig, curve=curve, controls=controls, control_scores=control_scores,
-        target=target, budget=budget,
+        head_ablation=heads, target=target, budget=budget,
         minimal=minimal_circuit(curve, target), steps=steps, exact=effects, eap=eap,
         agreement_eap_ig=agreement(effects, ig, gap) if exact else None,
         agreement_eap=agreement(effects, eap, gap) if exact else None)

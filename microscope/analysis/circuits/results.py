@@ -14,6 +14,7 @@ from microscope.analysis.circuits.extraction import FaithfulnessCurve, minimal_c
 from microscope.analysis.circuits.graph import CircuitGraph
 from microscope.analysis.controls import Controlled
 from microscope.analysis.results import Result
+from microscope.names import head_label
 from microscope.viz.figures import circuit_graph, line_plot
 
 
@@ -32,8 +33,9 @@ class Agreement:
 class CircuitResult(Result):
     """eap_ig / eap / exact: [n_edges] scores in `graph.edges` order (exact: metric change when the
     edge alone is ablated); curve: faithfulness of the EAP-IG ranking; controls / control_scores:
-    the same on random-init models; budget: share of edges the headline circuit keeps; minimal:
-    the fewest edges reaching `target` (None: not reached)."""
+    the same on random-init models; head_ablation: [layer, head] metric drop when the head is
+    zeroed; budget: share of edges the headline circuit keeps; minimal: the fewest edges reaching
+    `target` (None: not reached)."""
 
     task: str
     graph: CircuitGraph
@@ -41,6 +43,7 @@ class CircuitResult(Result):
     curve: FaithfulnessCurve
     controls: list[FaithfulnessCurve]
     control_scores: list[torch.Tensor]
+    head_ablation: torch.Tensor
     target: float
     budget: float
     minimal: int | None
@@ -67,6 +70,11 @@ class CircuitResult(Result):
         """Heads that send or receive along an edge of the circuit, sorted."""
         nodes = {part.split(".")[0] for edge in self.circuit(k) for part in edge.split("->")}
         return sorted(n for n in nodes if n.startswith("L"))
+
+    def ablation_heads(self, share: float = 0.1) -> list[str]:
+        """Heads whose zeroing moves the metric by more than `share` of the clean-vs-corrupt gap."""
+        gap = abs(self.curve.clean - self.curve.corrupt)
+        return [head_label(l, h) for l, h in (self.head_ablation.abs() > share * gap).nonzero().tolist()]
 
     def recovered(self) -> Controlled:
         """Metric recovered by the headline circuit (faithfulness x gap), against random init."""
@@ -95,6 +103,8 @@ class CircuitResult(Result):
             "metric_gap_control_max": round(max(abs(c.clean - c.corrupt) for c in self.controls), 4)
             if self.controls else None,
             "circuit_heads": self.circuit_heads(),
+            "ablation_heads": self.ablation_heads(),
+            "ablation_heads_in_circuit": all(h in self.circuit_heads() for h in self.ablation_heads()),
         })
         if self.controls:
             out.update({k: (round(v, 4) if isinstance(v, float) else v)
