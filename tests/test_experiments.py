@@ -103,12 +103,12 @@ def test_a_team_library_is_listed_with_the_shipped_specs_and_shadows_them(tmp_pa
         if given is None:
             monkeypatch.setenv("MICROSCOPE_EXPERIMENTS", str(team))
         specs = {spec.name: spec for spec in list_specs(given)}
-        assert REQUIRED | {"ours"} == set(specs)
+        assert set(SHIPPED) | {"ours"} == set(specs)
         assert specs["demo"].purpose == "Our demo." and specs["arithmetic"].path.parent == SHIPPED_SPECS
         assert find_spec("ours", given) == team / "ours.toml"
     monkeypatch.delenv("MICROSCOPE_EXPERIMENTS")
     monkeypatch.chdir(tmp_path)  # no ./experiments here: the shipped specs alone
-    assert {spec.name for spec in list_specs()} == REQUIRED
+    assert {spec.name for spec in list_specs()} == set(SHIPPED)
     assert find_spec("induction_heads") == SHIPPED_SPECS / "induction_heads.toml"
     with pytest.raises(ExperimentSpecError, match="no experiment named 'nope'.*microscope experiments list"):
         find_spec("nope")
