@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # Public names and the module that defines each; imported on first use so that
 # `microscope --help` does not pay for torch and transformers.
 _EXPORTS = {
-    "load": "microscope.models.loading",
+    "load": "microscope.scope",
     "family": "microscope.models.family",
     "Scope": "microscope.scope",
     "open_store": "microscope.activations.reader",

@@ -20,6 +20,7 @@ from microscope.hooks.generation import GenerationResult, generate
 from microscope.hooks.hook_points import HookPoint, HookSpec, OPTHookPoints
 from microscope.hooks.inputs import Prompts, prepare_inputs, tokenize
 from microscope.models import anatomy
+from microscope.models.loading import load_model
 
 Positions = None | Literal["all", "last"] | torch.Tensor
 
@@ -158,3 +159,14 @@ def _select_rows(positions: Positions, attention_mask: torch.Tensor) -> torch.Te
                               f"{tuple(attention_mask.shape)}")
         return (positions.to(attention_mask.device) & attention_mask.bool()).nonzero()
     raise PromptError(f"positions must be None, 'all', 'last' or a bool mask [batch, pos]; got {positions!r}")
+
+
+def load(source, **options) -> Scope:
+    """`microscope.load`: a `Scope` over the model and tokenizer `models.loading.load_model` finds
+    for `source` ("organism", a hub id in the local cache, a folder, "random:opt-125m" or an
+    `OPTForCausalLM`). options: device, dtype, device_map, max_memory, offload_folder, tokenizer.
+    ``scope.info`` is the `LoadInfo` (source, kind, dtype, weights_hash, ...)."""
+    model, tokenizer, info = load_model(source, **options)
+    scope = Scope(model, tokenizer, source=info["source"])
+    scope.info = info
+    return scope

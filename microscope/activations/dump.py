@@ -32,9 +32,10 @@ from microscope.activations.settings import DumpSettings, takes_settings
 from microscope.activations.units import committed_units
 from microscope.activations.writer import check_resume, create_store
 from microscope.errors import MicroscopeError, StoreError
-from microscope.models.loading import RANDOM_SEED, load
+from microscope.models.loading import RANDOM_SEED
 from microscope.prompts import Prompt, load_prompts
 from microscope.provenance import provenance
+from microscope.scope import load
 
 
 @dataclass

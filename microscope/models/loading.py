@@ -1,4 +1,5 @@
-"""`load(source)`: every way to get an OPT model into a `Scope`, offline.
+"""`load_model(source)`: every way to get an OPT model and its tokenizer, offline (`microscope.load`
+wraps them in a `Scope`).
 
 Sources (see docs/loading.md):
 - ``"organism"``: the built-in model organism shipped in ``microscope/models/organism/weights/``;
@@ -23,7 +24,7 @@ import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedModel
@@ -31,9 +32,6 @@ from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedMod
 from microscope.errors import ModelNotFoundError, UnsupportedModelError
 from microscope.models.family import SIZES, FamilySize, family_size, opt_config
 from microscope.models.tokenizer import STANDIN_VOCAB_SIZE, standin_tokenizer
-
-if TYPE_CHECKING:
-    from microscope.scope import Scope
 
 ORGANISM_DIR = Path(__file__).parent / "organism" / "weights"
 RANDOM_SEED = 0  # random: models are initialised from this seed (same device kind, same weights)
@@ -73,20 +71,18 @@ class LoadInfo(Mapping):
         return f"LoadInfo({shown})"
 
 
-def load(source: str | os.PathLike | OPTForCausalLM, device: str | torch.device | None = None,
+def load_model(source: str | os.PathLike | OPTForCausalLM, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
          max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
-         tokenizer: Any = None) -> Scope:
-    """Load an OPT model from `source` (see the module docstring) into a `Scope`.
+         tokenizer: Any = None) -> tuple[OPTForCausalLM, Any, LoadInfo]:
+    """Load an OPT model from `source` (see the module docstring): (model, tokenizer, info).
 
     dtype: torch dtype or "fp32"/"fp16"/"bf16"; default: the checkpoint's own dtype for files,
     the instance's for instances, fp32 for random models. device: one device for the whole model
     ("cpu", "cuda:0", "meta" = shapes only). device_map/max_memory/offload_folder: accelerate
     placement for checkpoints (not with `device`). tokenizer: overrides the one found (or the
-    GPT-2 stand-in used for random models and instances).
-    The returned scope has ``scope.source`` (str) and ``scope.info`` (a `LoadInfo`)."""
-    from microscope.scope import Scope
-
+    GPT-2 stand-in used for random models and instances). `microscope.load` (scope.py) wraps the
+    three in a `Scope` (``scope.source`` is ``info["source"]``)."""
     if device is not None and device_map is not None:
         raise UnsupportedModelError("give either device= (one device) or device_map= (several), not both")
     if (max_memory is not None or offload_folder is not None) and device_map is None:
@@ -129,9 +125,7 @@ def load(source: str | os.PathLike | OPTForCausalLM, device: str | torch.device 
     fields = {"source": label, **fields}
     fields.update(dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                   device_map=getattr(model, "hf_device_map", None))
-    scope = Scope(model, tok, source=label)
-    scope.info = LoadInfo(fields, hasher)
-    return scope
+    return model, tok, LoadInfo(fields, hasher)
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
