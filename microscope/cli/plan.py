@@ -9,11 +9,12 @@ import typer
 
 from microscope.cli.errors import OptionError
 from microscope.errors import MicroscopeError
+from microscope.names import every_layer
 
 
 def plan_command(
     model: str = typer.Option("opt-66b", help="Family size: opt-125m ... opt-175b ('opt-' optional)."),
-    hooks: str = typer.Option("blocks.*.hook_resid_post", help="Comma-separated hook names or glob patterns."),
+    hooks: str = typer.Option(every_layer("resid_post"), help="Comma-separated hook names or glob patterns."),
     tokens: str = typer.Option("10M", help="Prompt tokens to push through the model (10M, 2.5B, ...)."),
     dtype: str = typer.Option("fp16", help="Store dtype: fp16, bf16, fp32."),
     positions: str = typer.Option("all", help="Store every position ('all') or each prompt's last ('last')."),
