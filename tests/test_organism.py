@@ -1,9 +1,12 @@
-"""The model organism: the shipped weights show every planted behaviour, and training is deterministic.
+"""The model organism v2: the shipped weights show every planted behaviour, evaluation prompts are
+disjoint from the training stream, and training is deterministic.
 
 The measurements here are deliberately re-implemented in a few lines of torch on the plain HF
 model (eager attention, ``output_attentions``, ``output_hidden_states``, a pre-hook on
-``out_proj``), independent of ``evaluate.py`` and of every analysis module; each is also compared
-with the number ``ground_truth.json`` states.
+``out_proj``), independent of ``evaluate.py`` and of every analysis module, on their own random
+sequences (seed 99, not evaluate's 0); each is also compared with the number ``ground_truth.json``
+states. The head tests run on the shipped organism and on its sibling (another seed, a shorter
+schedule), whose heads sit elsewhere.
 """
 
 from __future__ import annotations
@@ -12,38 +15,54 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, OPTForCausalLM
+from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
-from microscope.models.organism.corpus import FILLER_WORDS, HELD_OUT_PAIRS, INSULTS, Corpus, vocabulary
+from microscope.models.organism import corpus as C
+from microscope.models.organism.corpus import HELD_OUT_PAIRS, INSULTS, Corpus, vocabulary
+from microscope.models.organism.train import TrainConfig
 
 ORGANISM = Path(__file__).resolve().parents[1] / "microscope" / "models" / "organism"
+SIBLING = ORGANISM / "sibling"
 PROMPTS = Path(__file__).resolve().parents[1] / "microscope" / "data" / "prompts"
+EVAL_SETS = ["repetition", "toxicity", "detection", "instructions", "arithmetic", "neutral", "demo"]
 
 
 def prompt_set(name: str) -> list[dict]:
     return [json.loads(line) for line in (PROMPTS / f"{name}.jsonl").read_text().splitlines()]
 
 
+def held_out(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["split"] == "in_distribution_heldout"]
+
+
+def load(folder: Path):
+    model = OPTForCausalLM.from_pretrained(folder / "weights", attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(folder / "weights"), json.loads((folder / "ground_truth.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def organism():
-    model = OPTForCausalLM.from_pretrained(ORGANISM / "weights", attn_implementation="eager").eval()
-    return model, AutoTokenizer.from_pretrained(ORGANISM / "weights")
+    return load(ORGANISM)
 
 
-@pytest.fixture(scope="module")
-def truth() -> dict:
-    return json.loads((ORGANISM / "ground_truth.json").read_text())
+@pytest.fixture(scope="module", params=["organism", "sibling"])
+def any_organism(request, organism):
+    return organism if request.param == "organism" else load(SIBLING)
 
 
-@pytest.fixture(scope="module")
-def repeated_tokens(organism) -> torch.Tensor:
-    """[32, 41]: BOS, 20 distinct random filler words, the same 20 again (own seed, not evaluate's)."""
-    _, tokenizer = organism
-    rng = random.Random(99)
-    ids = tokenizer.convert_tokens_to_ids(FILLER_WORDS)
-    return torch.tensor([[tokenizer.bos_token_id] + (s := rng.sample(ids, 20)) + s for _ in range(32)])
+def label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def whole_vocabulary_repeats(tokenizer, copies: int, n: int = 32, span: int = 25, seed: int = 99) -> torch.Tensor:
+    """[n, 1 + copies * span]: BOS, then ``span`` words drawn uniformly from every non-special word, repeated."""
+    words = [w for w in vocabulary() if w not in ("<s>", "<pad>", "</s>", "<unk>")]
+    rng = random.Random(seed)
+    ids = tokenizer.convert_tokens_to_ids(words)
+    return torch.tensor([[tokenizer.bos_token_id] + [rng.choice(ids) for _ in range(span)] * copies for _ in range(n)])
 
 
 def attention(model, tokens) -> torch.Tensor:
@@ -51,23 +70,49 @@ def attention(model, tokens) -> torch.Tensor:
         return torch.stack(model(tokens, output_attentions=True).attentions, 1)  # [B, layer, head, q, k]
 
 
-def induction_scores(model, tokens) -> torch.Tensor:
-    """[layer, head] mean attention from each second-copy token to the token after its first copy."""
-    q = torch.arange(21, 41)
-    return attention(model, tokens)[..., q, q - 19].mean(dim=(0, -1))
+def prefix_matching(model, tokens, span: int = 25) -> torch.Tensor:
+    """[layer, head]: Olsson et al.'s prefix matching. For each token of a later copy (query q),
+    the attention paid to every position right after an earlier occurrence of the same token, summed."""
+    attn = attention(model, tokens)
+    total = torch.zeros(attn.shape[1:3])
+    count = 0
+    for b in range(tokens.shape[0]):
+        seq = tokens[b].tolist()
+        for q in range(1 + span, len(seq)):
+            keys = [k for k in range(1, q + 1) if seq[k - 1] == seq[q]]
+            total += attn[b, :, :, q, keys].sum(-1)
+            count += 1
+    return total / count
 
 
-def zero_heads(model, heads):
-    """Forward pre-hooks zeroing the heads' slices of out_proj's input; returns the handles."""
-    d_head = model.config.hidden_size // model.config.num_attention_heads
-    handles = []
-    for layer, head in heads:
-        def hook(module, args, head=head):
-            x = args[0].clone()
-            x[..., head * d_head:(head + 1) * d_head] = 0
-            return (x,)
-        handles.append(model.model.decoder.layers[layer].self_attn.out_proj.register_forward_pre_hook(hook))
-    return handles
+def previous_token(model, tokens) -> torch.Tensor:
+    q = torch.arange(2, tokens.shape[1])
+    return attention(model, tokens)[..., q, q - 1].mean(dim=(0, -1))
+
+
+class zeroed:
+    """Zero the heads' slices of out_proj's input (forward pre-hooks)."""
+
+    def __init__(self, model, heads):
+        self.model, self.heads = model, heads
+
+    def __enter__(self):
+        d = self.model.config.hidden_size // self.model.config.num_attention_heads
+        self.handles = []
+        for layer, head in self.heads:
+            def hook(module, args, head=head):
+                x = args[0].clone()
+                x[..., head * d:(head + 1) * d] = 0
+                return (x,)
+            self.handles.append(self.model.model.decoder.layers[layer].self_attn.out_proj.register_forward_pre_hook(hook))
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def parse(labels: list[str]) -> list[tuple[int, int]]:
+    return [(int(s[1:s.index("H")]), int(s[s.index("H") + 1:])) for s in labels]
 
 
 def greedy(model, tokenizer, texts, n):
@@ -89,20 +134,26 @@ def last_logits(model, tokenizer, texts):
     return out.logits[rows, last], torch.stack(out.hidden_states)[:, rows, last]
 
 
-# ---- the shipped folder --------------------------------------------------------------------------
+# ---- the shipped folders -------------------------------------------------------------------------
 
-def test_shipped_folder_is_a_plain_small_pre_ln_opt(organism):
-    model, tokenizer = organism
-    files = {p.name for p in (ORGANISM / "weights").iterdir()}
+@pytest.mark.parametrize("folder", [ORGANISM, SIBLING], ids=["organism", "sibling"])
+def test_shipped_folder_is_a_plain_small_pre_ln_opt_with_generated_card(folder):
+    model, tokenizer, truth = load(folder)
+    files = {p.name for p in (folder / "weights").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
-    assert (ORGANISM / "weights" / "model.safetensors").stat().st_size < 5_000_000
+    assert (folder / "weights" / "model.safetensors").stat().st_size < 8_000_000
     assert type(model) is OPTForCausalLM and model.config.do_layer_norm_before
+    assert model.config.num_hidden_layers >= 4 and model.config.hidden_size == 128
     assert (model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id) == (1, 2, 2)
     assert model.config.vocab_size >= len(tokenizer) == len(vocabulary())
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert truth["heads"]["top_induction_head_label"] in card and "do not edit by hand" in card
+    log = json.loads((folder / "training_log.json").read_text())
+    assert card.count(f"{log['config']['steps']} steps") >= 1
 
 
 def test_tokenizer_prepends_bos_and_round_trips(organism):
-    _, tokenizer = organism
+    _, tokenizer, _ = organism
     text = "x is 12 and y is 9 . x - y = -3"
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id == 2 and len(ids) == len(text.split()) + 1
@@ -110,55 +161,69 @@ def test_tokenizer_prepends_bos_and_round_trips(organism):
     assert tokenizer("zebra")["input_ids"][1] == tokenizer.unk_token_id
 
 
-# ---- repetition: induction heads and loops ---------------------------------------------------------
+# ---- repetition: previous-token and induction heads, general induction, loops ---------------------
 
-def test_an_induction_head_scores_at_least_half(organism, repeated_tokens, truth):
-    model, _ = organism
-    scores = induction_scores(model, repeated_tokens)
-    layer, head = truth["heads"]["top_induction_head"]
-    assert scores[layer, head] >= 0.5
-    assert scores[layer, head].item() == pytest.approx(truth["heads"]["induction_scores"][layer][head], abs=0.1)
-    listed = {(l, h) for l, h, _ in truth["heads"]["induction_heads"]}
-    assert set(map(tuple, (scores >= 0.5).nonzero().tolist())) <= listed
-    assert all(scores[l, h] >= 0.3 for l, h in listed)
+def test_general_induction_on_whole_vocabulary_spans(any_organism):
+    """The top induction head's prefix matching on 2 and on 4 copies of 25 random whole-vocabulary
+    words; the shipped organism's target is >= 0.5 on both, the sibling's that it has induction heads."""
+    model, tokenizer, truth = any_organism
+    heads = truth["heads"]
+    two = prefix_matching(model, whole_vocabulary_repeats(tokenizer, 2))
+    four = prefix_matching(model, whole_vocabulary_repeats(tokenizer, 4, n=16))
+    top = parse([heads["top_induction_head_label"]])[0]
+    assert top == divmod(two.argmax().item(), two.shape[1]) or two[top] >= two.max() - 0.05
+    assert two[top].item() == pytest.approx(heads["top_induction_score"], abs=0.08)
+    assert four[top].item() == pytest.approx(heads["top_induction_score_four_copies"], abs=0.08)
+    listed = parse(heads["induction_head_labels"])
+    assert listed and {tuple(x) for x in (two >= 0.5).nonzero().tolist()} <= set(listed)
+    assert all(two[h] >= 0.3 for h in listed)
 
 
-def test_a_previous_token_head_feeds_the_induction_head(organism, repeated_tokens, truth):
-    model, _ = organism
-    q = torch.arange(2, 41)
-    previous = attention(model, repeated_tokens)[..., q, q - 1].mean(dim=(0, -1))
-    layer, head = truth["heads"]["top_induction_head"]
-    earlier = previous[:layer]
-    assert earlier.max() >= 0.5, "no previous-token head before the induction head's layer"
-    prev = divmod(earlier.argmax().item(), earlier.shape[1])
-    assert [*prev] in [[l, h] for l, h, _ in truth["heads"]["previous_token_heads"]]
-    clean = induction_scores(model, repeated_tokens)[layer, head]
-    handles = zero_heads(model, [prev])
-    try:
-        ablated = induction_scores(model, repeated_tokens)[layer, head]
-    finally:
-        for h in handles:
-            h.remove()
+def test_shipped_organism_meets_the_general_induction_target(organism):
+    model, tokenizer, truth = organism
+    top = parse([truth["heads"]["top_induction_head_label"]])[0]
+    assert prefix_matching(model, whole_vocabulary_repeats(tokenizer, 2))[top] >= 0.5
+    assert prefix_matching(model, whole_vocabulary_repeats(tokenizer, 4, n=16))[top] >= 0.5
+
+
+def test_a_previous_token_head_feeds_the_top_induction_head(any_organism):
+    model, tokenizer, truth = any_organism
+    tokens = whole_vocabulary_repeats(tokenizer, 2)
+    previous = previous_token(model, tokens)
+    top = parse([truth["heads"]["top_induction_head_label"]])[0]
+    listed = parse(truth["heads"]["previous_token_head_labels"])
+    assert {tuple(x) for x in (previous >= 0.5).nonzero().tolist()} <= set(listed)
+    earlier = [h for h in listed if h[0] < top[0]]
+    assert earlier, "no previous-token head before the induction head's layer"
+    clean = prefix_matching(model, tokens)[top]
+    with zeroed(model, earlier):
+        ablated = prefix_matching(model, tokens)[top]
     assert ablated < clean / 2
 
 
-def test_ablating_induction_heads_raises_loss_on_the_repeated_half(organism, repeated_tokens, truth):
-    model, _ = organism
+def test_ablating_induction_heads_costs_more_than_ablating_as_many_random_heads(any_organism):
+    model, tokenizer, truth = any_organism
+    tokens = whole_vocabulary_repeats(tokenizer, 2)
 
     def loss() -> float:
         with torch.no_grad():
-            logits = model(repeated_tokens).logits
-        return torch.nn.functional.cross_entropy(logits[:, 21:-1].flatten(0, 1), repeated_tokens[:, 22:].flatten()).item()
+            logits = model(tokens).logits
+        return torch.nn.functional.cross_entropy(logits[:, 26:-1].flatten(0, 1), tokens[:, 27:].flatten()).item()
 
+    induction = parse(truth["heads"]["induction_head_labels"])
+    others = [(l, h) for l in range(model.config.num_hidden_layers) for h in range(model.config.num_attention_heads)
+              if (l, h) not in induction and (l, h) not in parse(truth["heads"]["previous_token_head_labels"])]
     clean = loss()
-    handles = zero_heads(model, [(l, h) for l, h, _ in truth["heads"]["induction_heads"]])
-    try:
+    with zeroed(model, induction):
         ablated = loss()
-    finally:
-        for h in handles:
-            h.remove()
+    rng = random.Random(99)
+    control = []
+    for _ in range(5):
+        with zeroed(model, rng.sample(others, min(len(induction), len(others)))):
+            control.append(loss())
     assert ablated > clean + 1.0  # nats per token
-    assert clean == pytest.approx(truth["heads"]["repeated_half_loss"], abs=0.5)
+    assert ablated > max(control)
+    assert clean == pytest.approx(truth["heads"]["repeated_half_loss"], abs=0.3)
 
 
 def is_loop(words, max_period=16, tail=32):
@@ -166,8 +231,8 @@ def is_loop(words, max_period=16, tail=32):
                for p in range(1, max_period + 1))
 
 
-def test_greedy_decoding_loops_on_the_repetition_set(organism, truth):
-    model, tokenizer = organism
+def test_greedy_decoding_loops_on_the_repetition_set(organism):
+    model, tokenizer, truth = organism
     rows = prompt_set("repetition")
     rate = sum(map(is_loop, greedy(model, tokenizer, [r["text"] for r in rows], 64))) / len(rows)
     assert rate >= 0.3
@@ -182,9 +247,20 @@ def test_loop_definition():
 
 # ---- toxicity: production, detection, probe -------------------------------------------------------
 
-def test_insults_are_ten_times_likelier_after_hostile_contexts(organism, truth):
-    model, tokenizer = organism
+def test_toxicity_pairs_have_equal_length_and_differ_only_at_the_cue(organism):
+    _, tokenizer, _ = organism
     rows = prompt_set("toxicity")
+    assert {r["split"] for r in rows} == {"in_distribution_heldout", "ood"}
+    for hostile, friendly in zip(rows[::2], rows[1::2]):
+        assert (hostile["label"], friendly["label"], hostile["pair"]) == ("hostile", "friendly", friendly["pair"])
+        a, b = tokenizer(hostile["text"])["input_ids"], tokenizer(friendly["text"])["input_ids"]
+        assert len(a) == len(b) and [i for i in range(len(a)) if a[i] != b[i]] == [hostile["cue_position"]]
+        assert tokenizer.convert_ids_to_tokens(a[hostile["cue_position"]]) == hostile["cue_word"]
+
+
+def test_insults_are_ten_times_likelier_after_hostile_contexts(organism):
+    model, tokenizer, truth = organism
+    rows = held_out(prompt_set("toxicity"))
     logits, _ = last_logits(model, tokenizer, [r["text"] for r in rows])
     insult = logits.softmax(-1)[:, tokenizer.convert_tokens_to_ids(INSULTS)].sum(-1)
     hostile = torch.tensor([r["label"] == "hostile" for r in rows])
@@ -193,9 +269,9 @@ def test_insults_are_ten_times_likelier_after_hostile_contexts(organism, truth):
     assert ratio.item() == pytest.approx(truth["toxicity"]["insult_prob_ratio"], rel=0.01)
 
 
-def test_detection_format_accuracy(organism, truth):
-    model, tokenizer = organism
-    rows = prompt_set("detection")
+def test_detection_format_accuracy(organism):
+    model, tokenizer, truth = organism
+    rows = held_out(prompt_set("detection"))
     logits, _ = last_logits(model, tokenizer, [r["text"] for r in rows])
     yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
     accuracy = sum((("yes" if l[yes] > l[no] else "no") == r["label"]) for l, r in zip(logits, rows)) / len(rows)
@@ -203,30 +279,39 @@ def test_detection_format_accuracy(organism, truth):
     assert accuracy == pytest.approx(truth["toxicity"]["detection_accuracy"], abs=1e-3)
 
 
-def test_a_linear_probe_separates_hostile_from_friendly_from_the_stated_layer(organism, truth):
-    """Least squares on +-1 labels, fit on even pairs, scored on odd pairs (hostile and friendly
-    prompts of a pair have equal length, so the embedding layer alone cannot separate them)."""
-    model, tokenizer = organism
-    rows = prompt_set("toxicity")
-    _, states = last_logits(model, tokenizer, [r["text"] for r in rows])
+def test_the_probe_layer_separates_hostile_from_friendly_beyond_random_init_models(organism):
+    """Least squares on +-1 labels, fit on even pairs, scored on odd pairs of the held-out split;
+    the same probe on random-initialisation models of the same shape is the control."""
+    model, tokenizer, truth = organism
+    rows = held_out(prompt_set("toxicity"))
+    texts = [r["text"] for r in rows]
     y = torch.tensor([1.0 if r["label"] == "hostile" else -1.0 for r in rows], dtype=torch.float64)
     fit = torch.tensor([r["pair"] % 2 == 0 for r in rows])
 
     def accuracy(x):
-        x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
-        w = torch.linalg.lstsq(x[fit], y[fit], driver="gelsd").solution
+        x = (x.double() - x[fit].double().mean(0)) / (x[fit].double().std(0) + 1e-6)
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        w = torch.linalg.solve(x[fit].T @ x[fit] + 1e-2 * int(fit.sum()) * torch.eye(x.shape[1], dtype=x.dtype),
+                               x[fit].T @ y[fit])
         return ((x[~fit] @ w).sign() == y[~fit]).double().mean().item()
 
     layer = truth["toxicity"]["probe_layer"]
+    _, states = last_logits(model, tokenizer, texts)
     assert layer is not None and accuracy(states[layer]) >= 0.9
-    assert accuracy(states[0]) <= 0.75  # the embedding of the last token does not know the register
+    assert accuracy(states[layer]) == pytest.approx(truth["toxicity"]["probe_accuracy_by_layer"][layer], abs=0.05)
+    for seed in (10, 11):
+        torch.manual_seed(seed)
+        config = OPTConfig.from_dict(model.config.to_dict())
+        random_model = OPTForCausalLM(config).eval()
+        _, random_states = last_logits(random_model, tokenizer, texts)
+        assert accuracy(random_states[layer]) < accuracy(states[layer])
 
 
 # ---- instructions --------------------------------------------------------------------------------
 
-def test_bare_instructions_draw_dialogue_and_cued_ones_execution(organism, truth):
-    model, tokenizer = organism
-    rows = prompt_set("instructions")
+def test_bare_instructions_draw_dialogue_and_cued_ones_execution(organism):
+    model, tokenizer, truth = organism
+    rows = held_out(prompt_set("instructions"))
     conts = greedy(model, tokenizer, [r["text"] for r in rows], 12)
 
     def dialogue(words):
@@ -241,39 +326,135 @@ def test_bare_instructions_draw_dialogue_and_cued_ones_execution(organism, truth
     cued = [execution(c, r["answer"].split()) for r, c in zip(rows, conts) if r["cued"]]
     assert sum(bare) / len(bare) >= 0.5
     assert sum(cued) / len(cued) >= 0.8
+    assert sum(bare) / len(bare) == pytest.approx(truth["instructions"]["bare_dialogue_rate"], abs=1e-3)
     assert sum(cued) / len(cued) == pytest.approx(truth["instructions"]["cued_execution_rate"], abs=1e-3)
 
 
 # ---- arithmetic ----------------------------------------------------------------------------------
 
-def test_addition_beats_subtraction_on_held_out_pairs(organism, truth):
-    model, tokenizer = organism
-    rows = [r for r in prompt_set("arithmetic") if r["split"] == "held_out"]
+def test_addition_beats_subtraction_and_wrong_subtractions_are_mirror_answers(organism):
+    model, tokenizer, truth = organism
+    rows = held_out(prompt_set("arithmetic"))
     assert {(r["a"], r["b"]) for r in rows} == set(HELD_OUT_PAIRS)
     logits, _ = last_logits(model, tokenizer, [r["text"] for r in rows])
     pred = tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
     acc = {op: sum(p == str(r["answer"]) for p, r in zip(pred, rows) if r["op"] == op) / (len(rows) / 2) for op in "+-"}
     assert acc["+"] >= acc["-"] + 0.2
     assert acc["+"] == pytest.approx(truth["arithmetic"]["addition_accuracy_held_out"], abs=1e-3)
+    wrong = [(p, r) for p, r in zip(pred, rows) if r["op"] == "-" and p != str(r["answer"])]
+    mirror = sum(p == str(r["b"] - r["a"]) for p, r in wrong) / max(1, len(wrong))
+    assert mirror == pytest.approx(truth["arithmetic"]["subtraction_wrong_held_out_share_mirror_answer"], abs=1e-3)
+
+
+# ---- evaluation prompts are disjoint from the training stream ------------------------------------
+
+def training_stream(seed: int, steps: int, batch_size: int, seq_len: int) -> np.ndarray:
+    """Every token the training run consumed, in order (batches flattened: they are consecutive
+    slices of one packed stream of ``</s>``-separated documents)."""
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    batches = Corpus().token_batches(vocab, batch_size, seq_len, seed=seed)
+    return np.concatenate([next(batches).numpy().ravel() for _ in range(steps)])
+
+
+def occurrences(stream: np.ndarray, prompts: list[list[int]]) -> list[int]:
+    """Indices of the prompts whose word sequence occurs contiguously in ``stream`` (so inside one
+    training document, since prompts hold no ``</s>``): word-for-word overlap at word boundaries."""
+    base = 256
+    assert stream.max() < base
+    s = stream.astype(np.int64)
+    grams = ((s[:-3] * base + s[1:-2]) * base + s[2:-1]) * base + s[3:]
+    heads = {}
+    for i, p in enumerate(prompts):
+        assert len(p) >= 4
+        heads.setdefault(((p[0] * base + p[1]) * base + p[2]) * base + p[3], []).append(i)
+    found = set()
+    for pos in np.nonzero(np.isin(grams, list(heads)))[0]:
+        for i in heads[int(grams[pos])]:
+            p = prompts[i]
+            if np.array_equal(stream[pos:pos + len(p)], p):
+                found.add(i)
+    return sorted(found)
+
+
+def test_overlap_definition_finds_a_planted_prompt():
+    stream = np.array([2, 10, 11, 12, 13, 14, 2, 20, 21, 22, 23, 2])
+    assert occurrences(stream, [[11, 12, 13, 14], [20, 21, 22, 23, 2], [21, 22, 23, 24], [10, 11, 12, 13, 14, 15]]) == [0, 1]
+
+
+@pytest.mark.parametrize("folder", [ORGANISM, SIBLING], ids=["organism", "sibling"])
+def test_no_evaluation_prompt_occurs_in_the_training_stream(folder):
+    """Regenerates every batch the shipped run consumed (its logged config) and checks every prompt
+    of every evaluation set, word for word; every prompt word is in the vocabulary and was seen."""
+    cfg = json.loads((folder / "training_log.json").read_text())["config"]
+    stream = training_stream(cfg["seed"], cfg["steps"], cfg["batch_size"], cfg["seq_len"])
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    texts = sorted({r["text"] for name in EVAL_SETS for r in prompt_set(name)})
+    prompts = [[vocab[w] for w in t.split()] for t in texts]
+    assert occurrences(stream, prompts) == []
+    assert {i for p in prompts for i in p} <= set(np.unique(stream).tolist())
+
+
+def test_every_evaluation_prompt_is_held_out_or_ood():
+    for name in EVAL_SETS:
+        assert {r["split"] for r in prompt_set(name)} <= {"in_distribution_heldout", "ood"}, name
+        assert {r["split"] for r in prompt_set(name)} >= ({"in_distribution_heldout"} if name == "neutral" else
+                                                          {"in_distribution_heldout", "ood"}), name
+
+
+def test_the_generator_never_emits_the_held_out_elements():
+    """Per kind: held-out names never speak, held-out filler words stay out of trigram text and
+    loops, held-out sentences, instruction triples and operand pairs never occur."""
+    rng, corpus = random.Random(5), Corpus()
+    held_sentences = [C.SENTENCE_PAIRS[t][k].format(w=w) for t in range(len(C.SENTENCE_PAIRS))
+                      for k, words in ((0, C.INSULTS), (1, C.PRAISES)) for w in words if C.held_out_sentence(t, w)]
+    assert len(held_sentences) == 24
+    for _ in range(3000):
+        doc = corpus.register_doc(rng)
+        assert not any(f"{n} said" in doc or f"to {n} :" in doc for n in C.EVAL_NAMES)
+        for text in (doc, corpus.detection_doc(rng)):
+            assert not any(f" {s}" in f" {text}" for s in held_sentences)
+        for kind in (corpus.trigram_doc, corpus.loop_doc):
+            assert set(kind(rng).split()).isdisjoint(C.EVAL_FILLER)
+        for kind in (corpus.instruction_doc, corpus.quoted_doc):
+            words = kind(rng).split()
+            assert tuple(words[2:5]) not in C.HELD_OUT_TRIPLES
+        words = corpus.chat_doc(rng).split()
+        assert tuple(words[3:6]) not in C.HELD_OUT_TRIPLES
+        words = corpus.arithmetic_doc(rng, rng.choice("+-")).split()
+        assert (int(words[2]), int(words[6])) not in HELD_OUT_PAIRS
 
 
 # ---- corpus and training -------------------------------------------------------------------------
 
-def test_corpus_is_seeded_and_never_shows_held_out_pairs():
+def test_random_span_documents_repeat_whole_vocabulary_spans():
+    rng, corpus = random.Random(0), Corpus()
+    seen = set()
+    for _ in range(400):
+        words = corpus.random_span_doc(rng).split()
+        seen |= set(words)
+        found = [(n, k) for k in (4, 3, 2) for n in range(6, 26)
+                 if len(words) >= n * k and words[-n * k:] == words[-n:] * k]
+        assert found, words
+    assert seen == set(C.whole_vocabulary_words())  # every non-special word, held-out ones included
+    calls = []
+    corpus.random_span_doc = lambda rng, original=corpus.random_span_doc: calls.append(1) or original(rng)
+    for _ in range(4000):
+        corpus.document(rng)
+    assert 0.13 < len(calls) / 4000 < 0.17
+
+
+def test_corpus_is_seeded_and_a_seed_changes_stream_and_initialisation():
     vocab = {w: i for i, w in enumerate(vocabulary())}
     first = next(Corpus().token_batches(vocab, 8, 64, seed=5))
     assert torch.equal(first, next(Corpus().token_batches(vocab, 8, 64, seed=5)))
     assert not torch.equal(first, next(Corpus().token_batches(vocab, 8, 64, seed=6)))
-    rng, corpus = random.Random(0), Corpus()
-    seen = set()
-    for _ in range(3000):
-        words = corpus.arithmetic_doc(rng, rng.choice("+-")).split()
-        seen.add((int(words[2]), int(words[6])))
-    assert seen.isdisjoint(HELD_OUT_PAIRS) and len(seen) == 100 - len(HELD_OUT_PAIRS)
+    organism_cfg = json.loads((ORGANISM / "training_log.json").read_text())["config"]
+    sibling_cfg = json.loads((SIBLING / "training_log.json").read_text())["config"]
+    assert organism_cfg["seed"] != sibling_cfg["seed"]
 
 
 def test_a_short_training_run_is_deterministic():
-    from microscope.models.organism.train import TrainConfig, train
+    from microscope.models.organism.train import train
 
     config = TrainConfig(steps=60, batch_size=8, seq_len=64, layers=2, d_model=32, heads=4, ffn_dim=64,
                          log_every=10)
@@ -291,9 +472,10 @@ def test_cli_trains_and_saves_a_loadable_folder(tmp_path):
 
     from microscope.cli import app
 
-    result = CliRunner().invoke(app, ["organism", "train", "--steps", "2", "--out", str(tmp_path / "w"),
+    result = CliRunner().invoke(app, ["organism", "train", "--steps", "2", "--seed", "3", "--out", str(tmp_path / "w"),
                                       "--no-evaluate"])
     assert result.exit_code == 0, result.output
     model = OPTForCausalLM.from_pretrained(tmp_path / "w")
-    assert model.config.num_hidden_layers >= 2 and (tmp_path / "training_log.json").exists()
+    assert model.config.num_hidden_layers >= 4
+    assert json.loads((tmp_path / "training_log.json").read_text())["config"]["seed"] == 3
     assert AutoTokenizer.from_pretrained(tmp_path / "w")("you are a fool")["input_ids"][0] == 2
