@@ -20,9 +20,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from microscope.analysis.inputs import Prompts, Tokens, decode_token, last_positions
-from microscope.analysis.patching import (MODES, PatchingResult, logit_diff, patching_inputs,
-                                          site_names)
+from microscope.analysis.inputs import Prompts, Tokens, decode_token
+from microscope.analysis.patching import PatchingResult, logit_diff, patching_inputs
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
 
@@ -32,13 +31,8 @@ def attribution_patching(scope, clean: Prompts, corrupted: Prompts | None = None
                          attention_mask: torch.Tensor | None = None) -> PatchingResult:
     """Gradient x difference estimate of `activation_patching` with the same arguments; returns a
     `PatchingResult` with ``method="attribution"`` (same shapes, comparable cell by cell)."""
-    if mode not in MODES:
-        raise AnalysisInputError(f"mode must be one of {MODES}, got {mode!r}")
-    clean_ids, corrupt_ids, mask, ans, wr = patching_inputs(scope, clean, corrupted, answer, wrong,
-                                                            attention_mask)
-    base, source = (corrupt_ids, clean_ids) if mode == "denoising" else (clean_ids, corrupt_ids)
-    names = site_names(scope, site)
-    last = last_positions(mask)
+    clean_ids, corrupt_ids, base, source, mask, ans, wr, names, last = patching_inputs(
+        scope, clean, corrupted, answer, wrong, attention_mask, mode=mode, site=site)
     with torch.no_grad():
         source_logits, source_cache = scope.run_with_cache(source, names=names, attention_mask=mask)
     source_metric = logit_diff(source_logits, last, ans, wr).detach().cpu()

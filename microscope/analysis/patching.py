@@ -22,6 +22,7 @@ position) and ``heads`` (``attn.hook_z`` of one head at every position, per laye
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -132,9 +133,27 @@ def logit_diff(logits: torch.Tensor, positions: torch.Tensor, answer: torch.Tens
             - last.gather(-1, wrong[:, None].to(last.device))).squeeze(-1)
 
 
+class PatchingInputs(NamedTuple):
+    """What a patching run needs: clean, corrupted, base and source ids [batch, pos] (denoising:
+    base = corrupted, source = clean; noising: the reverse), mask, answer/wrong ids [batch], the
+    site's hook names and each prompt's last position [batch]."""
+
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    base: torch.Tensor
+    source: torch.Tensor
+    mask: torch.Tensor
+    answer: torch.Tensor
+    wrong: torch.Tensor
+    names: list[str]
+    last: torch.Tensor
+
+
 def patching_inputs(scope, clean: Prompts, corrupted: Prompts | None, answer: Tokens, wrong: Tokens,
-                    attention_mask: torch.Tensor | None = None):
-    """(clean_ids, corrupted_ids, mask, answer [batch], wrong [batch]) checked for equal shapes."""
+                    attention_mask: torch.Tensor | None = None, *, mode: str, site: str) -> PatchingInputs:
+    """Check and tokenise a patching run's inputs (clean and corrupted of equal token lengths)."""
+    if mode not in MODES:
+        raise AnalysisInputError(f"mode must be one of {MODES}, got {mode!r}")
     clean_ids, mask = token_batch(scope, clean, attention_mask)
     batch = clean_ids.shape[0]
     ans, wr = token_ids(scope, answer, batch), token_ids(scope, wrong, batch)
@@ -146,7 +165,8 @@ def patching_inputs(scope, clean: Prompts, corrupted: Prompts | None, answer: To
             raise AnalysisInputError(
                 f"clean {tuple(clean_ids.shape)} and corrupted {tuple(corrupt_ids.shape)} prompts must have the "
                 "same token lengths, prompt by prompt, so positions line up; check scope.tokenize on both")
-    return clean_ids, corrupt_ids, mask, ans, wr
+    base, source = (corrupt_ids, clean_ids) if mode == "denoising" else (clean_ids, corrupt_ids)
+    return PatchingInputs(clean_ids, corrupt_ids, base, source, mask, ans, wr, site_names(scope, site), last_positions(mask))
 
 
 def site_names(scope, site: str) -> list[str]:
@@ -185,13 +205,8 @@ def activation_patching(scope, clean: Prompts, corrupted: Prompts | None = None,
     corruption, see module docstring); answer/wrong: token ids or one-token strings (one, or one per
     prompt); site: one of SITES; mode: "denoising" or "noising"; max_rows: batch rows per forward
     pass (patches are batched: one pass covers many positions or heads)."""
-    if mode not in MODES:
-        raise AnalysisInputError(f"mode must be one of {MODES}, got {mode!r}")
-    clean_ids, corrupt_ids, mask, ans, wr = patching_inputs(scope, clean, corrupted, answer, wrong,
-                                                            attention_mask)
-    base, source = (corrupt_ids, clean_ids) if mode == "denoising" else (clean_ids, corrupt_ids)
-    names = site_names(scope, site)
-    last = last_positions(mask)
+    clean_ids, corrupt_ids, base, source, mask, ans, wr, names, last = patching_inputs(
+        scope, clean, corrupted, answer, wrong, attention_mask, mode=mode, site=site)
     base_metric = logit_diff(scope.run(base, attention_mask=mask), last, ans, wr).cpu()
     source_logits, source_cache = scope.run_with_cache(source, names=names, attention_mask=mask)
     source_metric = logit_diff(source_logits, last, ans, wr).cpu()
