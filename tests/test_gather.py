@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from microscope.activations.gather import StagingBuffer, count_fp16_overflow, gather_into, gather_rows
+from microscope.activations.gather import count_fp16_overflow, gather_into, gather_rows
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -145,28 +145,6 @@ def test_gather_into_writes_only_its_rows_of_a_larger_buffer(backend):
     untouched = torch.ones_like(big, dtype=torch.bool)
     untouched[1:4, 2:8] = False
     assert bool((big[untouched] == 7.0).all())
-
-
-def test_staging_buffer_holds_every_hook_in_its_own_segment(backend):
-    g = torch.Generator().manual_seed(3)
-    acts = {"blocks.0.hook_resid_post": torch.randn(2, 5, 8, generator=g) * 1e5,
-            "blocks.0.attn.hook_z": torch.randn(2, 5, 2, 3, generator=g)}
-    staging = StagingBuffer({"blocks.0.hook_resid_post": (10, 8), "blocks.0.attn.hook_z": (10, 6)},
-                            torch.float16, "cpu")
-    index = torch.tensor([0, 1, 2, 5, 6])
-    for name, x in acts.items():
-        staging.stage(name, x, index, backend=backend)
-    for name, x in acts.items():
-        assert_same_bits(staging.segment(name, 5), reference(x, index, torch.float16))
-    first = reference(acts["blocks.0.hook_resid_post"], index, torch.float32)
-    assert staging.overflow_counts() == {
-        "blocks.0.hook_resid_post": count_fp16_overflow(first, first.to(torch.float16)),
-        "blocks.0.attn.hook_z": 0}
-    assert staging.overflow_counts()["blocks.0.hook_resid_post"] > 0
-    staging.reset_overflow()
-    assert staging.overflow_counts() == {"blocks.0.hook_resid_post": 0, "blocks.0.attn.hook_z": 0}
-    with pytest.raises(ValueError, match="lower the batch's token budget"):
-        staging.stage("blocks.0.attn.hook_z", acts["blocks.0.attn.hook_z"], torch.arange(10).repeat(2))
 
 
 def test_bad_input_says_what_to_do():

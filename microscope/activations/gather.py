@@ -13,10 +13,6 @@ API (stable; the store pipeline calls it):
         (|x| >= 65520 rounds past 65504) is added to it in the same pass, without a host sync.
     count_fp16_overflow(source, cast) -> int
         The same count computed afterwards, from the source rows and their float16 cast.
-    StagingBuffer(shapes, dtype, device)
-        One preallocated buffer per device holding a [max_rows, width] segment per hook;
-        `stage(name, x, index)` gathers one hook into its segment (one kernel, no allocation)
-        and accumulates that hook's fp16 overflow count.
 
 Dispatch: CUDA tensors use the Triton kernel; CPU tensors use plain torch (the reference), or the
 Triton kernel too when the process runs under TRITON_INTERPRET=1 (set before triton is imported),
@@ -34,7 +30,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping
 
 import torch
 
@@ -92,60 +87,6 @@ def count_fp16_overflow(source: torch.Tensor, cast: torch.Tensor) -> int:
     if cast.dtype != torch.float16:
         return 0
     return int((torch.isinf(cast) & torch.isfinite(source.to(cast.device).reshape(cast.shape))).sum())
-
-
-class StagingBuffer:
-    """One buffer on one device, split into a segment [max_rows, width] per hook, in the storage dtype.
-
-    shapes: hook name -> (max_rows, width). Segments are contiguous and hook-major, so each hook's
-    rows are one block that a single device-to-host copy moves. `overflow[i]` counts hook i's
-    fp16 overflows since the last `reset_overflow()`. On the host, `pin_memory=True` makes it a
-    target for asynchronous device-to-host copies."""
-
-    def __init__(self, shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, device: torch.device | str,
-                 pin_memory: bool = False):
-        if dtype not in SUPPORTED:
-            raise ValueError(f"storage dtype {dtype} not supported: choose one of {SUPPORTED}")
-        self.dtype, self.device = dtype, torch.device(device)
-        self.shapes = {name: (int(r), int(w)) for name, (r, w) in shapes.items()}
-        self.offsets, total = {}, 0
-        for name, (rows, width) in self.shapes.items():
-            self.offsets[name] = total
-            total += rows * width
-        self.buffer = torch.empty(total, dtype=dtype, device=self.device, pin_memory=pin_memory)
-        self.overflow = torch.zeros(len(self.shapes), dtype=torch.int32, device=self.device, pin_memory=pin_memory)
-        self._slot = {name: i for i, name in enumerate(self.shapes)}
-
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
-
-    def segment(self, name: str, n_rows: int) -> torch.Tensor:
-        """The first `n_rows` rows of hook `name`'s segment: a contiguous view [n_rows, width]."""
-        max_rows, width = self.shapes[name]
-        if n_rows > max_rows:
-            raise ValueError(f"{n_rows} rows for hook {name}, whose segment holds {max_rows}; "
-                             "lower the batch's token budget or size the buffer for it")
-        start = self.offsets[name]
-        return self.buffer[start:start + n_rows * width].view(n_rows, width)
-
-    def stage(self, name: str, x: torch.Tensor, index: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-        """Gather rows `index` of x into hook `name`'s segment (one kernel); returns the [N, width] view."""
-        if name not in self.shapes:
-            raise KeyError(f"hook {name!r} has no segment in this staging buffer")
-        if x.device != self.device:
-            raise ValueError(f"hook {name} ran on {x.device}; this staging buffer is on {self.device}")
-        out = self.segment(name, index.numel())
-        slot = self._slot[name]
-        return gather_into(x, index, out, self.overflow[slot:slot + 1], backend=backend)
-
-    def overflow_counts(self) -> dict[str, int]:
-        """Per-hook fp16 overflow counts (synchronises with the device)."""
-        counts = self.overflow.tolist()
-        return {name: counts[i] for name, i in self._slot.items()}
-
-    def reset_overflow(self) -> None:
-        self.overflow.zero_()
 
 
 def _check(x: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, backend: str) -> None:

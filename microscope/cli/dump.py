@@ -5,10 +5,10 @@ The dump's options become one `DumpSettings`; errors are reported by `microscope
 from __future__ import annotations
 
 import os
-import shlex
-import sys
 
 import typer
+
+from microscope.cli.invocation import command_line
 
 
 def dump_command(
@@ -44,7 +44,7 @@ def dump_command(
         pattern_heads=[int(h) for h in pattern_heads.split(",")] if pattern_heads else None,
         chunk_rows=chunk_rows, unit_rows=unit_rows, compress=compress, gpus_per_model=gpus_per_model,
         max_pending_bytes=max_pending_mb << 20, writer_threads=writer_threads, seed=seed,
-        command_line="microscope " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        command_line=command_line())
     with _DumpProgress(enabled=rank == 0, console=Console(stderr=True)) as progress:
         summary = dump(model, prompts, hooks, out, settings, on_progress=progress.update)
     if rank == 0:

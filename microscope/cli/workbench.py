@@ -6,20 +6,16 @@ Heavy modules (torch, transformers, the studies) are imported inside the command
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import typer
+
+from microscope.cli.invocation import command_line
 
 experiments_app = typer.Typer(help="The experiment library: the shipped specs plus a team's folder of *.toml.",
                               no_args_is_help=True)
 LIBRARY_HELP = ("The team's spec folder, searched before the shipped specs "
                 "(default: $MICROSCOPE_EXPERIMENTS, else ./experiments).")
-
-
-def _command_line() -> str:
-    return "microscope " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _run_and_report(run) -> None:
@@ -49,7 +45,7 @@ def demo_command(
     """The main job: dump the organism's activations, run the studies, write an HTML report + JSON."""
     from microscope.workbench.demo import run_demo
 
-    _run_and_report(lambda: run_demo(out_dir=out, command=_command_line()))
+    _run_and_report(lambda: run_demo(out_dir=out, command=command_line()))
 
 
 def run_command(
@@ -61,7 +57,7 @@ def run_command(
     """Run one experiment spec; results carry provenance (commit, versions, seed, weights hash)."""
     from microscope.workbench.experiments import run_experiment
 
-    _run_and_report(lambda: run_experiment(spec, out_dir=out, command=_command_line(), library=directory))
+    _run_and_report(lambda: run_experiment(spec, out_dir=out, command=command_line(), library=directory))
 
 
 @experiments_app.command("list")
