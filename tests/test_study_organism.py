@@ -16,8 +16,7 @@ import torch
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
 import microscope as ms
-from microscope.analysis.studies import (run_arithmetic, run_instructions, run_repetition, run_toxicity)
-from microscope.models.organism.corpus import INSULTS
+from microscope.analysis.studies import run_arithmetic, run_instructions
 from microscope.prompts import load_prompts
 from microscope.scope import Scope
 
@@ -57,26 +56,6 @@ def random_model():
 # ---- one run of each study per model, shared by the tests of this module -----------------------
 
 @pytest.fixture(scope="module")
-def repetition(organism):
-    return run_repetition(organism)
-
-
-@pytest.fixture(scope="module")
-def repetition_random(random_model):
-    return run_repetition(random_model)
-
-
-@pytest.fixture(scope="module")
-def toxicity(organism):
-    return run_toxicity(organism)
-
-
-@pytest.fixture(scope="module")
-def toxicity_random(random_model):
-    return run_toxicity(random_model)
-
-
-@pytest.fixture(scope="module")
 def instructions(organism):
     return run_instructions(organism)
 
@@ -94,99 +73,6 @@ def arithmetic(organism):
 @pytest.fixture(scope="module")
 def arithmetic_random(random_model):
     return run_arithmetic(random_model)
-
-
-# ---- repetition --------------------------------------------------------------------------------
-
-def test_the_induction_heads_found_are_the_cards(repetition, truth):
-    card = truth["heads"]
-    assert {(l, h) for l, h, _ in card["induction_heads"]}, "the card lists no induction head"
-    assert set(repetition.heads) == {(l, h) for l, h, _ in card["induction_heads"]}
-    # the found heads are the study's top-ranked ones (the order among near-equal scores may differ)
-    flat = repetition.induction.scores.flatten()
-    n_heads = repetition.induction.scores.shape[1]
-    top = {divmod(int(i), n_heads) for i in flat.argsort(descending=True)[:len(repetition.heads)]}
-    assert top == set(repetition.heads)
-    assert tuple(card["top_induction_head"]) in top
-
-
-def test_ablating_the_found_heads_breaks_most_greedy_loops(repetition, truth):
-    assert repetition.loop_rate >= 0.1  # loops to break (the card's target is >= 0.3)
-    # The card counts a continuation whose last 32 tokens are periodic; the study's detector also
-    # counts shorter final cycles (>= 2 copies, >= 8 tokens): it finds every loop the card does.
-    card_rate = truth["repetition"]["loop_rate"]
-    assert card_rate - 1e-3 <= repetition.loop_rate <= card_rate + 0.1
-    assert repetition.loops_broken >= 0.8
-
-
-def test_repeats_reinforce_themselves(repetition):
-    curve = repetition.reinforcement
-    assert curve[1] > 5 * curve[0]          # a copy is far likelier than a first occurrence
-    assert curve[-1] >= curve[1]            # and it does not fade as repeats pile up
-
-
-def test_a_random_model_has_no_induction_heads_and_no_loops_to_break(repetition_random):
-    assert repetition_random.heads == []
-    top = float(repetition_random.induction.scores.max())
-    assert top < 3 * repetition_random.induction.chance
-    assert repetition_random.loops_broken in (None, 0.0)
-    curve = repetition_random.reinforcement
-    assert float(curve.max() - curve.min()) < 0.01
-
-
-# ---- toxicity ----------------------------------------------------------------------------------
-
-def test_the_probe_layer_found_is_the_cards(toxicity, truth):
-    assert toxicity.probe_layer == truth["toxicity"]["probe_layer"]
-
-
-def test_the_hostile_direction_promotes_insults(toxicity):
-    # insult words among the direction's top-10 vocabulary tokens: far above their share of the
-    # vocabulary (10 of 216 words), although the direction is read at the first layer
-    assert toxicity.insult_share_top >= 5 * toxicity.insult_share_chance
-
-
-def test_steering_halves_the_insult_rate_at_small_perplexity_cost(toxicity):
-    summary = toxicity.summary()
-    assert summary["insult_rate_unsteered"] > 0.05
-    assert summary["insult_rate_cut"] >= 0.5
-    assert summary["perplexity_cost"] <= 0.10
-
-
-def test_the_top_ablation_head_really_drives_insults(toxicity, organism):
-    """Zeroing the head the study's ablation ranks first (its slice of out_proj's input, a plain HF
-    hook) lowers the next-token insult mass after hostile contexts."""
-    layer, head = (int(x) for x in toxicity.summary()["top_ablation_head"][1:].split("H"))
-    model, tok = organism.model, organism.tokenizer
-    texts = [p.text for p in load_prompts("toxicity") if p.metadata["label"] == "hostile"]
-    insults = tok.convert_tokens_to_ids(INSULTS)
-    d_head = model.config.hidden_size // model.config.num_attention_heads
-
-    def insult_mass() -> float:
-        enc = tok(texts, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            logits = model(**enc).logits
-        last = enc["attention_mask"].sum(1) - 1
-        return logits[torch.arange(len(texts)), last].softmax(-1)[:, insults].sum(-1).mean().item()
-
-    def zero(module, args):
-        x = args[0].clone()
-        x[..., head * d_head:(head + 1) * d_head] = 0
-        return (x,)
-    clean = insult_mass()
-    handle = model.model.decoder.layers[layer].self_attn.out_proj.register_forward_pre_hook(zero)
-    try:
-        ablated = insult_mass()
-    finally:
-        handle.remove()
-    assert ablated < 0.8 * clean
-
-
-def test_a_random_model_has_no_probe_layer_and_no_hostile_direction(toxicity_random):
-    assert toxicity_random.probe_layer is None
-    assert toxicity_random.insult_share_top <= 0.2
-    hostile, friendly = toxicity_random.insult_prob_hostile, toxicity_random.insult_prob_friendly
-    assert hostile / friendly == pytest.approx(1.0, abs=0.2)
 
 
 # ---- instructions ------------------------------------------------------------------------------
@@ -280,7 +166,7 @@ def test_a_random_model_does_no_arithmetic(arithmetic_random):
 
 # ---- every result's shape ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["repetition", "toxicity", "instructions", "arithmetic"])
+@pytest.mark.parametrize("name", ["instructions", "arithmetic"])
 def test_results_give_a_frame_figures_and_a_json_summary(name, request):
     result = request.getfixturevalue(name)
     assert len(result.to_frame()) > 0
@@ -290,10 +176,3 @@ def test_results_give_a_frame_figures_and_a_json_summary(name, request):
         assert fig.data
     json.dumps(result.summary())
     assert type(result).__name__ in repr(result) and "<div>" in result._repr_html_()
-
-
-def test_the_toxicity_words_file_holds_the_organisms_words():
-    from microscope.analysis.studies.toxicity import builtin_words
-    from microscope.models.organism.corpus import INSULTS, PRAISES
-
-    assert builtin_words() == (list(INSULTS), list(PRAISES))

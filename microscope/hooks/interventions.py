@@ -2,6 +2,7 @@
 
     with scope.hooks(ablate_heads({3: [0, 5]})): ...                 # zero heads 0 and 5 of layer 3
     with scope.hooks(ablate_neurons({2: [17]}, mean_from=cache)): ...  # mean-ablate an MLP neuron
+    with scope.hooks(resample_heads({3: [0]}, cache, seed=0)): ...   # resample-ablate a head
     with scope.hooks(add_vector("blocks.4.hook_resid_mid", v, scale=4.0)): ...
     with scope.hooks(patch_from(clean_cache, "blocks.*.hook_resid_pre", positions=[5])): ...
 
@@ -61,6 +62,44 @@ def _ablate(site: str, units: Units, mean_from: ActivationCache | None) -> dict[
 def ablate_heads(heads: Units, mean_from: ActivationCache | None = None) -> dict[str, HookFn]:
     """Zero (or, with `mean_from`, mean-) ablate heads: `{layer: [head, ...]}` or `[(layer, head), ...]`."""
     return _ablate("attn.hook_z", heads, mean_from)
+
+
+def resample_heads(heads: Units, source: ActivationCache, seed: int = 0) -> dict[str, HookFn]:
+    """Resample-ablate heads (Chan et al. 2022): each token's output of each head is replaced by
+    that head's output at a token drawn at random from the real tokens of `source` (a cache of
+    other text holding ``attn.hook_z``; positions="all" or selected rows). Fresh draws on every
+    forward call (each generation step), from one seeded generator per layer."""
+    hooks: dict[str, HookFn] = {}
+    for layer, index in _by_layer(heads).items():
+        name = act_name("attn.hook_z", layer)
+        z = source[name]
+        pool = (z if source.rows is not None else z[source.mask.to(z.device)])[:, index]  # [N, k, d_head]
+        g = torch.Generator().manual_seed(seed + layer)
+
+        def resample(x: torch.Tensor, hook: HookPoint, index=index, pool=pool, g=g) -> torch.Tensor:
+            draw = torch.randint(len(pool), x.shape[:2], generator=g)
+            x = x.clone()
+            x[:, :, index] = pool[draw].to(x.device, x.dtype)
+            return x
+
+        hooks[name] = resample
+    return hooks
+
+
+ABLATIONS = ("zero", "mean", "resample")
+
+
+def ablate_heads_by(heads: Units, method: str = "zero", reference: ActivationCache | None = None,
+                    seed: int = 0) -> dict[str, HookFn]:
+    """Ablate heads by one of `ABLATIONS`: zero, mean (over `reference`'s real tokens) or resample
+    (from `reference`, see `resample_heads`); `reference` holds the heads' ``attn.hook_z``."""
+    if method == "zero":
+        return ablate_heads(heads)
+    if method not in ABLATIONS:
+        raise HookError(f"ablation method must be one of {ABLATIONS}, got {method!r}")
+    if reference is None:
+        raise HookError(f"{method} ablation needs a reference cache of attn.hook_z (other text)")
+    return ablate_heads(heads, mean_from=reference) if method == "mean" else resample_heads(heads, reference, seed)
 
 
 def ablate_neurons(neurons: Units, mean_from: ActivationCache | None = None) -> dict[str, HookFn]:

@@ -1,4 +1,5 @@
-"""Helpers the studies share: token ids of answer words, greedy continuations, first layers.
+"""Helpers the studies share: prompts, token ids of answer words, greedy continuations, first
+layers, heads named against a random-init null, reference activations for ablations.
 
 Study results are ordinary analysis `Result`s (`microscope.analysis.results`).
 """
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from microscope.errors import AnalysisInputError
+from microscope.names import act_name, head_label
+from microscope.prompts import Prompt, load_prompts
 
 
 def first_token_id(scope, text: str) -> int:
@@ -49,3 +52,39 @@ def greedy_new_tokens(scope, texts: Sequence[str], max_new_tokens: int, hooks: d
     out = scope.generate(list(texts), max_new_tokens=max_new_tokens, hooks=hooks, do_sample=False,
                          eos_token_id=None)
     return out.new_tokens.cpu()
+
+
+def rows_of(prompts: Sequence[Prompt] | str) -> list[Prompt]:
+    """`Prompt`s from a built-in set name, a file path, or a list."""
+    return load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
+
+
+def head_labels(heads: Sequence[tuple[int, int]]) -> list[str]:
+    """["L{layer}H{head}", ...] in the given order."""
+    return [head_label(l, h) for l, h in heads]
+
+
+def null_threshold(null: Sequence[float], headroom: float, top: float = 1.0) -> float:
+    """The score a component must reach to be named: m + headroom * (top - m), m = the highest
+    score of the random-init null, ``top`` = the best score possible."""
+    m = max(null)
+    return m + headroom * (top - m)
+
+
+def named_heads(scores: torch.Tensor, threshold: float) -> list[tuple[int, int]]:
+    """(layer, head) of every entry of ``scores`` [layer, head] >= threshold, best first."""
+    return [h for h in top_heads(scores, scores.numel()) if float(scores[h]) >= threshold]
+
+
+def top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The ``k`` (layer, head) pairs of ``scores`` [layer, head] with the highest values, best first."""
+    order = scores.flatten().argsort(descending=True)[:k]
+    return [divmod(int(i), scores.shape[1]) for i in order]
+
+
+@torch.no_grad()
+def reference_cache(scope, texts: Sequence[str], layers: Sequence[int]):
+    """`ActivationCache` of ``attn.hook_z`` at ``layers`` over ``texts`` (every position): the
+    reference of mean and resample ablations (`hooks.interventions.ablate_heads_by`)."""
+    names = [act_name("attn.hook_z", layer) for layer in sorted(set(layers))]
+    return scope.run_with_cache(list(texts), names=names)[1]

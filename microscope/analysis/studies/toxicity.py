@@ -1,21 +1,39 @@
-"""Toxic generation: where the model tells a hostile context from a friendly one, the direction that
-carries it, what writes insults into the logits, and how far steering against it goes.
+"""Toxic generation: where the model tells a hostile context from a friendly one, which heads carry
+the cue, the direction that holds the register, and how far steering against it goes -- each
+number beside the control that could make it false (DESIGN.md "Evidence standards").
 
-Four measurements on the built-in ``toxicity`` set (pairs of hostile / friendly contexts of equal
-length ending in a register-neutral frame such as ``you are a``):
+Prompts: hostile/friendly pairs of equal length that differ only in the cue token (metadata
+``label``, ``pair``, ``split``), ending in a register-neutral frame (``you are a``). In-distribution
+pairs are split by pair parity: even pairs *fit* (steering direction, cue-head search, tuned lens),
+odd pairs *evaluate*. Held-out ``neutral`` text: its first half fits the tuned lens and is the
+reference of mean/resample ablations, its second half measures perplexity. The metric throughout
+is the insult-vs-praise log-odds at the last token, ``log P(insults) - log P(praises)`` (a logit
+difference between the two word classes).
 
-- probe accuracy by layer: a linear probe (`probes.train_probes`) on the last-token residual at
-  each lens point (embeddings, then each block's output), pairs kept on one side of the split;
-  the probe layer is the first point from which held-out accuracy stays >= ``probe_threshold``;
-- the hostile direction: mean hostile minus mean friendly residual at the probe layer
-  (`steering.mean_difference_vector`), and the tokens the same difference at the last block's
-  output promotes (`lens.vocab_projection`);
-- direct logit attribution (`attribution.direct_logit_attribution`) of the insult-versus-praise
-  logit difference on hostile contexts, averaged over the word pairs: the heads and MLP neurons
-  that write insults most;
-- a steering sweep: the direction subtracted at every position with strength s (``-s * v``)
-  while greedily continuing hostile contexts: the insult-word rate (share of generated tokens
-  that are insult words) against the perplexity of friendly text under the same steering.
+- probes (Hewitt & Liang 2019): a linear probe (`probes.train_probes`) on the last-token residual
+  at each lens point of the in-distribution prompts (pairs split by parity); selectivity =
+  accuracy - accuracy on shuffled labels (``n_shuffles``); the probe layer is the first point
+  whose selectivity clears the random-init null's max m at that point by ``headroom`` of the room
+  to the best selectivity (m + headroom * (1 - chance - m)): a margin, so that one more random
+  model, one draw among many layers, does not clear it by luck;
+- where the register is read, under the logit lens and a tuned lens fitted in the same run
+  (`tuned_lens.fit_tuned_lens`): the hostile-minus-friendly gap of the lens log-odds on the
+  evaluation pairs per point; the read layer is the first point from which the gap stays at least
+  half the output's gap (None when the output's gap does not clear the random-init null). The lenses' KL to the output on held-out text is kept beside;
+- cue heads: activation patching of each head's output (``attn.hook_z``, every position) from
+  the hostile into the friendly prompt of each fit pair: the share of the model's log-odds gap it
+  restores. A head is named when its share clears the random-init null (the largest effect of any
+  head of ``seeds`` random-init models, in units of the same gap) by ``headroom`` of the room to 1. Then the claim that they
+  matter: zero, mean and resample ablation of the cue heads on the evaluation hostile prompts
+  (drop of the log-odds), against as many random other heads and random-init models' own top
+  heads;
+- the hostile direction: mean hostile minus mean friendly residual of the fit pairs at the probe
+  layer; its vocabulary projection at that layer under both lenses (share of insult words among
+  the top 10) against ``n_random_directions`` random directions of equal norm;
+- steering: ``-s * direction`` added at every position. The strength is chosen on the fit pairs
+  (the smallest that halves their insult-word rate), then measured on the evaluation pairs:
+  insult-word rate of greedy continuations, log-odds drop, and perplexity on the neutral
+  evaluation half, each against random directions of equal norm at the same strength.
 """
 
 from __future__ import annotations
@@ -23,29 +41,33 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from threadpoolctl import threadpool_limits
 
-from microscope.analysis.attribution import direct_logit_attribution
+from microscope.analysis.controls import (DEFAULT_SEEDS, Controlled, random_directions, random_heads,
+                                          random_init_scopes, shuffled)
 from microscope.analysis.inputs import token_batch
-from microscope.analysis.lens import point_label, residual_points
-from microscope.analysis.probes import ProbeResult, live_features, train_probes
+from microscope.analysis.lens import logit_lens, point_label, residual_points, vocab_projection
+from microscope.analysis.probes import live_features, train_probes
 from microscope.analysis.results import Result
 from microscope.analysis.steering import SteeringVector, mean_difference_vector
-from microscope.analysis.studies.base import first_layer_from, greedy_new_tokens, single_token_id
+from microscope.analysis.studies.base import (first_layer_from, greedy_new_tokens, head_labels, named_heads,
+                                              null_threshold, reference_cache, rows_of, single_token_id, top_heads)
+from microscope.analysis.tuned_lens import LensComparison, TunedLens, compare_lenses, fit_tuned_lens
 from microscope.errors import AnalysisInputError
-from microscope.hooks.interventions import ablate_heads
-from microscope.names import head_label
-from microscope.prompts import BUILTIN_DIR, Prompt, load_prompts
+from microscope.hooks.interventions import ABLATIONS, ablate_heads, ablate_heads_by, add_vector, patch_from
+from microscope.names import act_name
+from microscope.prompts import BUILTIN_DIR, Prompt
 from microscope.viz.figures import head_grid, line_plot
 
-DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
-
-
+DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0)
+IN_DISTRIBUTION, OOD = "in_distribution_heldout", "ood"
+LENSES = ("logit", "tuned")
 WORDS_FILE = BUILTIN_DIR / "toxicity_words.json"   # the insult and praise words of the built-in set
 
 
@@ -57,99 +79,218 @@ def builtin_words() -> tuple[list[str], list[str]]:
 
 @dataclass(repr=False)
 class ToxicityResult(Result):
-    """probe: per-point probe accuracies; points/layers: lens points and their labels;
-    probe_layer: index into points or None; direction: the hostile steering vector;
-    top_tokens: the vocabulary projection (frame) of the hostile direction at the last block's
-    output, where the unembedding reads; insult_share_top: share of insult words among the
-    promoted tokens; head_dla: [layer, head] mean insult-vs-praise direct logit attribution (what a
-    head writes straight into the logits); head_ablation: [layer, head] drop of the insult-vs-praise
-    log-odds when the head is zeroed (its total effect, through later layers too);
-    top_neurons: frame (layer, neuron, value); sweep: frame (strength, insult_rate, perplexity)."""
+    """points/layers: lens points (hook names) and their labels ('embed', 'L0', ...);
+    accuracy/shuffled_accuracy: [point] probe accuracy on real / shuffled labels;
+    null_selectivity: [seed, point] the random-init models' selectivity; probe_bar: [point] the
+    selectivity the probe layer must reach; probe_layer: index into
+    points or None; lens_gap: {lens: [point] hostile - friendly log-odds gap}; lens_kl: KL of both
+    lenses to the output on held-out text; read_layer: {lens: index or None};
+    patch: [layer, head] share of the log-odds gap restored by patching the head; cue_null: [seed]
+    largest |effect| of a random-init model's head, in units of this model's gap; cue_threshold, cue_heads; cue_drop: {method: log-odds
+    drop, cue heads ablated}; cue_drop_random: {method: [drop per random draw]};
+    direction: the steering vector; top_tokens/insult_share: {lens: frame / share of insults in
+    the top 10}; insult_share_random: {lens: [per random direction]}; sweep: frame (strength,
+    fit_insult_rate, insult_rate, log_odds, perplexity); strength: the chosen one;
+    steer_random: frame (insult_rate, log_odds, perplexity) per random direction at that strength;
+    insult_prob: {split: (hostile, friendly)} next-token insult mass; null: {key: [per seed]}."""
 
-    probe: ProbeResult
     points: list[str]
     layers: list[str]
-    probe_threshold: float
+    accuracy: np.ndarray
+    shuffled_accuracy: np.ndarray
+    chance: float
+    null_selectivity: np.ndarray
+    probe_bar: list[float]
     probe_layer: int | None
+    lens_gap: dict[str, torch.Tensor]
+    lens_kl: LensComparison
+    read_layer: dict[str, int | None]
+    patch: torch.Tensor
+    cue_null: list[float]
+    cue_threshold: float
+    cue_heads: list[tuple[int, int]]
+    cue_drop: dict[str, float]
+    cue_drop_random: dict[str, list[float]]
     direction: SteeringVector
-    top_tokens: pd.DataFrame
-    insult_share_top: float
-    insult_share_chance: float
-    head_dla: torch.Tensor
-    head_ablation: torch.Tensor
-    top_neurons: pd.DataFrame
+    top_tokens: dict[str, pd.DataFrame]
+    insult_share: dict[str, float]
+    insult_share_random: dict[str, list[float]]
     sweep: pd.DataFrame
-    insult_prob_hostile: float
-    insult_prob_friendly: float
+    strength: float
+    steer_random: pd.DataFrame
+    insult_prob: dict[str, tuple[float, float]]
+    null: dict[str, list[float]] = field(default_factory=dict)
     title: str = "toxicity"
 
-    def best_steering(self, max_perplexity_cost: float = 0.10) -> pd.Series | None:
-        """The sweep row with the lowest insult rate among those within the perplexity budget."""
-        base = self.sweep.iloc[0]
-        ok = self.sweep[(self.sweep["perplexity"] <= base["perplexity"] * (1 + max_perplexity_cost))
-                        & (self.sweep["strength"] > 0)]
-        return None if ok.empty else ok.sort_values(["insult_rate", "strength"]).iloc[0]
+    @property
+    def selectivity(self) -> np.ndarray:
+        return self.accuracy - self.shuffled_accuracy
 
-    def to_frame(self) -> pd.DataFrame:
-        """The probe accuracy per lens point (one row each), with the probe layer marked."""
-        return pd.DataFrame(dict(point=self.points, layer=self.layers,
-                                 test_accuracy=self.probe.test_accuracy,
-                                 train_accuracy=self.probe.train_accuracy, chance=self.probe.chance,
-                                 probe_layer=[i == self.probe_layer for i in range(len(self.points))]))
+    def _steered(self) -> tuple[pd.Series, pd.Series]:
+        return self.sweep.iloc[0], self.sweep[self.sweep["strength"] == self.strength].iloc[0]
 
-    def figures(self) -> list[go.Figure]:
-        probe = line_plot({"held-out": self.probe.test_accuracy, "train": self.probe.train_accuracy},
-                          x=self.layers, hline=self.probe.chance, title="hostile vs friendly: probe accuracy by layer",
-                          x_title="layer", y_title="accuracy")
-        heads = head_grid(self.head_dla, title="direct logit attribution to insult - praise (hostile contexts)",
-                          colorbar="logit")
-        ablation = head_grid(self.head_ablation, title="insult - praise log-odds lost when a head is zeroed",
-                             colorbar="nats")
-        sweep = go.Figure(go.Scatter(x=self.sweep["perplexity"], y=self.sweep["insult_rate"],
-                                     mode="lines+markers+text", text=[f"s={s:g}" for s in self.sweep["strength"]],
-                                     textposition="top center"))
-        sweep.update_layout(title="steering against the hostile direction", xaxis_title="perplexity on friendly text",
-                            yaxis_title="insult-word rate of hostile continuations")
-        return [probe, heads, ablation, sweep]
-
-    def summary(self) -> dict:
-        base = self.sweep.iloc[0]
-        best = self.best_steering()
-        top = int(self.head_dla.flatten().argmax())
-        n_heads = self.head_dla.shape[1]
-        causal = int(self.head_ablation.flatten().argmax())
-        out = {
-            "probe_layer": self.probe_layer,
-            "probe_layer_name": None if self.probe_layer is None else self.layers[self.probe_layer],
-            "probe_accuracy_by_layer": [round(float(a), 3) for a in self.probe.test_accuracy],
-            "probe_chance": round(self.probe.chance, 3),
-            "insult_prob_hostile": round(self.insult_prob_hostile, 5),
-            "insult_prob_friendly": round(self.insult_prob_friendly, 5),
-            "direction_top_tokens": self.top_tokens["promoted"].str.strip().tolist(),
-            "direction_insult_share_top": round(self.insult_share_top, 3),
-            "direction_insult_share_chance": round(self.insult_share_chance, 3),
-            "top_insult_head": head_label(*divmod(top, n_heads)),
-            "top_insult_head_dla": round(float(self.head_dla.flatten()[top]), 3),
-            "top_ablation_head": head_label(*divmod(causal, n_heads)),
-            "top_ablation_head_drop": round(float(self.head_ablation.flatten()[causal]), 3),
-            "top_insult_neuron": (f"L{int(self.top_neurons.iloc[0]['layer'])}N{int(self.top_neurons.iloc[0]['neuron'])}"
-                                  if len(self.top_neurons) else None),
-            "insult_rate_unsteered": round(float(base["insult_rate"]), 4),
-            "perplexity_unsteered": round(float(base["perplexity"]), 4),
-        }
-        if best is not None:
-            cut = 1 - best["insult_rate"] / base["insult_rate"] if base["insult_rate"] > 0 else None
-            out.update(steering_strength=float(best["strength"]),
-                       insult_rate_steered=round(float(best["insult_rate"]), 4),
-                       insult_rate_cut=None if cut is None else round(float(cut), 4),
-                       perplexity_cost=round(float(best["perplexity"] / base["perplexity"] - 1), 4))
+    def controlled(self) -> dict[str, Controlled]:
+        """Every headline number with its control, by headline key (a second control of the same
+        number gets the key ``{key}_vs_{control}``)."""
+        init = f"random init x{len(self.null_selectivity)}"
+        n_dir = f"random directions of equal norm x{len(self.steer_random)}"
+        out: dict[str, Controlled] = {}
+        ratio = self.insult_prob[IN_DISTRIBUTION][0] / self.insult_prob[IN_DISTRIBUTION][1]
+        out["insult_prob_ratio"] = Controlled(_r(ratio), self.null["insult_prob_ratio"], init)
+        layer = self.probe_layer if self.probe_layer is not None else int(np.argmax(self.selectivity))
+        out["probe_selectivity"] = Controlled(_r(self.selectivity[layer]), [_r(x) for x in self.null_selectivity[:, layer]],
+                                              init + f" at {self.layers[layer]}")
+        out["probe_accuracy"] = Controlled(_r(self.accuracy[layer]), [_r(self.shuffled_accuracy[layer])],
+                                           f"shuffled labels at {self.layers[layer]}")
+        out["output_log_odds_gap"] = Controlled(_r(self.lens_gap["logit"][-1]), self.null["output_log_odds_gap"], init)
+        for method in ABLATIONS:
+            if method in self.cue_drop and self.cue_drop_random.get(method):
+                key = "cue_heads_log_odds_drop" if method == "zero" else f"cue_heads_log_odds_drop_{method}_ablation"
+                out[key] = Controlled(_r(self.cue_drop[method]), self.cue_drop_random[method],
+                                      f"{method}-ablating random other heads x{len(self.cue_drop_random[method])}")
+        if "zero" in self.cue_drop and self.null.get("cue_heads_log_odds_drop"):
+            out["cue_heads_log_odds_drop_vs_random_init"] = Controlled(
+                _r(self.cue_drop["zero"]), self.null["cue_heads_log_odds_drop"], init + ", top patching heads ablated")
+        for lens in LENSES:
+            out[f"direction_insult_share_{lens}_lens"] = Controlled(self.insult_share[lens], self.insult_share_random[lens], n_dir)
+        base, steered = self._steered()
+        cut = lambda rate: _r(1 - rate / base["insult_rate"]) if base["insult_rate"] > 0 else 0.0  # noqa: E731
+        out["insult_rate_cut"] = Controlled(cut(steered["insult_rate"]), [cut(x) for x in self.steer_random["insult_rate"]], n_dir)
+        drop = _r(base["log_odds"] - steered["log_odds"])
+        out["log_odds_drop_steered"] = Controlled(drop, [_r(base["log_odds"] - x) for x in self.steer_random["log_odds"]], n_dir)
+        out["log_odds_drop_steered_vs_random_init"] = Controlled(drop, self.null["log_odds_drop_steered"], init)
+        cost = lambda ppl: _r(ppl / base["perplexity"] - 1)  # noqa: E731
+        out["perplexity_cost"] = Controlled(cost(steered["perplexity"]), [cost(x) for x in self.steer_random["perplexity"]],
+                                            n_dir + " (claim: a smaller cost)", higher_is_claim=False)
         return out
 
+    def to_frame(self) -> pd.DataFrame:
+        """One row per lens point: probe accuracy, shuffled-label accuracy, selectivity and its
+        random-init null, the log-odds gap under both lenses, the lenses' KL to the output."""
+        return pd.DataFrame(dict(point=self.points, layer=self.layers, probe_accuracy=self.accuracy,
+                                 shuffled_label_accuracy=self.shuffled_accuracy, selectivity=self.selectivity,
+                                 selectivity_random_init_mean=self.null_selectivity.mean(0),
+                                 selectivity_random_init_max=self.null_selectivity.max(0),
+                                 probe_layer=[i == self.probe_layer for i in range(len(self.points))],
+                                 logit_lens_gap=self.lens_gap["logit"].tolist(), tuned_lens_gap=self.lens_gap["tuned"].tolist(),
+                                 logit_lens_kl=self.lens_kl.logit_kl.tolist(), tuned_lens_kl=self.lens_kl.tuned_kl.tolist()))
 
-def insult_rate(scope, prompts: Sequence[str], insult_ids: torch.Tensor, vector: SteeringVector,
-                strength: float, max_new_tokens: int) -> float:
-    """Share of greedily generated tokens that are insult words, steering with ``-strength * vector``."""
-    new = greedy_new_tokens(scope, prompts, max_new_tokens, hooks=vector.hooks(-strength))
+    def figures(self) -> list[go.Figure]:
+        probe = line_plot({"selectivity": self.selectivity, "random-init max": self.null_selectivity.max(0),
+                           "random-init mean": self.null_selectivity.mean(0)}, x=self.layers,
+                          title="hostile vs friendly: probe selectivity (accuracy - shuffled labels) by layer",
+                          x_title="layer", y_title="selectivity")
+        lens = line_plot({f"{name} lens": self.lens_gap[name] for name in LENSES}, x=self.layers,
+                         title="where the register is read: hostile - friendly insult log-odds by layer",
+                         x_title="layer", y_title="log-odds gap (nats)")
+        heads = head_grid(self.patch, title=f"share of the log-odds gap restored by patching a head "
+                                            f"(cue heads >= {self.cue_threshold:.2f})", colorbar="share")
+        sweep = go.Figure([go.Scatter(x=self.sweep["perplexity"], y=self.sweep["insult_rate"], mode="lines+markers+text",
+                                      text=[f"s={s:g}" for s in self.sweep["strength"]], textposition="top center",
+                                      name="hostile direction"),
+                           go.Scatter(x=self.steer_random["perplexity"], y=self.steer_random["insult_rate"], mode="markers",
+                                      name=f"random directions (s={self.strength:g})")])
+        sweep.update_layout(title="steering against the hostile direction (held-out pairs; perplexity on neutral text)",
+                            xaxis_title="perplexity on held-out neutral text", yaxis_title="insult-word rate")
+        return [probe, lens, self.lens_kl.figures()[0], heads, sweep]
+
+    def summary(self) -> dict:
+        base, steered = self._steered()
+        out: dict = {
+            "probe_layer": self.probe_layer,
+            "probe_layer_name": None if self.probe_layer is None else self.layers[self.probe_layer],
+            "probe_layer_hook": None if self.probe_layer is None else self.points[self.probe_layer],
+            "probe_selectivity_by_layer": [_r(x) for x in self.selectivity],
+            "probe_selectivity_bar_by_layer": [_r(x) for x in self.probe_bar],
+            "probe_accuracy_by_layer": [_r(x) for x in self.accuracy],
+            "probe_chance": _r(self.chance),
+            "read_layer_logit_lens": _label(self.layers, self.read_layer["logit"]),
+            "read_layer_tuned_lens": _label(self.layers, self.read_layer["tuned"]),
+            "lens_log_odds_gap_logit_by_layer": [_r(x) for x in self.lens_gap["logit"]],
+            "lens_log_odds_gap_tuned_by_layer": [_r(x) for x in self.lens_gap["tuned"]],
+            **{k: _r(v) for k, v in self.lens_kl.summary().items()},
+            "cue_heads": head_labels(self.cue_heads),
+            "cue_threshold": _r(self.cue_threshold),
+            "cue_patch_top_share": _r(self.patch.max()),
+            "cue_patch_random_init_max": _r(max(self.cue_null)),
+        }
+        for split, (hostile, friendly) in self.insult_prob.items():
+            suffix = "" if split == IN_DISTRIBUTION else f"_{split}"
+            out[f"insult_prob_hostile{suffix}"], out[f"insult_prob_friendly{suffix}"] = _r(hostile), round(friendly, 6)
+        for key, claim in self.controlled().items():
+            out.update(claim.headline(key))
+        out.update(direction_hook=self.direction.hook, direction_top_tokens=self.top_tokens["logit"]["promoted"].str.strip().tolist(),
+                   steering_strength=self.strength, insult_rate_unsteered=_r(base["insult_rate"]),
+                   insult_rate_steered=_r(steered["insult_rate"]), perplexity_unsteered=_r(base["perplexity"]))
+        return {k: _r(v) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _r(x) -> float:
+    return round(float(x), 4)
+
+
+def _label(layers: list[str], index: int | None) -> str | None:
+    return None if index is None else layers[index]
+
+
+def _log_odds(logits: torch.Tensor, last: torch.Tensor, insult_ids: torch.Tensor, praise_ids: torch.Tensor) -> torch.Tensor:
+    """[batch] log P(insults) - log P(praises) at each row's ``last`` position; logits [batch, pos, vocab]."""
+    x = logits[torch.arange(len(logits)), last].float()
+    return x[:, insult_ids].logsumexp(-1) - x[:, praise_ids].logsumexp(-1)
+
+
+@dataclass
+class _Batch:
+    """Token ids [batch, pos], mask, last positions [batch] of some prompts."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def last(self) -> torch.Tensor:
+        return self.mask.sum(-1) - 1
+
+    def log_odds(self, scope, words: tuple[torch.Tensor, torch.Tensor], hooks: dict | None = None) -> torch.Tensor:
+        logits = scope.run(self.ids, attention_mask=self.mask, hooks=hooks).float().cpu()
+        return _log_odds(logits, self.last, *words)
+
+
+def _pairs(scope, hostile: list[str], friendly: list[str]) -> tuple[_Batch, _Batch]:
+    """Hostile and friendly batches of the same shape (tokenized together; pairs of equal length)."""
+    ids, mask = token_batch(scope, hostile + friendly)
+    n = len(hostile)
+    h, f = _Batch(ids[:n], mask[:n]), _Batch(ids[n:], mask[n:])
+    if not torch.equal(h.mask, f.mask):
+        raise AnalysisInputError("hostile and friendly prompts of a pair must have the same number of tokens")
+    return h, f
+
+
+def _probe(features: dict[str, torch.Tensor], labels: list[str], groups: list[int], n_shuffles: int,
+           seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(accuracy [point], mean shuffled-label accuracy [point], chance)."""
+    with threadpool_limits(1):   # tiny fits: a second BLAS thread on a busy machine costs 8x
+        real = train_probes(features, labels, groups=groups, test_fraction=0.5, seed=seed)
+        control = np.mean([train_probes(features, shuffled(labels, seed + i), groups=groups, test_fraction=0.5,
+                                        seed=seed).test_accuracy for i in range(n_shuffles)], 0)
+    return real.test_accuracy, control, real.chance
+
+
+@torch.no_grad()
+def _patch_effects(scope, hostile: _Batch, friendly: _Batch, words) -> tuple[torch.Tensor, float]:
+    """([layer, head] log-odds (nats) restored in the friendly run by each head's output
+    (``attn.hook_z``, every position) taken from the hostile run; the hostile - friendly gap)."""
+    config = scope.model.config
+    names = [act_name("attn.hook_z", l) for l in range(config.num_hidden_layers)]
+    _, cache = scope.run_with_cache(hostile.ids, names=names, attention_mask=hostile.mask)
+    base = friendly.log_odds(scope, words).mean()
+    effects = torch.tensor([[float(friendly.log_odds(scope, words, patch_from(cache, name, heads=[head])).mean() - base)
+                             for head in range(config.num_attention_heads)] for name in names])
+    return effects, float(hostile.log_odds(scope, words).mean() - base)
+
+
+def _insult_rate(scope, texts: Sequence[str], insult_ids: torch.Tensor, max_new_tokens: int, hooks: dict | None) -> float:
+    """Share of greedily generated tokens that are insult words."""
+    new = greedy_new_tokens(scope, texts, max_new_tokens, hooks=hooks)
     return float(torch.isin(new, insult_ids).float().mean())
 
 
@@ -157,25 +298,36 @@ def insult_rate(scope, prompts: Sequence[str], insult_ids: torch.Tensor, vector:
 def perplexity(scope, texts: Sequence[str], hooks: dict | None = None) -> float:
     """exp(mean next-token cross-entropy) over the real tokens of ``texts`` (hooks in force)."""
     ids, mask = token_batch(scope, list(texts))
-    with scope.hooks(hooks or {}):
-        logits = scope.run(ids, attention_mask=mask).float().cpu()
+    logits = scope.run(ids, attention_mask=mask, hooks=hooks).float().cpu()
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-    keep = mask[:, 1:].flatten().bool()
-    return math.exp(float(nll[keep].mean()))
+    return math.exp(float(nll[mask[:, 1:].flatten().bool()].mean()))
+
+
+def _insult_share(scope, direction: torch.Tensor, insults: set[str], k: int = 10) -> tuple[float, pd.DataFrame]:
+    frame = vocab_projection(scope, direction, k=k)
+    return sum(t.strip() in insults for t in frame["promoted"]) / k, frame
+
+
+def _translated(lens: TunedLens, point: str, v: torch.Tensor) -> torch.Tensor:
+    """The tuned lens's linear part applied to a direction: v + W v (no bias: a direction has no origin)."""
+    return lens.translate(point, v) - lens.translate(point, torch.zeros_like(v))
 
 
 @torch.no_grad()
-def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, insults: Sequence[str] | None = None,
-                 praises: Sequence[str] | None = None, friendly_texts: Sequence[str] | None = None,
-                 strengths: Sequence[float] = DEFAULT_STRENGTHS, probe_threshold: float = 0.9,
-                 max_new_tokens: int = 16, n_steer_prompts: int = 32, seed: int = 0) -> ToxicityResult:
+def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral: Sequence[Prompt] | str = "neutral",
+                 insults: Sequence[str] | None = None, praises: Sequence[str] | None = None,
+                 strengths: Sequence[float] = DEFAULT_STRENGTHS, max_new_tokens: int = 8,
+                 seeds: Sequence[int] = DEFAULT_SEEDS, n_shuffles: int = 5, n_random_directions: int = 20,
+                 n_random_heads: int = 10, headroom: float = 1 / 3, lens_steps: int = 200,
+                 seed: int = 0) -> ToxicityResult:
     """The toxicity study (see module docstring).
 
-    prompts: a set name or `Prompt`s with metadata ``label`` ('hostile'/'friendly') and optionally
-    ``pair`` (kept together in the probe split); insults/praises: one-token words (default: the
-    built-in set's words, `builtin_words`); friendly_texts: text for the perplexity cost (default:
-    the friendly prompts); strengths: steering strengths s >= 0 (0 first = unsteered)."""
-    rows = load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
+    prompts: a set name or `Prompt`s with metadata ``label`` ('hostile'/'friendly'), ``pair`` (the
+    two prompts of a pair share it and have the same number of tokens) and optionally ``split``
+    (in-distribution when absent; ``ood`` pairs only enter the insult probabilities);
+    neutral: held-out neutral text; insults/praises: one-token words (default: the built-in set's,
+    `builtin_words`); strengths: steering strengths s >= 0, 0 first (the unsteered baseline)."""
+    rows = rows_of(prompts)
     labels = [p.metadata.get("label") for p in rows]
     if set(labels) != {"hostile", "friendly"}:
         raise AnalysisInputError(f"toxicity prompts need metadata label 'hostile' or 'friendly'; got {sorted(set(map(str, labels)))}")
@@ -183,80 +335,129 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, insults
         raise AnalysisInputError(f"strengths must start with 0 (the unsteered baseline) and be >= 0, got {list(strengths)}")
     default_insults, default_praises = builtin_words()
     insults, praises = list(insults or default_insults), list(praises or default_praises)
-    texts = [p.text for p in rows]
-    hostile = [t for t, l in zip(texts, labels) if l == "hostile"]
-    friendly = [t for t, l in zip(texts, labels) if l == "friendly"]
-    insult_ids = torch.tensor([single_token_id(scope, w) for w in insults])
-    praise_ids = torch.tensor([single_token_id(scope, w) for w in praises])
+    words = (torch.tensor([single_token_id(scope, w) for w in insults]),
+             torch.tensor([single_token_id(scope, w) for w in praises]))
+    split_of = lambda p: str(p.metadata.get("split", IN_DISTRIBUTION))  # noqa: E731
+    by_pair: dict = {}
+    for p in rows:
+        by_pair.setdefault((split_of(p), p.metadata.get("pair")), {})[p.metadata["label"]] = p.text
+    pairs = {key: v for key, v in by_pair.items() if len(v) == 2}
+    ind = sorted((k for k in pairs if k[0] == IN_DISTRIBUTION), key=lambda k: k[1])
+    fit, evaluate = ind[0::2], ind[1::2]
+    if not fit or not evaluate:
+        raise AnalysisInputError("the toxicity study needs at least two in-distribution hostile/friendly pairs")
+    texts_of = lambda keys, label: [pairs[k][label] for k in keys]  # noqa: E731
+    fit_h, fit_f = _pairs(scope, texts_of(fit, "hostile"), texts_of(fit, "friendly"))
+    eval_h, eval_f = _pairs(scope, texts_of(evaluate, "hostile"), texts_of(evaluate, "friendly"))
+    neutral_texts = [p.text for p in rows_of(neutral)]
+    neutral_fit, neutral_eval = neutral_texts[0::2], neutral_texts[1::2]
 
-    # 1. probes at every lens point, pairs kept together
+    # probes on the in-distribution prompts, pairs split by parity; random-init null
+    probe_texts = [t for k in ind for t in (pairs[k]["hostile"], pairs[k]["friendly"])]
+    probe_labels = [label for _ in ind for label in ("hostile", "friendly")]
+    probe_groups = [i % 2 for i in range(len(ind)) for _ in range(2)]
     points = residual_points(scope)
-    features, _ = live_features(scope, texts, points)
-    groups = [p.metadata.get("pair", i) for i, p in enumerate(rows)]
-    probe = train_probes(features, labels, groups=groups, seed=seed)
-    probe_layer = first_layer_from([a >= probe_threshold for a in probe.test_accuracy])
-    layers = [point_label(name) for name in points]
+    layers = [point_label(p) for p in points]
+    accuracy, shuffled_acc, chance = _probe(live_features(scope, probe_texts, points)[0], probe_labels,
+                                            probe_groups, n_shuffles, seed)
 
-    # 2. the hostile direction where the probe first works (else where it works best)
-    steer_point = points[probe_layer if probe_layer is not None else int(np.argmax(probe.test_accuracy))]
-    direction = mean_difference_vector(scope, hostile, friendly, hook=steer_point)
-    # its vocabulary projection is read where the unembedding reads: the last block's output
-    readout = mean_difference_vector(scope, hostile, friendly, hook=points[-1])
-    top_tokens = readout.vocab_projection(scope, k=10)
-    promoted = [t.strip() for t in top_tokens["promoted"]]
-    insult_share = sum(t in insults for t in promoted) / len(promoted)
-    chance = len(insults) / len(scope.tokenizer)
+    def insult_probs(s, keys) -> tuple[float, float]:
+        h, f = _pairs(s, texts_of(keys, "hostile"), texts_of(keys, "friendly"))
+        return tuple(float(b.log_odds(s, (words[0], torch.arange(s.model.config.vocab_size))).exp().mean()) for b in (h, f))
 
-    # 3. direct logit attribution of insult - praise on hostile contexts, averaged over word pairs
-    n_pairs = min(len(insult_ids), len(praise_ids))
-    head_dla, neurons, probs = None, None, None
-    for i in range(n_pairs):
-        dla = direct_logit_attribution(scope, hostile, insult_ids[i].item(), baseline=praise_ids[i].item())
-        head_dla = dla.head_grid() / n_pairs + (0 if head_dla is None else head_dla)
-        neuron_mean = dla.neurons.mean(0) / n_pairs
-        neurons = neuron_mean if neurons is None else neurons + neuron_mean
-    flat = neurons.flatten().topk(10)
-    d_mlp = neurons.shape[1]
-    top_neurons = pd.DataFrame([dict(layer=int(i) // d_mlp, neuron=int(i) % d_mlp, value=float(v))
-                                for v, i in zip(flat.values, flat.indices)])
-    head_ablation = _head_ablation(scope, hostile, insult_ids, praise_ids)
-    ids, mask = token_batch(scope, texts)
-    logits = scope.run(ids, attention_mask=mask).float().cpu()
-    probs = logits[torch.arange(len(ids)), mask.sum(-1) - 1].softmax(-1)[:, insult_ids].sum(-1)
-    is_hostile = torch.tensor([l == "hostile" for l in labels])
+    insult_prob = {split: insult_probs(scope, sorted(k for k in pairs if k[0] == split))
+                   for split in (IN_DISTRIBUTION, OOD) if any(k[0] == split for k in pairs)}
 
-    # 4. steering sweep
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(hostile), generator=g)[:n_steer_prompts].tolist()
-    steer_prompts = [hostile[i] for i in pick]
-    ppl_texts = list(friendly_texts) if friendly_texts is not None else friendly
-    sweep = pd.DataFrame([dict(strength=float(s),
-                               insult_rate=insult_rate(scope, steer_prompts, insult_ids, direction, s, max_new_tokens),
-                               perplexity=perplexity(scope, ppl_texts, direction.hooks(-s)))
-                          for s in strengths])
-    return ToxicityResult(probe=probe, points=points, layers=layers, probe_threshold=probe_threshold,
-                          probe_layer=probe_layer, direction=direction, top_tokens=top_tokens,
-                          insult_share_top=insult_share, insult_share_chance=chance, head_dla=head_dla,
-                          head_ablation=head_ablation,
-                          top_neurons=top_neurons, sweep=sweep,
-                          insult_prob_hostile=float(probs[is_hostile].mean()),
-                          insult_prob_friendly=float(probs[~is_hostile].mean()))
+    # cue heads: patching on the fit pairs; random-init null of the largest share
+    effects, gap = _patch_effects(scope, fit_h, fit_f, words)
+    if gap <= 0:
+        raise AnalysisInputError(f"the hostile prompts do not raise the insult log-odds over the friendly ones "
+                                 f"(gap {gap:.3g} nats): no cue to trace")
+    patch = effects / gap
+    null: dict[str, list[float]] = {k: [] for k in ("insult_prob_ratio", "output_log_odds_gap", "cue_heads_log_odds_drop",
+                                                    "log_odds_drop_steered")}
+    null_selectivity, cue_null, null_patches = [], [], []
+    for rand in random_init_scopes(scope, seeds):
+        acc, ctrl, _ = _probe(live_features(rand, probe_texts, points)[0], probe_labels, probe_groups, n_shuffles, seed)
+        null_selectivity.append(acc - ctrl)
+        hostile_p, friendly_p = insult_probs(rand, ind)
+        null["insult_prob_ratio"].append(_r(hostile_p / friendly_p))
+        null["output_log_odds_gap"].append(_r((eval_h.log_odds(rand, words) - eval_f.log_odds(rand, words)).mean()))
+        shares = _patch_effects(rand, fit_h, fit_f, words)[0] / gap   # in units of this model's gap
+        null_patches.append(shares)
+        cue_null.append(_r(shares.abs().max()))
+    null_selectivity = np.stack(null_selectivity)
+    selectivity = accuracy - shuffled_acc
+    probe_bar = [null_threshold(null_selectivity[:, i], headroom, top=1 - chance) for i in range(len(points))]
+    probe_layer = next((i for i in range(len(points)) if selectivity[i] >= probe_bar[i]), None)
+    cue_threshold = null_threshold(cue_null, headroom)
+    cue_heads = named_heads(patch, cue_threshold)
 
-
-@torch.no_grad()
-def _head_ablation(scope, prompts: Sequence[str], insult_ids: torch.Tensor,
-                   praise_ids: torch.Tensor) -> torch.Tensor:
-    """[layer, head]: mean last-token log-odds of insult vs praise mass, clean minus head zeroed."""
-    ids, mask = token_batch(scope, prompts)
-    last = mask.sum(-1) - 1
-
-    def log_odds(hooks=None) -> float:
-        logits = scope.run(ids, attention_mask=mask, hooks=hooks).float().cpu()
-        logp = logits[torch.arange(len(ids)), last].log_softmax(-1)
-        return float((logp[:, insult_ids].logsumexp(-1) - logp[:, praise_ids].logsumexp(-1)).mean())
-
+    # the cue heads matter: ablations on the evaluation hostile prompts against random heads / random init
     config = scope.model.config
-    clean = log_odds()
-    return torch.tensor([[clean - log_odds(ablate_heads([(layer, head)]))
-                          for head in range(config.num_attention_heads)]
-                         for layer in range(config.num_hidden_layers)])
+    clean_odds = eval_h.log_odds(scope, words).mean()
+    cue_drop, cue_drop_random = {}, {}
+    if cue_heads:
+        draws = [random_heads(config.num_hidden_layers, config.num_attention_heads, len(cue_heads), exclude=cue_heads,
+                              seed=seed + i) for i in range(n_random_heads)]
+        reference = reference_cache(scope, neutral_fit, range(config.num_hidden_layers))
+        for method in ABLATIONS:
+            drop = lambda heads: _r(clean_odds - eval_h.log_odds(scope, words, ablate_heads_by(heads, method, reference, seed)).mean())  # noqa: E731
+            cue_drop[method] = drop(cue_heads)
+            cue_drop_random[method] = [drop(d) for d in draws]
+
+    # where the register is read: both lenses on the evaluation pairs; the tuned lens fitted here
+    with torch.enable_grad():   # this function runs under no_grad; the translators train
+        lens = fit_tuned_lens(scope, neutral_fit + texts_of(fit, "hostile") + texts_of(fit, "friendly"),
+                              steps=lens_steps, seed=seed)
+    lens_kl = compare_lenses(scope, neutral_eval + texts_of(evaluate, "hostile") + texts_of(evaluate, "friendly"), lens)
+    lens_gap, read_layer = {}, {}
+    for name, translate in (("logit", None), ("tuned", lens.translate)):
+        odds = [logit_lens(scope, batch.ids, attention_mask=batch.mask, position="last", translate=translate).logits[:, :, 0]
+                for batch in (eval_h, eval_f)]          # [point, batch, vocab] each
+        gap = torch.stack([(o[:, :, words[0]].logsumexp(-1) - o[:, :, words[1]].logsumexp(-1)) for o in odds])
+        lens_gap[name] = (gap[0] - gap[1]).mean(-1)
+        read_layer[name] = first_layer_from([bool(g >= 0.5 * lens_gap[name][-1]) for g in lens_gap[name]]) \
+            if lens_gap[name][-1] > max(null["output_log_odds_gap"]) else None
+
+    # the hostile direction at the probe layer (or the most selective point), fitted on the fit pairs
+    point = points[probe_layer if probe_layer is not None else int(np.argmax(selectivity))]
+    direction = mean_difference_vector(scope, texts_of(fit, "hostile"), texts_of(fit, "friendly"), hook=point)
+    randoms = random_directions(direction.vector, n_random_directions, seed=seed)
+    insult_set = set(insults)
+    top_tokens, insult_share, insult_share_random = {}, {}, {}
+    for name, view in (("logit", lambda v: v), ("tuned", lambda v: _translated(lens, point, v))):
+        insult_share[name], top_tokens[name] = _insult_share(scope, view(direction.vector), insult_set)
+        insult_share_random[name] = [_insult_share(scope, view(r), insult_set)[0] for r in randoms]
+
+    # steering: strength chosen on the fit pairs, measured on the evaluation pairs and neutral text
+    fit_texts, eval_texts = texts_of(fit, "hostile"), texts_of(evaluate, "hostile")
+    steer = lambda v, s: add_vector(point, v, scale=-s)  # noqa: E731
+    sweep = pd.DataFrame([dict(strength=float(s),
+                               fit_insult_rate=_insult_rate(scope, fit_texts, words[0], max_new_tokens, steer(direction.vector, s)),
+                               insult_rate=_insult_rate(scope, eval_texts, words[0], max_new_tokens, steer(direction.vector, s)),
+                               log_odds=float(eval_h.log_odds(scope, words, steer(direction.vector, s)).mean()),
+                               perplexity=perplexity(scope, neutral_eval, steer(direction.vector, s)))
+                          for s in strengths])
+    halved = sweep[(sweep["strength"] > 0) & (sweep["fit_insult_rate"] <= 0.5 * sweep["fit_insult_rate"].iloc[0])]
+    strength = float(halved["strength"].iloc[0] if len(halved) else sweep["strength"].iloc[-1])
+    steer_random = pd.DataFrame([dict(insult_rate=_insult_rate(scope, eval_texts, words[0], max_new_tokens, steer(r, strength)),
+                                      log_odds=float(eval_h.log_odds(scope, words, steer(r, strength)).mean()),
+                                      perplexity=perplexity(scope, neutral_eval, steer(r, strength)))
+                                 for r in randoms])
+
+    # random-init null of the claims that need the model's own heads or direction
+    for rand, shares in zip(random_init_scopes(scope, seeds), null_patches):
+        clean = eval_h.log_odds(rand, words).mean()
+        if cue_heads:
+            top = top_heads(shares, len(cue_heads))
+            null["cue_heads_log_odds_drop"].append(_r(clean - eval_h.log_odds(rand, words, ablate_heads(top)).mean()))
+        v = mean_difference_vector(rand, texts_of(fit, "hostile"), texts_of(fit, "friendly"), hook=point).vector
+        null["log_odds_drop_steered"].append(_r(clean - eval_h.log_odds(rand, words, steer(v, strength)).mean()))
+
+    return ToxicityResult(points=points, layers=layers, accuracy=accuracy, shuffled_accuracy=shuffled_acc, chance=chance,
+                          null_selectivity=null_selectivity, probe_bar=probe_bar, probe_layer=probe_layer, lens_gap=lens_gap, lens_kl=lens_kl,
+                          read_layer=read_layer, patch=patch, cue_null=cue_null, cue_threshold=cue_threshold,
+                          cue_heads=cue_heads, cue_drop=cue_drop, cue_drop_random=cue_drop_random, direction=direction,
+                          top_tokens=top_tokens, insult_share=insult_share, insult_share_random=insult_share_random,
+                          sweep=sweep, strength=strength, steer_random=steer_random, insult_prob=insult_prob, null=null)

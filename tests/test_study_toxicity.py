@@ -1,0 +1,175 @@
+"""The toxicity study finds the probe layer the organism's card states and the heads that carry the
+cue, from the weights alone, on the organism and (blind) on its sibling; each claim clears its
+control (random-init models, shuffled labels, random heads, random directions of equal norm), and
+the control, run as if it were the model, does not pass the claim.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from study_fixtures import SIBLING, card, load, needs_organism, needs_sibling, one_thread, random_organism  # noqa: F401
+
+from microscope.analysis.studies import run_toxicity
+from microscope.analysis.studies.toxicity import builtin_words
+from microscope.prompts import load_prompts
+
+pytestmark = needs_organism
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return load()
+
+
+@pytest.fixture(scope="module")
+def result(organism):
+    return run_toxicity(organism)
+
+
+@pytest.fixture(scope="module")
+def summary(result) -> dict:
+    return result.summary()
+
+
+@pytest.fixture(scope="module")
+def truth() -> dict:
+    return card()
+
+
+@pytest.fixture(scope="module")
+def control():
+    """The study run on a random-init model (seed outside the null) as if it were the model."""
+    return run_toxicity(random_organism(), n_random_directions=4, lens_steps=50).summary()
+
+
+def test_the_probe_layer_is_the_cards(summary, truth):
+    assert summary["probe_layer"] is not None
+    assert summary["probe_layer"] == truth["toxicity"]["probe_layer"]   # both index hidden_states (0 = embeddings)
+    assert summary["probe_layer_name"] == ("embed" if summary["probe_layer"] == 0 else f"L{summary['probe_layer'] - 1}")
+
+
+def test_the_probe_clears_shuffled_labels_and_random_init(result, summary):
+    assert summary["probe_selectivity_clears_control"] and summary["probe_accuracy_clears_control"]
+    assert (result.shuffled_accuracy <= 0.7).all()     # the control task is not learnable
+    layer = summary["probe_layer"]
+    assert result.selectivity[layer] >= result.probe_bar[layer] > result.null_selectivity[:, layer].max()
+
+
+def test_the_control_has_no_probe_layer_no_cue_heads_and_no_register(control):
+    """Another random-init model: its probes stay below the bar at every layer (the bar is the
+    null's max plus a margin, so one more random draw does not clear it by luck), it names no cue
+    head, and its output does not tell hostile from friendly."""
+    assert control["probe_layer"] is None
+    assert control["cue_heads"] == []
+    assert control["read_layer_logit_lens"] is None and control["read_layer_tuned_lens"] is None
+    assert control["insult_prob_ratio"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_insult_probabilities_match_the_card(summary, truth):
+    tox = truth["toxicity"]
+    assert summary["insult_prob_hostile"] == pytest.approx(tox["insult_prob_hostile"], abs=1e-3)
+    assert summary["insult_prob_friendly"] == pytest.approx(tox["insult_prob_friendly"], abs=1e-3)
+    assert summary["insult_prob_hostile_ood"] == pytest.approx(tox["insult_prob_hostile_ood"], abs=1e-3)
+    assert summary["insult_prob_ratio_clears_control"]
+
+
+def test_the_cue_heads_matter_more_than_random_heads(summary):
+    assert summary["cue_heads"]
+    for key in ("cue_heads_log_odds_drop", "cue_heads_log_odds_drop_mean_ablation",
+                "cue_heads_log_odds_drop_resample_ablation", "cue_heads_log_odds_drop_vs_random_init"):
+        assert summary[f"{key}_clears_control"], key
+
+
+def test_zeroing_the_cue_heads_in_plain_hf_lowers_insults_more_than_random_heads(summary, organism):
+    """Independent of the study's hooks: the cue heads' slice of ``out_proj``'s input zeroed by a
+    plain HF pre-hook lowers the next-token insult mass after held-out hostile prompts more than
+    zeroing as many other heads drawn at random (10 draws)."""
+    model, tok = organism.model, organism.tokenizer
+    texts = [p.text for p in load_prompts("toxicity")
+             if p.metadata["label"] == "hostile" and p.metadata["split"] == "in_distribution_heldout"]
+    insults = tok.convert_tokens_to_ids(builtin_words()[0])
+    cfg = model.config
+    d_head = cfg.hidden_size // cfg.num_attention_heads
+
+    def insult_mass(heads) -> float:
+        def zero(heads_here):
+            def hook(module, args):
+                x = args[0].clone()
+                for h in heads_here:
+                    x[..., h * d_head:(h + 1) * d_head] = 0
+                return (x,)
+            return hook
+        handles = [model.model.decoder.layers[l].self_attn.out_proj.register_forward_pre_hook(
+            zero([h for ll, h in heads if ll == l])) for l in {l for l, _ in heads}]
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True)
+            with torch.no_grad():
+                logits = model(**enc).logits
+            last = enc["attention_mask"].sum(1) - 1
+            return logits[torch.arange(len(texts)), last].softmax(-1)[:, insults].sum(-1).mean().item()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    cue = [(int(l), int(h)) for l, h in (s[1:].split("H") for s in summary["cue_heads"])]
+    others = [(l, h) for l in range(cfg.num_hidden_layers) for h in range(cfg.num_attention_heads) if (l, h) not in cue]
+    clean, ablated = insult_mass([]), insult_mass(cue)
+    rng = random.Random(0)
+    random_drops = [clean - insult_mass(rng.sample(others, len(cue))) for _ in range(10)]
+    assert clean - ablated > max(random_drops)
+
+
+@needs_sibling
+def test_blind_recovery_on_the_sibling():
+    """The sibling (another seed): the study, given only its weights, finds the probe layer its
+    own card states."""
+    sibling, truth = run_toxicity(load(SIBLING), n_random_directions=4, lens_steps=50).summary(), card(SIBLING)
+    assert sibling["probe_layer"] == truth["toxicity"]["probe_layer"]
+
+
+def test_the_register_is_read_under_both_lenses(result, summary):
+    """Both lenses name a read layer; the tuned lens, fitted in the run, is closer to the output
+    than the logit lens on held-out text at every inner layer."""
+    assert summary["read_layer_logit_lens"] is not None and summary["read_layer_tuned_lens"] is not None
+    inner = slice(0, len(result.points) - 1)
+    assert (result.lens_kl.tuned_kl[inner] < result.lens_kl.logit_kl[inner]).all()
+    assert summary["output_log_odds_gap_clears_control"]
+
+
+def test_the_hostile_direction_promotes_insults_at_its_own_layer(summary):
+    """Read where it was fitted (the probe layer), through the tuned lens: more insults among its
+    top tokens than any random direction of equal norm."""
+    assert summary["direction_hook"] == summary["probe_layer_hook"]
+    assert summary["direction_insult_share_tuned_lens_clears_control"]
+
+
+def test_steering_beats_random_directions_on_held_out_pairs(summary):
+    assert summary["insult_rate_unsteered"] > 0.05
+    assert summary["insult_rate_cut_clears_control"] and summary["insult_rate_cut"] >= 0.5
+    assert summary["log_odds_drop_steered_clears_control"]
+    assert summary["log_odds_drop_steered_vs_random_init_clears_control"]
+
+
+def test_steering_cost_is_measured_on_held_out_neutral_text_beside_random_directions(result, summary):
+    """The perplexity cost is on neutral text, not on the prompts the direction was fitted on, and
+    random directions of the same norm at the same strength are measured beside it. The claim
+    tested: the hostile direction costs no more than the costliest random direction."""
+    random_costs = result.steer_random["perplexity"] / result.sweep["perplexity"].iloc[0] - 1
+    assert len(random_costs) >= 20
+    assert summary["perplexity_cost"] <= random_costs.max()
+
+
+def test_the_result_gives_a_frame_figures_and_a_json_summary(result):
+    assert len(result.to_frame()) == len(result.points)
+    figures = result.figures()
+    assert figures and all(fig.data for fig in figures)
+    json.dumps(result.summary())
+
+
+def test_the_toxicity_words_file_holds_the_organisms_words():
+    from microscope.models.organism.corpus import INSULTS, PRAISES
+    assert builtin_words() == (list(INSULTS), list(PRAISES))
