@@ -166,3 +166,16 @@ def test_eap_ranks_edges_like_exact_patching_on_a_small_corruption(layout):
     for steps in (1, 3):
         scores = eap_scores(scope, graph, task, steps=steps)
         assert spearmanr(exact[big], scores[big])[0] > 0.9
+
+
+def test_several_masks_in_one_forward_match_one_forward_each():
+    from microscope.analysis.circuits.edge_patching import ablated_metrics, ablation_values
+
+    scope = Scope(tiny_model("post_ln"))
+    task = _task(*_pair(slice(2, 6)))
+    graph = CircuitGraph.of(scope.model)
+    masks = torch.rand(4, graph.n_senders, graph.n_receivers, generator=torch.Generator().manual_seed(0)) < 0.5
+    values = ablation_values(scope, graph, task)
+    batched = ablated_metrics(scope, graph, task, masks, values, max_batch=2 * len(task))
+    one_by_one = torch.stack([task.metric(run_with_ablated_edges(scope, graph, task, m, values)) for m in masks])
+    assert torch.allclose(batched, one_by_one, atol=1e-5)

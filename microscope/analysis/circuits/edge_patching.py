@@ -41,20 +41,25 @@ def ablation_values(scope, graph: CircuitGraph, task: CircuitTask, ablation: str
 
 
 def patch_deltas(graph: CircuitGraph, ablated: torch.Tensor, values: torch.Tensor):
-    """A `DeltaFn` feeding (value - current) of each ablated edge's sender to its receiver only."""
+    """A `DeltaFn` feeding (value - current) of each ablated edge's sender to its receiver only.
+
+    ablated: bool [S, R], or [n, S, R] for a batch made of n copies of the prompts (copy i
+    ablates ``ablated[i]``); values: [batch, pos, S, d_model] of one copy."""
+    ablated = ablated if ablated.dim() == 3 else ablated[None]
+    copies = len(ablated)
+
     def delta(kind: str, layer: int, senders) -> torch.Tensor | None:
-        cols = graph.group(kind, layer)
         upstream = graph.upstream_senders(kind, layer)
-        chosen = ablated[:upstream, cols]                                  # [S', R]
-        active = chosen.any(1).nonzero()[:, 0]
+        chosen = ablated[:, :upstream, graph.group(kind, layer)]                 # [n, S', R]
+        active = chosen.any(2).any(0).nonzero()[:, 0]
         if len(active) == 0:
             return None
-        current = senders()[:, :, active]
-        diff = values[:, :, active].to(current) - current                 # [b, p, n, d]
-        n_entries = graph.n_entries((kind, layer))
-        entry = torch.nn.functional.one_hot(graph.entry[active], n_entries).to(diff)    # [n, E]
-        weights = chosen[active].to(diff)[:, :, None] * entry[:, None, :]            # [n, R, E]
-        return torch.einsum("bpnd,nre->bpred", diff, weights.to(diff.device))
+        current = senders()[:, :, active.to(values.device)]
+        current = current.view(copies, -1, *current.shape[1:])                  # [n, b, p, s, d]
+        diff = values[:, :, active.to(values.device)].to(current) - current
+        entry = torch.nn.functional.one_hot(graph.entry[active], graph.n_entries((kind, layer)))
+        weights = chosen[:, active, :, None].to(diff) * entry[None, :, None, :].to(diff)   # [n, s, R, E]
+        return torch.einsum("nbpsd,nsre->nbpred", diff, weights.to(diff.device)).flatten(0, 1)
     return delta
 
 
@@ -62,22 +67,33 @@ def patch_deltas(graph: CircuitGraph, ablated: torch.Tensor, values: torch.Tenso
 def run_with_ablated_edges(scope, graph: CircuitGraph, task: CircuitTask, ablated: torch.Tensor,
                            values: torch.Tensor | None = None, ablation: str = "corrupt") -> torch.Tensor:
     """Logits [batch, pos, vocab] of the clean prompts with the edges marked in `ablated` (bool
-    [S, R]) fed their ablation `values` (default: `ablation_values(..., ablation)`)."""
+    [S, R]) fed their ablation `values` (default: `ablation_values(..., ablation)`); with
+    `ablated` [n, S, R], n copies of the batch, one per mask: logits [n * batch, pos, vocab]."""
     if values is None:
         values = ablation_values(scope, graph, task, ablation)
+    copies = len(ablated) if ablated.dim() == 3 else 1
     router = EdgeRouter(scope.model, graph, patch_deltas(graph, ablated.bool() & graph.upstream, values))
     with scope.hooks(router.hooks()):
-        return scope.run(task.clean, attention_mask=task.mask)
+        return scope.run(task.clean.repeat(copies, 1), attention_mask=task.mask.repeat(copies, 1))
+
+
+@torch.no_grad()
+def ablated_metrics(scope, graph: CircuitGraph, task: CircuitTask, ablated: torch.Tensor, values: torch.Tensor,
+                    max_batch: int = 256) -> torch.Tensor:
+    """[n] task metric with each mask of `ablated` (bool [n, S, R]), several masks per forward."""
+    per_run = max(1, max_batch // len(task))
+    out = []
+    for chunk in ablated.split(per_run):
+        logits = run_with_ablated_edges(scope, graph, task, chunk, values)
+        out += [task.metric(part) for part in logits.split(len(task))]
+    return torch.stack(out).cpu()
 
 
 @torch.no_grad()
 def exact_edge_effects(scope, graph: CircuitGraph, task: CircuitTask, ablation: str = "corrupt") -> torch.Tensor:
     """[n_edges]: metric(one edge ablated) - metric(clean), every edge of `graph` in turn."""
     values = ablation_values(scope, graph, task, ablation)
-    clean = task.metric(scope.run(task.clean, attention_mask=task.mask))
-    effects = torch.empty(graph.n_edges)
-    for i, (s, r) in enumerate(graph.edges.tolist()):
-        ablated = torch.zeros_like(graph.upstream)
-        ablated[s, r] = True
-        effects[i] = task.metric(run_with_ablated_edges(scope, graph, task, ablated, values)) - clean
-    return effects
+    clean = task.metric(scope.run(task.clean, attention_mask=task.mask)).cpu()
+    masks = torch.zeros(graph.n_edges, graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    masks[torch.arange(graph.n_edges), graph.edges[:, 0], graph.edges[:, 1]] = True
+    return ablated_metrics(scope, graph, task, masks, values) - clean

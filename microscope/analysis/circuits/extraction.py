@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from microscope.analysis.circuits.edge_patching import ablation_values, run_with_ablated_edges
+from microscope.analysis.circuits.edge_patching import ablated_metrics, ablation_values, run_with_ablated_edges
 from microscope.analysis.circuits.graph import CircuitGraph
 from microscope.analysis.circuits.tasks import CircuitTask
 
@@ -53,14 +53,12 @@ def faithfulness_curve(scope, graph: CircuitGraph, task: CircuitTask, scores: to
     corrupt = float(task.metric(run_with_ablated_edges(scope, graph, task, graph.upstream, values)))
     order = scores.abs().argsort(descending=True)
     ks = ks or edge_grid(graph.n_edges)
-    out = []
-    for k in ks:
-        kept = torch.zeros(graph.n_edges, dtype=torch.bool)
-        kept[order[:k]] = True
-        ablated = graph.mask(~kept)
-        metric = float(task.metric(run_with_ablated_edges(scope, graph, task, ablated, values)))
-        out.append((metric - corrupt) / (clean - corrupt))
-    return FaithfulnessCurve(list(ks), out, clean, corrupt, order.tolist())
+    rank = torch.empty(graph.n_edges, dtype=torch.long)
+    rank[order] = torch.arange(graph.n_edges)
+    masks = torch.stack([graph.mask(rank >= k) for k in ks])                  # [len(ks), S, R]
+    metrics = ablated_metrics(scope, graph, task, masks, values)
+    return FaithfulnessCurve(list(ks), ((metrics - corrupt) / (clean - corrupt)).tolist(), clean, corrupt,
+                             order.tolist())
 
 
 def minimal_circuit(curve: FaithfulnessCurve, target: float = 0.8) -> int | None:
