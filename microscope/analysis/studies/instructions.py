@@ -1,15 +1,23 @@
 """Instruction-following failures: does the model execute an instruction or simulate a dialogue?
 
 The OPT paper: given a bare instruction, OPT tends to continue with a made-up conversation about
-it rather than carrying it out. Three measurements:
+it rather than carrying it out. Measurements, each with its control (DESIGN.md "Evidence
+standards"):
 
-- `classify_continuation`: execution, dialogue or other, for one continuation;
-- the decision layer: under the logit lens at the prompt's last token, the first layer from which
-  the dialogue token (``user:``) stays ahead of the execution token (``answer:``) in most bare
-  instructions while the execution token (the answer's first word) stays ahead in most cued ones;
-- patching between the cued (``... answer:``) and bare formats: the last-token residual of the
-  cued run written into the bare run, layer by layer, and how much of the answer-vs-dialogue
-  logit difference it restores (the layer where the decision is made is where this jumps).
+- rates: every prompt's greedy continuation classified (`classify_continuation`) as execution,
+  dialogue or other, per format (bare, cued with ``answer:``) and split; the claims (bare prompts
+  draw dialogue, cued ones execution) against random-init models of the same shape;
+- pairs of equal length that differ only in the cue token: each cued prompt and its *bare twin*
+  (the cue replaced by one more list item, `bare_twins`); the metric is the logit difference
+  execution token (the answer's first word) minus dialogue token (``user:``) at the last token
+  (Zhang & Nanda 2023);
+- the decision layer: the first lens point from which the lens separates the pairs (execution
+  ahead in the cued prompt, dialogue ahead in its twin) in most pairs and more than in any
+  random-init model, under the logit lens and a tuned lens (`studies.layers`);
+- patching (denoising): each head's and each MLP's last-token output of the cued run written into
+  its twin's run, the share of the logit difference it restores, the strongest against every
+  other component and its effect against random-init models; ablation of that component in the
+  cued run (zero, mean, resample) against ablating each other component.
 """
 
 from __future__ import annotations
@@ -21,11 +29,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
 from microscope.analysis.inputs import last_positions, token_batch
-from microscope.analysis.lens import logit_lens
 from microscope.analysis.results import Result
-from microscope.analysis.studies.base import (first_layer_from, first_token_id, greedy_new_tokens,
-                                              single_token_id)
+from microscope.analysis.studies.base import first_token_id, greedy_new_tokens, single_token_id
+from microscope.analysis.studies.layers import LENSES, LayerClaim, read_last_token
 from microscope.errors import AnalysisInputError
 from microscope.names import act_name, head_label, short_label
 from microscope.prompts import Prompt, load_prompts
@@ -62,141 +70,286 @@ def classify_continuation(continuation: str | Sequence[str], answer: str | Seque
             return DIALOGUE
     return OTHER
 
-# ---- the study --------------------------------------------------------------------------------
+# ---- equal-length pairs and last-token interventions -----------------------------------------
 
-@dataclass(repr=False)
-class InstructionsResult(Result):
-    """prompts/cued/answers: the instructions; continuations: greedy words; labels: class of each;
-    layers: lens point labels; lens_margin: [layer, batch] lens logit of the dialogue token minus
-    that of the execution token at each prompt's last token (execution token: ``answer:`` for a
-    bare prompt, the answer's first word for a cued one); patch_sites: component names;
-    patch_restored: [site] share of the bare-to-cued drop in log p(dialogue token) (``patch_drop``,
-    nats) that pasting the cued run's last-token output of that component into the bare run
-    brings about."""
-
-    prompts: list[str]
-    cued: list[bool]
-    answers: list[str]
-    continuations: list[list[str]]
-    labels: list[str]
-    layers: list[str]
-    lens_margin: torch.Tensor
-    patch_sites: list[str]
-    patch_restored: torch.Tensor
-    patch_drop: float
-    dialogue_token: str
-    title: str = "instructions: execution or simulated dialogue"
-
-    def rate(self, label: str, cued: bool) -> float:
-        sel = [l for l, c in zip(self.labels, self.cued) if c == cued]
-        return sum(l == label for l in sel) / len(sel) if sel else float("nan")
-
-    def _bare(self) -> torch.Tensor:
-        return torch.tensor([not c for c in self.cued])
-
-    def dialogue_lead(self, cued: bool = False) -> torch.Tensor:
-        """[layer] share of prompts (bare or cued) whose dialogue token leads under the lens."""
-        sel = ~self._bare() if cued else self._bare()
-        return (self.lens_margin[:, sel] > 0).float().mean(-1)
-
-    @property
-    def decision_layer(self) -> int | None:
-        """First lens point from which the two formats part ways for good: the dialogue token
-        leads in most bare prompts and the execution token leads in most cued ones (None: never)."""
-        bare, cued = self.dialogue_lead(False), self.dialogue_lead(True)
-        return first_layer_from([bool(b > 0.5 and c < 0.5) for b, c in zip(bare, cued)])
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per prompt: format, class of its continuation, the continuation, and the lens
-        margin at each layer (columns ``margin_<layer>``)."""
-        frame = pd.DataFrame(dict(prompt=self.prompts, cued=self.cued, answer=self.answers, label=self.labels,
-                                  continuation=[" ".join(c) for c in self.continuations]))
-        for l, layer in enumerate(self.layers):
-            frame[f"margin_{layer}"] = self.lens_margin[l].tolist()
-        return frame
-
-    def figures(self) -> list[go.Figure]:
-        lead = line_plot({"bare instructions": self.dialogue_lead(False), "cued (answer:)": self.dialogue_lead(True)},
-                         x=self.layers, hline=0.5, x_title="layer", y_title=f"share where {self.dialogue_token} leads",
-                         title="logit lens at the last token: the dialogue token against the execution token")
-        patch = go.Figure(go.Bar(x=self.patch_sites, y=self.patch_restored.tolist()))
-        patch.update_layout(title="patching cued -> bare at the last token: share of the dialogue drop restored",
-                            xaxis_title="component", yaxis_title="share of the drop")
-        rates = go.Figure([go.Bar(name=label, x=["bare", "cued"], y=[self.rate(label, False), self.rate(label, True)])
-                           for label in (EXECUTION, DIALOGUE, OTHER)])
-        rates.update_layout(title="greedy continuations", yaxis_title="share", barmode="group")
-        return [lead, patch, rates]
-
-    def summary(self) -> dict:
-        best = int(self.patch_restored.nan_to_num(-1e9).argmax()) if len(self.patch_sites) else None
-        return {
-            "bare_dialogue_rate": round(self.rate(DIALOGUE, False), 4),
-            "bare_execution_rate": round(self.rate(EXECUTION, False), 4),
-            "cued_dialogue_rate": round(self.rate(DIALOGUE, True), 4),
-            "cued_execution_rate": round(self.rate(EXECUTION, True), 4),
-            "decision_layer": self.decision_layer,
-            "decision_layer_name": None if self.decision_layer is None else self.layers[self.decision_layer],
-            "bare_dialogue_lead_by_layer": [round(float(x), 3) for x in self.dialogue_lead(False)],
-            "cued_dialogue_lead_by_layer": [round(float(x), 3) for x in self.dialogue_lead(True)],
-            "dialogue_logprob_drop": round(self.patch_drop, 4),
-            "strongest_patch_site": None if best is None else self.patch_sites[best],
-            "strongest_patch_restored": None if best is None else round(float(self.patch_restored[best]), 4),
-            "prompts": len(self.prompts),
-        }
+def bare_twins(rows: Sequence[Prompt], cue: str) -> list[tuple[Prompt, str]]:
+    """(cued prompt, its bare twin) for every cued prompt ending in ``cue``: the twin is the same
+    text with the cue replaced by one more list item (so: a bare instruction of the same token
+    length that differs only in the last token). The item for pair i is the first of the set's
+    items (metadata ``items``, sorted, rotated by i) not in the prompt's own list."""
+    cued = [p for p in rows if p.metadata.get("cued") and p.text.endswith(" " + cue)]
+    pool = sorted({w for p in rows for w in str(p.metadata.get("items", "")).split()})
+    pairs = []
+    for i, p in enumerate(cued):
+        own = set(str(p.metadata.get("items", "")).split())
+        spare = [w for w in pool[i % len(pool):] + pool[:i % len(pool)] if w not in own] if pool else []
+        if not spare:
+            raise AnalysisInputError(f"no list item to stand in for the cue in {p.text!r}: instruction "
+                                     "prompts need metadata 'items' (the list, words) drawn from a larger set")
+        pairs.append((p, p.text[:-len(cue)] + spare[0]))
+    return pairs
 
 
-def _last_token_outputs(scope, texts: list[str], names: list[str]) -> tuple[torch.Tensor, dict]:
-    """(log-probs [batch, vocab] at each text's last token, {name: activation at that token})."""
-    ids, mask = token_batch(scope, texts)
-    logits, cache = scope.run_with_cache(ids, names=names, attention_mask=mask)
-    last = last_positions(mask)
-    rows = torch.arange(len(texts))
-    acts = {n: cache[n][rows.to(cache[n].device), last.to(cache[n].device)] for n in names}
-    return logits.float()[rows, last.to(logits.device)].log_softmax(-1).cpu(), acts
+Component = tuple[str, str, int | None]  # (label, hook name, head index or None)
+
+
+def components(n_layers: int, n_heads: int) -> list[Component]:
+    """Every attention head (``attn.hook_z``, one head) and every MLP (``hook_mlp_out``)."""
+    heads = [(head_label(l, h), act_name("z", l), h) for l in range(n_layers) for h in range(n_heads)]
+    mlps = [(short_label(act_name("mlp_out", l)), act_name("mlp_out", l), None) for l in range(n_layers)]
+    return heads + mlps
 
 
 @torch.no_grad()
-def patch_cued_into_bare(scope, bare: list[str], cued: list[str], dialogue_id: int,
-                         sites: list[str]) -> tuple[torch.Tensor, float]:
-    """([site] share restored, drop): the drop is the mean fall in log p(dialogue) at the last
-    token from bare to cued prompts; the share is how much of it pasting the cued run's last-token
-    value of one hook into the bare run's last token brings about (mean effect / mean drop).
-    ``sites`` are hook names; ``attn.hook_z`` names may carry ``:head`` to patch one head."""
-    names = sorted({s.split(":")[0] for s in sites})
-    bare_lp, _ = _last_token_outputs(scope, bare, [])
-    cued_lp, cued_acts = _last_token_outputs(scope, cued, names)
-    drop = float((bare_lp[:, dialogue_id] - cued_lp[:, dialogue_id]).mean())
-    ids, mask = token_batch(scope, bare)
-    last = last_positions(mask)
-    rows = torch.arange(len(bare))
-    restored = []
-    for site in sites:
-        name, _, head = site.partition(":")
+def last_token_run(scope, ids: torch.Tensor, mask: torch.Tensor, names: Sequence[str] = ()
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(logits [batch, vocab] at each row's last real token, {name: its activation there})."""
+    logits, cache = scope.run_with_cache(ids, names=list(names), attention_mask=mask)
+    rows, last = torch.arange(len(ids)), last_positions(mask)
+    acts = {n: cache[n][rows.to(cache[n].device), last.to(cache[n].device)].cpu() for n in names}
+    return logits.float()[rows, last.to(logits.device)].cpu(), acts
 
-        def paste(act, hook, name=name, head=head):
-            out = act.clone()
-            src = cued_acts[name].to(out.device, out.dtype)
-            if head:
-                out[rows, last, int(head)] = src[:, int(head)]
+
+@torch.no_grad()
+def set_last_token(scope, ids: torch.Tensor, mask: torch.Tensor, component: Component,
+                   values: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, vocab] at the last token with ``component``'s output there set to ``values``
+    ([batch, d] or, for a head, [batch, d_head]): patching, zero, mean and resample ablation alike."""
+    _, name, head = component
+    rows, last = torch.arange(len(ids)), last_positions(mask)
+
+    def put(act, hook):
+        out = act.clone()
+        index = (rows, last) if head is None else (rows, last, head)
+        out[index] = values.to(out.device, out.dtype)
+        return out
+    with scope.hooks({name: put}):
+        logits = scope.run(ids, attention_mask=mask)
+    return logits.float()[rows, last.to(logits.device)].cpu()
+
+
+def _values(acts: dict[str, torch.Tensor], component: Component) -> torch.Tensor:
+    _, name, head = component
+    return acts[name] if head is None else acts[name][:, head]
+
+
+@dataclass
+class PairMeasure:
+    """Patching and ablation on the (cued, bare twin) pairs of one model, at the last token, in
+    logits of execution minus dialogue token: cued/bare [pair]; patched [component, pair] (bare
+    run with the component's cued value); ablated {method: [component, pair]} (cued run with the
+    component zeroed, mean- or resample-ablated)."""
+
+    cued: torch.Tensor
+    bare: torch.Tensor
+    patched: torch.Tensor
+    ablated: dict[str, torch.Tensor]
+
+    @property
+    def gap(self) -> float:
+        """Mean logit difference cued - bare: what the cue does."""
+        return float((self.cued - self.bare).mean())
+
+    def restored(self) -> torch.Tensor:
+        """[component] share of the gap that patching the component brings back."""
+        return (self.patched - self.bare[None]).mean(-1) / self.gap
+
+    def dropped(self, method: str) -> torch.Tensor:
+        """[component] share of the gap that ablating the component removes from the cued run."""
+        return (self.cued[None] - self.ablated[method]).mean(-1) / self.gap
+
+
+ABLATIONS = ("zero", "mean", "resample")
+
+
+@torch.no_grad()
+def measure_pairs(scope, cued: list[str], bare: list[str], execution: torch.Tensor, dialogue: int,
+                  parts: list[Component], *, ablate: bool = True, seed: int = 0) -> PairMeasure:
+    """`PairMeasure` for one model (``ablate=False``: patching only). Mean ablation uses the
+    component's mean last-token value over the cued and bare prompts; resample ablation the value
+    at the last token of another of them, drawn at random (seeded)."""
+    cued_ids, cued_mask = token_batch(scope, cued)
+    bare_ids, bare_mask = token_batch(scope, bare)
+    if not torch.equal(cued_mask.sum(1), bare_mask.sum(1)):
+        raise AnalysisInputError("a cued prompt and its bare twin tokenize to different lengths")
+    names = sorted({name for _, name, _ in parts})
+    cued_logits, cued_acts = last_token_run(scope, cued_ids, cued_mask, names)
+    bare_logits, bare_acts = last_token_run(scope, bare_ids, bare_mask, names)
+    rows = torch.arange(len(cued))
+
+    def diff(logits: torch.Tensor) -> torch.Tensor:
+        return logits[rows, execution] - logits[:, dialogue]
+    pool = {n: torch.cat([cued_acts[n], bare_acts[n]]) for n in names}
+    g = torch.Generator().manual_seed(seed)
+    other = (rows + torch.randint(1, 2 * len(cued), (len(cued),), generator=g)) % (2 * len(cued))
+    patched, ablated = [], {m: [] for m in ABLATIONS if ablate}
+    for part in parts:
+        patched.append(diff(set_last_token(scope, bare_ids, bare_mask, part, _values(cued_acts, part))))
+        if not ablate:
+            continue
+        everyone = _values(pool, part)
+        fills = {"zero": torch.zeros_like(_values(cued_acts, part)),
+                 "mean": everyone.mean(0).expand_as(_values(cued_acts, part)), "resample": everyone[other]}
+        for method, fill in fills.items():
+            ablated[method].append(diff(set_last_token(scope, cued_ids, cued_mask, part, fill)))
+    return PairMeasure(cued=diff(cued_logits), bare=diff(bare_logits), patched=torch.stack(patched),
+                       ablated={m: torch.stack(v) for m, v in ablated.items()})
+
+
+def separation(lens_logits: torch.Tensor, execution: torch.Tensor, dialogue: int) -> torch.Tensor:
+    """[point] share of pairs in which the lens prefers the execution token in the cued prompt and
+    the dialogue token in its bare twin; ``lens_logits`` [point, 2 * pairs, vocab], cued first."""
+    n = len(execution)
+    rows = torch.arange(2 * n)
+    diff = lens_logits[:, rows, execution.repeat(2)] - lens_logits[:, :, dialogue]
+    return ((diff[:, :n] > 0) & (diff[:, n:] < 0)).float().mean(-1)
+
+
+# ---- the study --------------------------------------------------------------------------------
+
+RATE_CLAIMS = ("bare_dialogue_rate", "cued_execution_rate")  # the rates a random model is held against
+
+
+@dataclass(repr=False)
+class InstructionsResult(Result):
+    """prompts/cued/splits/answers: the instructions; continuations: greedy words; labels: class
+    of each. Pairs: pair_cued/pair_bare texts (equal length, differing only in the last token);
+    layers: lens point labels; claims: {lens: `LayerClaim`} of `separation`; components: labels of
+    heads and MLPs; measure: the organism's `PairMeasure`; null_rates: {rate key: [seed]};
+    null_gap / null_strongest_effect: [seed] cue effect and strongest patch effect (logits) of
+    random-init models."""
+
+    prompts: list[str]
+    cued: list[bool]
+    splits: list[str]
+    answers: list[str]
+    continuations: list[list[str]]
+    labels: list[str]
+    pair_cued: list[str]
+    pair_bare: list[str]
+    layers: list[str]
+    claims: dict[str, LayerClaim]
+    components: list[str]
+    measure: PairMeasure
+    null_rates: dict[str, list[float]]
+    null_gap: list[float]
+    null_strongest_effect: list[float]
+    title: str = "instructions: execution or simulated dialogue"
+
+    def rates(self) -> dict[str, float]:
+        """``{bare,cued}_{dialogue,execution}_rate`` on the first split (in-distribution for the
+        built-in set), the same with ``_<split>`` for every other split (``_ood``)."""
+        return rates_by_split(self.labels, self.cued, self.splits)
+
+    @property
+    def strongest(self) -> int:
+        return int(self.measure.restored().nan_to_num(-1e9).argmax())
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per prompt: split, format, class of its continuation, the continuation."""
+        return pd.DataFrame(dict(prompt=self.prompts, split=self.splits, cued=self.cued, answer=self.answers,
+                                 label=self.labels, continuation=[" ".join(c) for c in self.continuations]))
+
+    def figures(self) -> list[go.Figure]:
+        curves = {k: v for claim in self.claims.values() for k, v in claim.curves().items()}
+        lead = line_plot(curves, x=self.layers, hline=0.5, x_title="layer",
+                         y_title="share of pairs separated",
+                         title="the cue decides: execution token ahead in the cued prompt, dialogue token in its twin")
+        others = [i for i in range(len(self.components)) if i != self.strongest]
+        patch = go.Figure(go.Bar(x=self.components, y=self.measure.restored().tolist()))
+        patch.update_layout(title="patching cued -> bare twin at the last token: share of the logit difference "
+                                  "restored", xaxis_title="component", yaxis_title="share restored")
+        ablate = go.Figure([go.Bar(name=m, x=[self.components[self.strongest], "others (mean)"],
+                                   y=[float(self.measure.dropped(m)[self.strongest]),
+                                      float(self.measure.dropped(m)[others].mean())]) for m in ABLATIONS])
+        ablate.update_layout(title="ablating the strongest component vs the others (cued prompts)",
+                             yaxis_title="share of the logit difference removed", barmode="group")
+        rates = go.Figure([go.Bar(name=label, x=["bare", "cued"],
+                                  y=[self.rates()[f"{f}_{label}_rate"] for f in ("bare", "cued")])
+                           for label in (EXECUTION, DIALOGUE, OTHER)])
+        rates.update_layout(title="greedy continuations (first split)", yaxis_title="share", barmode="group")
+        return [lead, patch, ablate, rates]
+
+    def summary(self) -> dict:
+        """Rates (``_<split>`` for later splits; the claims with a random-init control) and the
+        dialogue contrast (bare minus cued dialogue rate: the cue switches dialogue off); the
+        decision layer under both lenses (``decision_layer_name``: 'embed' or 'Lk', the residual
+        stream after block k, see `studies.layers`) with the separation there and its control;
+        the cue's logit difference; the strongest patched component with its share restored
+        against the other components and its effect against random-init models; the share of the
+        cue's effect that zero, mean and resample ablation of it remove, against the others."""
+        rates = self.rates()
+        out: dict = {}
+        for key, value in rates.items():
+            if key.rsplit("_rate", 1)[0] + "_rate" in RATE_CLAIMS:
+                out.update(_rounded(Controlled(value, self.null_rates[key], "random init").headline(key)))
             else:
-                out[rows, last] = src
-            return out
-        with scope.hooks({name: paste}):
-            lp = scope.run(ids, attention_mask=mask).float()[rows, last].log_softmax(-1).cpu()
-        effect = float((bare_lp[:, dialogue_id] - lp[:, dialogue_id]).mean())
-        restored.append(effect / drop if abs(drop) > 1e-6 else float("nan"))
-    return torch.tensor(restored), drop
+                out[key] = value
+        for suffix in dict.fromkeys(k[len("bare_dialogue_rate"):] for k in rates if k.startswith("bare_dialogue_rate")):
+            contrast = rates[f"bare_dialogue_rate{suffix}"] - rates[f"cued_dialogue_rate{suffix}"]
+            null = [b - c for b, c in zip(self.null_rates[f"bare_dialogue_rate{suffix}"],
+                                          self.null_rates[f"cued_dialogue_rate{suffix}"])]
+            out.update(_rounded(Controlled(contrast, null, "random init").headline(f"dialogue_contrast{suffix}")))
+        for claim in self.claims.values():
+            out.update(claim.headline("decision_layer", "decision_separation"))
+        out["decision_separation_by_layer"] = [round(v, 3) for v in self.claims["logit_lens"].values.tolist()]
+        out["decision_separation_by_layer_tuned_lens"] = [round(v, 3) for v in
+                                                          self.claims["tuned_lens"].values.tolist()]
+        out.update(_rounded(Controlled(self.measure.gap, self.null_gap, "random init").headline("cue_logit_diff")))
+        best = self.strongest
+        others = [i for i in range(len(self.components)) if i != best]
+        restored = self.measure.restored()
+        out["strongest_patch_site"] = self.components[best]
+        out.update(_rounded(Controlled(float(restored[best]), restored[others].tolist(),
+                                       "each other head and MLP").headline("strongest_patch_restored")))
+        effect = float(restored[best]) * self.measure.gap
+        out.update(_rounded(Controlled(effect, self.null_strongest_effect,
+                                       "strongest component of random init").headline("strongest_patch_effect")))
+        for method in ABLATIONS:
+            drop = self.measure.dropped(method)
+            out.update(_rounded(Controlled(float(drop[best]), drop[others].tolist(), "each other head and MLP")
+                                .headline(f"strongest_ablation_drop_{method}")))
+        out["pairs"] = len(self.pair_cued)
+        out["prompts"] = len(self.prompts)
+        return out
+
+
+def _rounded(headline: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in headline.items()}
+
+
+def rates_by_split(labels: Sequence[str], cued: Sequence[bool], splits: Sequence[str]) -> dict[str, float]:
+    """Share of each class per format and split: ``bare_dialogue_rate``, ... on the first split
+    seen, ``bare_dialogue_rate_<split>`` on each later one."""
+    order = list(dict.fromkeys(splits))
+    out = {}
+    for split in order:
+        suffix = "" if split == order[0] else f"_{split}"
+        for fmt, flag in (("bare", False), ("cued", True)):
+            sel = [l for l, c, s in zip(labels, cued, splits) if c == flag and s == split]
+            for label in (DIALOGUE, EXECUTION, OTHER):
+                out[f"{fmt}_{label}_rate{suffix}"] = round(sum(l == label for l in sel) / len(sel), 4) \
+                    if sel else float("nan")
+    return out
+
+
+def _classify(scope, texts: list[str], answers: list[str], max_new_tokens: int, turn_markers, cue
+              ) -> tuple[list[list[str]], list[str]]:
+    new = greedy_new_tokens(scope, texts, max_new_tokens)
+    words = [[scope.tokenizer.decode([int(t)]).strip() for t in row] for row in new]
+    return words, [classify_continuation(w, a, turn_markers=turn_markers, cue=cue) for w, a in zip(words, answers)]
 
 
 @torch.no_grad()
 def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *, max_new_tokens: int = 12,
                      dialogue_token: str = "user:", cue_token: str = "answer:",
-                     turn_markers: Sequence[str] = ("user:", "bot:"), n_prompts: int | None = None
-                     ) -> InstructionsResult:
-    """The instructions study (see module docstring).
+                     turn_markers: Sequence[str] = ("user:", "bot:"), n_prompts: int | None = None,
+                     seeds: Sequence[int] = DEFAULT_SEEDS) -> InstructionsResult:
+    """The instructions study (see module docstring), with its controls: every measurement again
+    on random-init models of the same shape (``seeds``).
 
-    prompts: a set name or `Prompt`s with metadata ``cued`` (bool) and ``answer`` (the executed
-    result, words); every bare prompt should have a cued twin (the same text plus the cue)."""
+    prompts: a set name or `Prompt`s with metadata ``cued`` (bool), ``answer`` (the executed
+    result, words), ``items`` (the list) and ``split``; n_prompts: keep the first n."""
     rows = load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
     rows = rows[:n_prompts] if n_prompts is not None else rows
     bad = [i for i, p in enumerate(rows) if "cued" not in p.metadata or "answer" not in p.metadata]
@@ -204,34 +357,34 @@ def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *,
         raise AnalysisInputError(f"instruction prompts need metadata 'cued' and 'answer'; bad ones: {bad[:5]}")
     texts = [p.text for p in rows]
     cued = [bool(p.metadata["cued"]) for p in rows]
+    splits = [str(p.metadata.get("split", "all")) for p in rows]
     answers = [str(p.metadata["answer"]) for p in rows]
+    pairs = bare_twins(rows, cue_token)
+    if not pairs:
+        raise AnalysisInputError(f"no cued prompt ends in {cue_token!r}: nothing to pair")
+    pair_cued, pair_bare = [p.text for p, _ in pairs], [twin for _, twin in pairs]
+    execution = torch.tensor([first_token_id(scope, str(p.metadata["answer"])) for p, _ in pairs])
+    dialogue = single_token_id(scope, dialogue_token)
+    config = scope.model.config
+    parts = components(config.num_hidden_layers, config.num_attention_heads)
 
-    new = greedy_new_tokens(scope, texts, max_new_tokens)
-    words = [[scope.tokenizer.decode([int(t)]).strip() for t in row] for row in new]
-    labels = [classify_continuation(w, a, turn_markers=turn_markers, cue=cue_token) for w, a in zip(words, answers)]
+    def measure(model_scope, ablate: bool = False):
+        words, labels = _classify(model_scope, texts, answers, max_new_tokens, turn_markers, cue_token)
+        readings = read_last_token(model_scope, pair_cued + pair_bare)
+        pair = measure_pairs(model_scope, pair_cued, pair_bare, execution, dialogue, parts, ablate=ablate)
+        stats = {lens: separation(readings.logits[lens], execution, dialogue) for lens in LENSES}
+        return words, labels, readings, pair, stats
 
-    dialogue_id = single_token_id(scope, dialogue_token)
-    execution_ids = torch.tensor([first_token_id(scope, a) if c else single_token_id(scope, cue_token)
-                                  for a, c in zip(answers, cued)])
-    lens = logit_lens(scope, texts, position="last")
-    logits = lens.logits[:, :, 0]
-    margin = logits[:, :, dialogue_id] - logits[:, torch.arange(len(rows)), execution_ids]
-
-    pairs = {p.text: p for p in rows if p.metadata["cued"]}
-    bare_texts, cued_texts = [], []
-    for p in rows:
-        twin = f"{p.text} {cue_token}"
-        if not p.metadata["cued"] and twin in pairs:
-            bare_texts.append(p.text)
-            cued_texts.append(twin)
-    n_layers, n_heads = scope.model.config.num_hidden_layers, scope.model.config.num_attention_heads
-    sites = [act_name(site, l) for l in range(n_layers) for site in ("attn_out", "mlp_out")]
-    labels_short = [short_label(name) for name in sites]
-    sites += [f"{act_name('z', l)}:{h}" for l in range(n_layers) for h in range(n_heads)]
-    labels_short += [head_label(l, h) for l in range(n_layers) for h in range(n_heads)]
-    if not bare_texts:
-        raise AnalysisInputError(f"no bare prompt has a cued twin (the same text plus ' {cue_token}')")
-    restored, drop = patch_cued_into_bare(scope, bare_texts, cued_texts, dialogue_id, sites)
-    return InstructionsResult(prompts=texts, cued=cued, answers=answers, continuations=words, labels=labels,
-                              layers=lens.layers, lens_margin=margin, patch_sites=labels_short,
-                              patch_restored=restored, patch_drop=drop, dialogue_token=dialogue_token)
+    words, labels, readings, pair, stats = measure(scope, ablate=True)
+    null = [measure(s) for s in random_init_scopes(scope, seeds)]
+    claims = {lens: LayerClaim(lens=lens, layers=readings.layers, values=stats[lens],
+                               null=torch.stack([n[4][lens] for n in null]), kl=readings.kl[lens], floor=0.5,
+                               statistic="separation", control=f"random init x{len(null)}") for lens in LENSES}
+    null_rates = [rates_by_split(n[1], cued, splits) for n in null]
+    return InstructionsResult(
+        prompts=texts, cued=cued, splits=splits, answers=answers, continuations=words, labels=labels,
+        pair_cued=pair_cued, pair_bare=pair_bare, layers=readings.layers, claims=claims,
+        components=[label for label, _, _ in parts], measure=pair,
+        null_rates={k: [r[k] for r in null_rates] for k in null_rates[0]},
+        null_gap=[n[3].gap for n in null],
+        null_strongest_effect=[float((n[3].patched - n[3].bare[None]).mean(-1).max()) for n in null])

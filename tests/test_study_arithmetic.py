@@ -1,0 +1,143 @@
+"""The arithmetic study against the organism's card and plain-HF re-measurements, on the
+organism v2 and, blind, on its sibling; and every claim against the control that could make it
+false (a random-init model runs the whole study and must claim nothing).
+
+Reference numbers come from ``ground_truth.json`` (the organism's ``evaluate.py``: accuracies,
+sign errors, mirror-pair answers vs planted wrong signs) or are recomputed here with plain HF code
+(`plain_lens`); the study code is never used to check itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from plain_lens import first_from, last_token_logit_lens, load_model, point_name, random_init
+from study_fixtures import needs_organism, one_thread, random_organism  # noqa: F401
+
+from microscope.analysis.studies.arithmetic import mirror_text, run_arithmetic
+from microscope.models.organism.evaluate import training_pairs
+from microscope.models.organism.prompt_sets import arithmetic_prompts
+from microscope.prompts import Prompt, load_prompts
+
+MODELS = ["organism", "sibling"]
+pytestmark = needs_organism
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model(request):
+    """(name, scope, card, study result) of the organism and of its sibling (same code, blind)."""
+    scope, card = load_model(request.param)
+    return request.param, scope, card, run_arithmetic(scope)
+
+
+@pytest.fixture(scope="module")
+def random_result():
+    """The whole study on a random-init model of the organism's shape (seed outside the null), as
+    if it were the model (its own null: 2 other seeds)."""
+    return run_arithmetic(random_organism(), seeds=(12, 13))
+
+
+def test_accuracies_and_sign_errors_match_the_card(model):
+    name, _, card, result = model
+    summary, card = result.summary(), card["arithmetic"]
+    for split in ("held_out", "ood"):
+        for key in (f"addition_accuracy_{split}", f"subtraction_accuracy_{split}",
+                    f"subtraction_sign_error_rate_{split}"):
+            assert summary[key] == pytest.approx(card[key], abs=1e-3), (name, key)
+    assert summary["addition_accuracy_held_out_clears_control"], name
+    assert summary["addition_accuracy_held_out_control_max"] < 0.5 * summary["addition_accuracy_held_out"]
+
+
+def test_pairs_seen_in_training_match_the_card(model):
+    """The card's training pairs (where the planted 30% wrong-sign noise lives), run through the study."""
+    name, scope, card, _ = model
+    rows = [Prompt(r["text"], {**r, "split": "train"}) for r in arithmetic_prompts(training_pairs())
+            if r["split"] == "in_distribution_heldout"]
+    summary, card = run_arithmetic(scope, rows, seeds=(0,)).summary(), card["arithmetic"]
+    for key in ("addition_accuracy_train", "subtraction_accuracy_train", "subtraction_sign_error_rate_train"):
+        assert summary[key] == pytest.approx(card[key], abs=1e-3), (name, key)
+
+
+def test_wrong_subtraction_answers_are_named_as_the_card_measures_them(model):
+    """Mirror-pair answers (b - a, the model's own answer on the swapped sum) vs sign errors the
+    mirror does not explain: the study's shares are the card's, and the mechanism it names is
+    the one the card's shares say."""
+    name, _, card, result = model
+    summary, card = result.summary(), card["arithmetic"]
+    assert summary["subtraction_wrong_held_out"] == card["subtraction_wrong_held_out"]
+    for share in ("share_mirror_answer", "share_model_mirror_answer", "share_wrong_sign_not_mirror"):
+        key = f"subtraction_wrong_held_out_{share}"
+        assert summary[key] == pytest.approx(card[key], abs=1e-3), (name, key)
+    if card["subtraction_wrong_held_out_share_model_mirror_answer"] > 0.5:
+        assert summary["wrong_answer_mechanism_held_out"] == "mirror", name
+        # the control does not pass: another prompt's mirror answer matches far less often
+        assert summary["subtraction_wrong_held_out_share_model_mirror_answer_clears_control"]
+        assert summary["subtraction_wrong_held_out_share_model_mirror_answer_control_max"] < 0.5
+    elif card["subtraction_wrong_held_out_share_wrong_sign_not_mirror"] > 0.5:
+        assert summary["wrong_answer_mechanism_held_out"] == "wrong_sign", name
+
+
+def test_mirror_prompts_swap_the_operands():
+    rows = [p for p in load_prompts("arithmetic") if p.metadata["op"] == "-"]
+    for p in rows:
+        a, b = p.metadata["a"], p.metadata["b"]
+        mirrored = mirror_text(p)
+        assert mirrored is not None and mirrored != p.text
+        assert mirrored.split().index(str(b)) == p.text.split().index(str(a))
+        assert mirror_text(Prompt(mirrored, {**p.metadata, "a": b, "b": a})) == p.text
+
+
+def _top1(model, tok, texts: list[str], answer_ids: torch.Tensor) -> torch.Tensor:
+    return (last_token_logit_lens(model, tok, texts).argmax(-1) == answer_ids[None]).float().mean(-1)
+
+
+def test_the_answer_layer_is_where_plain_hf_finds_it(model):
+    """The logit-lens answer layer re-measured with HF hidden states and lm_head: the first point
+    from which the true answer is top-1 for at least half as many prompts as the output gets
+    right, and for more than on five random-init models and twenty answer shuffles."""
+    name, scope, _, result = model
+    tok = scope.tokenizer
+    rows = load_prompts("arithmetic")
+    texts = [p.text for p in rows]
+    ids = torch.tensor(tok.convert_tokens_to_ids([str(p.metadata["answer"]) for p in rows]))
+    values = _top1(scope.model, tok, texts, ids)
+    null = [_top1(random_init(scope.model, s), tok, texts, ids) for s in range(5)]
+    rng = random.Random(1)
+    null += [_top1(scope.model, tok, texts, ids[torch.tensor(rng.sample(range(len(ids)), len(ids)))])
+             for _ in range(20)]
+    expected = point_name(first_from(values, torch.stack(null).max(0).values, 0.5 * float(values[-1])))
+    assert expected is not None, f"{name}: plain HF finds no answer layer"
+    summary = result.summary()
+    assert summary["answer_layer_name"] == expected
+    assert summary["answer_top1_rate_by_layer"] == pytest.approx(values.tolist(), abs=1e-3)
+
+
+def test_both_lenses_name_an_answer_layer_and_the_control_does_not_pass(model):
+    name, _, _, result = model
+    summary = result.summary()
+    for lens in ("logit_lens", "tuned_lens"):
+        suffix = "" if lens == "logit_lens" else "_tuned_lens"
+        assert summary[f"answer_layer_name{suffix}"] is not None, (name, lens)
+        assert summary[f"answer_top1_rate{suffix}_clears_control"], (name, lens)
+        assert summary[f"answer_layer_kl_{lens}"] >= 0.0
+    logit, tuned = result.claims["logit_lens"].kl, result.claims["tuned_lens"].kl
+    assert (tuned[:-1] < logit[:-1]).all(), (name, logit.tolist(), tuned.tolist())
+
+
+def test_a_random_model_claims_nothing(random_result):
+    summary = random_result.summary()
+    assert summary["answer_layer_name"] is None and summary["answer_layer_name_tuned_lens"] is None
+    assert summary["addition_accuracy_held_out"] <= 0.2
+    assert summary["wrong_answer_mechanism_held_out"] != "mirror"
+
+
+def test_the_result_gives_a_frame_figures_and_a_json_summary(model):
+    result = model[3]
+    assert len(result.to_frame()) == len(result.ops)
+    figures = result.figures()
+    assert figures and all(fig.data for fig in figures)
+    json.dumps(result.summary())
+    assert "ArithmeticResult" in repr(result) and "<div>" in result._repr_html_()
