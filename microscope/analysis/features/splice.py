@@ -41,8 +41,8 @@ def splice_hooks(d: Dictionary, *, ablate: Iterable[int] = (), clamp: Mapping[in
 
     def replace(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         edited = d.decode_dense(edited_latents(d, source, ablate, clamp))
-        if keep_error:
-            edited = edited + (target.to(edited.dtype) - d.decode_dense(d.encode_dense(source)))
+        if keep_error:  # activation + (edited - unedited reconstruction): exact when nothing is edited
+            edited = target.to(edited.dtype) + (edited - d.decode_dense(d.encode_dense(source)))
         return edited.to(target.dtype)
 
     if d.target == d.hook:

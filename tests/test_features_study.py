@@ -1,0 +1,65 @@
+"""The organism's planted hostile register, found by a dictionary trained from a store, each claim
+beside the control that fails it: random-init models of the same shape for the latents, an
+untrained dictionary for FVU and CE loss recovered. Ground truth (the insult words) from the corpus."""
+
+from __future__ import annotations
+
+import pytest
+
+import microscope as ms
+from features_fixtures import single_thread  # noqa: F401 (fixture)
+from microscope.activations.dump import dump
+from microscope.analysis.features import ce_loss_recovered, reconstruction_metrics, train_dictionary
+from microscope.analysis.features.study import run_features_study
+from microscope.models.organism.corpus import INSULTS
+from microscope.prompts import load_prompts
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    scope = ms.load("organism")
+    dump(scope, "demo", HOOK, str(root / "demo.zarr"))
+    store = ms.open_store(str(root / "demo.zarr"))
+    result = run_features_study(scope, store, hook=HOOK, out=str(root / "dicts"), target_words=INSULTS,
+                                control_seeds=[0], steps=300)
+    return scope, store, result, root
+
+
+def test_a_latent_separates_hostile_from_friendly_held_out_prompts(setup):
+    _, store, result, _ = setup
+    s = result.summary()
+    assert s["hostile_latent_auroc"] >= 0.95
+    assert s["control_best_auroc"] < 0.95 and s["auroc_clears_control"]
+    stored = {store.prompt_text(p) for p in range(store.n_prompts)}
+    held_out = [p for p in load_prompts("toxicity") if p.text not in stored]
+    assert s["eval_prompts"] + s["selection_prompts"] == len(held_out) and s["eval_prompts"] >= 40
+
+
+def test_a_latent_promotes_insult_words(setup):
+    s = setup[2].summary()
+    assert s["insult_words_in_top10"] >= 5
+    assert s["control_insult_words_in_top10"] < 5
+
+
+def test_the_dictionary_is_faithful_and_an_untrained_one_is_not(setup):
+    scope, store, result, root = setup
+    s = result.summary()
+    assert s["fvu"] <= 0.1 and s["ce_loss_recovered"] >= 0.8 and s["ce_loss_recovered_vs_mean"] >= 0.8
+    untrained = train_dictionary(store, HOOK, root / "untrained", steps=1, batch_size=512, k=16,
+                                 expansion_factor=8, checkpoint_every=1, progress=False)
+    texts = [p.text for p in load_prompts("toxicity")]
+    assert reconstruction_metrics(untrained, store)["fvu"] > 0.1
+    ce = ce_loss_recovered(scope, untrained, texts)
+    # zeroing the residual stream is so destructive that even the untrained dictionary recovers
+    # most of it; against mean ablation it fails
+    assert ce["ce_loss_recovered_vs_mean"] < 0.8
+
+
+def test_report_parts(setup):
+    result = setup[2]
+    assert len(result.figures()) == 2 and len(result.to_frame()) == result.model.dictionary.n_latents
+    html = result.report_html()
+    assert f"latent {result.model.chosen}</b> hostile latent" in html
