@@ -1,0 +1,39 @@
+"""The circuit result contract (headline keys, figures, table) and the shipped circuit specs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis_fixtures import single_thread  # noqa: F401  (autouse: one thread)
+from conftest import tiny_model
+from microscope.analysis.circuits.discovery import find_circuit, run_circuit
+from microscope.analysis.circuits.tasks import CircuitTask
+from microscope.scope import Scope
+from microscope.workbench.experiments import check_params, find_spec, load_spec
+
+
+def test_find_circuit_reports_the_headline_keys_figures_and_one_row_per_edge():
+    scope = Scope(tiny_model("post_ln"))
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(3, 90, (3, 10), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 2:5] = torch.randint(3, 90, (3, 3), generator=g)
+    task = CircuitTask("t", clean, corrupt, torch.ones_like(clean), torch.full((3, 1), 5), torch.full((3, 1), 7))
+    result = find_circuit(scope, task, steps=2, control_seeds=[0])
+    summary = result.summary()
+    for key in ("spearman_eap_ig", "spearman_eap", "top20_overlap_eap_ig", "faithfulness", "edges_kept",
+                "minimal_edges", "recovered_metric", "recovered_metric_control_max", "circuit_heads"):
+        assert key in summary, key
+    assert summary["edges_kept"] == int(0.1 * result.graph.n_edges)
+    assert len(result.figures()) == 4
+    frame = result.to_frame()
+    assert len(frame) == result.graph.n_edges and frame["in_circuit"].sum() == summary["edges_kept"]
+    assert result.curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-4)     # every edge kept
+
+
+@pytest.mark.parametrize("name", ["circuit_repetition", "circuit_toxicity"])
+def test_circuit_specs_name_arguments_the_step_takes(name):
+    spec = load_spec(find_spec(name))
+    assert spec.analysis == ("circuit",) and spec.model == "organism"
+    check_params(spec, "circuit", run_circuit)
