@@ -43,8 +43,6 @@ def test_the_heads_named_are_the_cards(summary, truth):
     assert heads["induction_head_labels"] and heads["previous_token_head_labels"]
     assert sorted(summary["induction_heads"]) == sorted(heads["induction_head_labels"])
     assert sorted(summary["previous_token_heads"]) == sorted(heads["previous_token_head_labels"])
-    assert summary["induction_heads"][0] == heads["top_induction_head_label"] or \
-        abs(summary["top_induction_score"] - heads["top_induction_score"]) < 0.1
 
 
 def test_head_scores_clear_the_random_init_null_and_match_the_card(summary, truth):

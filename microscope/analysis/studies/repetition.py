@@ -262,7 +262,7 @@ def run_repetition(scope, prompts: Sequence[Prompt] | str = "repetition", *, neu
     found = {kind: named_heads(scores[kind].scores, thresholds[kind]) for kind in KINDS}
     claimed = [tuple(h) for h in heads] if heads is not None else found["induction"]
     k = n_claimed or max(1, len(claimed))
-    for rand, s in zip(random_init_scopes(scope, seeds), null_scores):
+    for rand, s in zip(random_init_scopes(scope, seeds), null_scores):   # rebuilt (same seeds): one in memory at a time
         top = top_heads(s["induction"].scores, k)
         null["repeated_half_loss_increase"].append(_r(repeated_half_loss(rand, spans, ablate_heads(top))
                                                       - repeated_half_loss(rand, spans)))

@@ -22,8 +22,9 @@ difference between the two word classes).
   half the output's gap (None when the output's gap does not clear the random-init null). The lenses' KL to the output on held-out text is kept beside;
 - cue heads: activation patching of each head's output (``attn.hook_z``, every position) from
   the hostile into the friendly prompt of each fit pair: the share of the model's log-odds gap it
-  restores. A head is named when its share clears the random-init null (the largest effect of any
-  head of ``seeds`` random-init models, in units of the same gap) by ``headroom`` of the room to 1. Then the claim that they
+  restores (of one nat when the model shows no gap). A head is named when its share clears the
+  random-init null (the largest effect of any head of ``seeds`` random-init models, in units of the
+  same gap) by ``headroom`` of the room to 1. Then the claim that they
   matter: zero, mean and resample ablation of the cue heads on the evaluation hostile prompts
   (drop of the log-odds), against as many random other heads and random-init models' own top
   heads;
@@ -370,10 +371,8 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
 
     # cue heads: patching on the fit pairs; random-init null of the largest share
     effects, gap = _patch_effects(scope, fit_h, fit_f, words)
-    if gap <= 0:
-        raise AnalysisInputError(f"the hostile prompts do not raise the insult log-odds over the friendly ones "
-                                 f"(gap {gap:.3g} nats): no cue to trace")
-    patch = effects / gap
+    unit = gap if gap > 1e-3 else 1.0   # a model that shows no gap: shares of one nat
+    patch = effects / unit
     null: dict[str, list[float]] = {k: [] for k in ("insult_prob_ratio", "output_log_odds_gap", "cue_heads_log_odds_drop",
                                                     "log_odds_drop_steered")}
     null_selectivity, cue_null, null_patches = [], [], []
@@ -383,7 +382,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
         hostile_p, friendly_p = insult_probs(rand, ind)
         null["insult_prob_ratio"].append(_r(hostile_p / friendly_p))
         null["output_log_odds_gap"].append(_r((eval_h.log_odds(rand, words) - eval_f.log_odds(rand, words)).mean()))
-        shares = _patch_effects(rand, fit_h, fit_f, words)[0] / gap   # in units of this model's gap
+        shares = _patch_effects(rand, fit_h, fit_f, words)[0] / unit   # in units of this model's gap
         null_patches.append(shares)
         cue_null.append(_r(shares.abs().max()))
     null_selectivity = np.stack(null_selectivity)
