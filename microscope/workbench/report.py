@@ -139,12 +139,38 @@ def _scalars(numbers: Mapping) -> dict:
     return {k: v for k, v in jsonable(dict(numbers)).items() if not isinstance(v, (dict, list))}
 
 
+CONTROL_SUFFIXES = ("_control", "_control_mean", "_control_max", "_control_min", "_clears_control")
+
+
+def _with_controls(numbers: Mapping) -> list[tuple[str, object, str]]:
+    """(key, value, control text) rows: a value that has a control (`analysis.controls.Controlled`
+    headline keys) gets one row with its control beside it, e.g. "random init x5: mean 0.08,
+    max 0.11 · clears"; the control's own keys get no rows of their own."""
+    bases = [k.removesuffix("_control") for k in numbers
+             if k.endswith("_control") and k.removesuffix("_control") in numbers]
+    hidden = {b + sfx for b in bases for sfx in CONTROL_SUFFIXES}
+    rows = []
+    for key, value in numbers.items():
+        if key in hidden:
+            continue
+        control = ""
+        if key in bases:
+            side = "max" if f"{key}_control_max" in numbers else "min"
+            clears = numbers.get(f"{key}_clears_control")
+            control = (f"{numbers[f'{key}_control']}: mean {_format(numbers.get(f'{key}_control_mean'))}, "
+                       f"{side} {_format(numbers.get(f'{key}_control_{side}'))}"
+                       + ("" if clears is None else " · clears" if clears else " · does NOT clear"))
+        rows.append((key, value, control))
+    return rows
+
+
 def _headline_table(sections: Sequence[Section]) -> str:
-    """One card per section with its scalar numbers, in a grid."""
+    """One card per section with its scalar numbers, each beside its control where it has one."""
     cards = []
     for s in sections:
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{html.escape(_format(v))}</td></tr>"
-                       for k, v in _scalars(s.numbers).items())
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{html.escape(_format(v))}</td>"
+                       f"<td class='control'>{html.escape(c)}</td></tr>"
+                       for k, v, c in _with_controls(_scalars(s.numbers)))
         cards.append(f"<div class='card'><h3><a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a></h3>"
                      f"<table class='headline'>{rows}</table></div>")
     return f"<div class='cards'>{''.join(cards)}</div>"
@@ -156,7 +182,7 @@ def _numbers_list(numbers: Mapping) -> str:
         return ""
     return "<dl class='numbers'>" + "".join(
         f"<div><dt>{html.escape(k)}</dt><dd>{html.escape(_format(v) if not isinstance(v, dict) else json.dumps(v))}"
-        f"</dd></div>" for k, v in items.items()) + "</dl>"
+        f"{f'<small>{html.escape(c)}</small>' if c else ''}</dd></div>" for k, v, c in _with_controls(items)) + "</dl>"
 
 
 def _provenance_line(p: Mapping) -> str:
@@ -175,15 +201,17 @@ h2 { border-bottom: 1px solid #d9e2ec; padding-bottom: 4px; margin-top: 40px; }
 section { background: #fff; border: 1px solid #e4e7eb; border-radius: 8px; padding: 4px 20px 16px;
           margin: 24px 0; }
 section h2 { border: none; margin-top: 16px; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 12px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }
 .card { background: #fff; border: 1px solid #e4e7eb; border-radius: 8px; padding: 8px 14px; }
 .card h3 { margin: 4px 0 6px; font-size: 15px; } .card h3 a { color: #1f2933; text-decoration: none; }
 table.headline { border-collapse: collapse; font-size: 13px; width: 100%; }
 table.headline td { border-bottom: 1px solid #f0f2f4; padding: 2px 4px; text-align: left; }
 td.num { font-variant-numeric: tabular-nums; text-align: right; }
+td.control { color: #52606d; font-size: 12px; }
 dl.numbers { display: flex; flex-wrap: wrap; gap: 8px; margin: 8px 0 16px; }
 dl.numbers div { background: #f0f4f8; border-radius: 6px; padding: 6px 10px; font-size: 13px; }
 dl.numbers dt { color: #52606d; } dl.numbers dd { margin: 0; font-weight: 600; }
+dl.numbers small { display: block; font-weight: 400; color: #52606d; }
 .figure { margin: 12px 0; }
 pre.provenance { background: #fff; border: 1px solid #e4e7eb; padding: 12px; font-size: 12px; overflow-x: auto; }
 """
