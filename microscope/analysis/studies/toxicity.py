@@ -29,8 +29,9 @@ difference between the two word classes).
   (drop of the log-odds), against as many random other heads and random-init models' own top
   heads;
 - the hostile direction: mean hostile minus mean friendly residual of the fit pairs at the probe
-  layer; its vocabulary projection at that layer under both lenses (share of insult words among
-  the top 10) against ``n_random_directions`` random directions of equal norm;
+  layer (without one, at the most selective block output); its vocabulary projection at that
+  layer under both lenses (share of insult words among the top 10) against
+  ``n_random_directions`` random directions of equal norm;
 - steering: ``-s * direction`` added at every position. The strength is chosen on the fit pairs
   (the smallest that halves their insult-word rate), then measured on the evaluation pairs:
   insult-word rate of greedy continuations, log-odds drop, and perplexity on the neutral
@@ -419,8 +420,9 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
         read_layer[name] = first_layer_from([bool(g >= 0.5 * lens_gap[name][-1]) for g in lens_gap[name]]) \
             if lens_gap[name][-1] > max(null["output_log_odds_gap"]) else None
 
-    # the hostile direction at the probe layer (or the most selective point), fitted on the fit pairs
-    point = points[probe_layer if probe_layer is not None else int(np.argmax(selectivity))]
+    # the hostile direction at the probe layer (else the most selective block output: the pairs'
+    # last tokens are the same word, so the embeddings hold no difference), fitted on the fit pairs
+    point = points[probe_layer if probe_layer is not None else 1 + int(np.argmax(selectivity[1:]))]
     direction = mean_difference_vector(scope, texts_of(fit, "hostile"), texts_of(fit, "friendly"), hook=point)
     randoms = random_directions(direction.vector, n_random_directions, seed=seed)
     insult_set = set(insults)
