@@ -138,7 +138,7 @@ def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | N
         for step, (x, y) in feed.steps(state["step"], ranks.rank, ranks.world_size):
             if step >= settings.steps:
                 break
-            record = _train_step(coder, optimizer, schedule, x, y, state, settings, ranks)
+            record = train_step(coder, optimizer, schedule, x, y, state, settings, ranks)
             tokens_now += len(x) * ranks.world_size
             state["step"] = step + 1
             state["tokens"] += len(x) * ranks.world_size
@@ -166,9 +166,10 @@ def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | N
     return dictionary
 
 
-def _train_step(coder, optimizer, schedule, x: torch.Tensor, y: torch.Tensor, state: dict,
+def train_step(coder, optimizer, schedule, x: torch.Tensor, y: torch.Tensor, state: dict,
                 settings: TrainSettings, ranks: Ranks) -> dict:
-    """One optimiser step on this rank's batch; returns {"step", "fvu", "dead"} (averaged over ranks)."""
+    """One optimiser step on this rank's batch x -> y ([batch, d] each); returns {"step", "fvu",
+    "dead"} (averaged over ranks). `state` holds "step" and "since_fired" (the loop's counters)."""
     transcode = coder.cfg.transcode
     if state["step"] == 0:  # centre the pre-activations at initialisation, as sparsify does
         with torch.no_grad():
