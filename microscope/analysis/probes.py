@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.model_selection import GroupShuffleSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -95,11 +95,14 @@ def _layer(hook: str) -> int | None:
 
 def train_probes(features: dict[str, np.ndarray | torch.Tensor], labels: Sequence, *,
                  groups: Sequence[int] | None = None, test_fraction: float = 0.25, seed: int = 0,
-                 C: float = 1.0, max_iter: int = 2000) -> ProbeResult:
-    """Fit one logistic-regression probe per hook on features {hook: [N, d]} and labels [N].
+                 C: float = 1.0, max_iter: int = 2000, classifier: str = "logistic") -> ProbeResult:
+    """Fit one linear probe per hook on features {hook: [N, d]} and labels [N].
 
     groups: [N] ids (e.g. prompt ids) kept together on one side of the split (default: each
-    example its own group); test_fraction: share held out; C: inverse L2 strength."""
+    example its own group); test_fraction: share held out; C: inverse L2 strength; classifier:
+    "logistic" (logistic regression) or "ridge" (least squares on +-1 targets, L2 strength 1/C)."""
+    if classifier not in ("logistic", "ridge"):
+        raise AnalysisInputError(f"classifier must be 'logistic' or 'ridge', got {classifier!r}")
     y = np.asarray(labels)
     if len(np.unique(y)) < 2:
         raise AnalysisInputError(f"probes need at least two classes; the labels hold only {np.unique(y)}")
@@ -116,7 +119,8 @@ def train_probes(features: dict[str, np.ndarray | torch.Tensor], labels: Sequenc
         x = x.float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
         if len(x) != n:
             raise AnalysisInputError(f"{hook}: {len(x)} feature rows for {n} labels")
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+        clf = LogisticRegression(C=C, max_iter=max_iter) if classifier == "logistic" else RidgeClassifier(alpha=1 / C)
+        model = make_pipeline(StandardScaler(), clf)
         model.fit(x[train], y[train])
         scaler, clf = model[0], model[1]
         hooks.append(hook)

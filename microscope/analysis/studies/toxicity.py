@@ -10,8 +10,9 @@ reference of mean/resample ablations, its second half measures perplexity. The m
 is the insult-vs-praise log-odds at the last token, ``log P(insults) - log P(praises)`` (a logit
 difference between the two word classes).
 
-- probes (Hewitt & Liang 2019): a linear probe (`probes.train_probes`) on the last-token residual
-  at each lens point of the in-distribution prompts (pairs split by parity); selectivity =
+- probes (Hewitt & Liang 2019): a linear probe (`probes.train_probes`, ridge: least squares on
+  +-1 labels, standardised features, L2 strength ``probe_ridge`` per training example) on the
+  last-token residual at each lens point of the in-distribution prompts (pairs split by parity); selectivity =
   accuracy - accuracy on shuffled labels (``n_shuffles``); the probe layer is the first point
   whose selectivity clears the random-init null's max m at that point by ``headroom`` of the room
   to the best selectivity (m + headroom * (1 - chance - m)): a margin, so that one more random
@@ -268,12 +269,14 @@ def _pairs(scope, hostile: list[str], friendly: list[str]) -> tuple[_Batch, _Bat
 
 
 def _probe(features: dict[str, torch.Tensor], labels: list[str], groups: list[int], n_shuffles: int,
-           seed: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """(accuracy [point], mean shuffled-label accuracy [point], chance)."""
+           ridge: float, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(accuracy [point], mean shuffled-label accuracy [point], chance): ridge probes, L2 strength
+    ``ridge`` per training example, trained on one group and tested on the other."""
+    fit = lambda y: train_probes(features, y, groups=groups, test_fraction=0.5, seed=seed, classifier="ridge",  # noqa: E731
+                                 C=1 / (ridge * len(labels) / 2))
     with threadpool_limits(1):   # tiny fits: a second BLAS thread on a busy machine costs 8x
-        real = train_probes(features, labels, groups=groups, test_fraction=0.5, seed=seed)
-        control = np.mean([train_probes(features, shuffled(labels, seed + i), groups=groups, test_fraction=0.5,
-                                        seed=seed).test_accuracy for i in range(n_shuffles)], 0)
+        real = fit(labels)
+        control = np.mean([fit(shuffled(labels, seed + i)).test_accuracy for i in range(n_shuffles)], 0)
     return real.test_accuracy, control, real.chance
 
 
@@ -320,8 +323,8 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
                  insults: Sequence[str] | None = None, praises: Sequence[str] | None = None,
                  strengths: Sequence[float] = DEFAULT_STRENGTHS, max_new_tokens: int = 8,
                  seeds: Sequence[int] = DEFAULT_SEEDS, n_shuffles: int = 5, n_random_directions: int = 20,
-                 n_random_heads: int = 10, headroom: float = 1 / 3, lens_steps: int = 200,
-                 seed: int = 0) -> ToxicityResult:
+                 n_random_heads: int = 10, headroom: float = 1 / 3, probe_ridge: float = 0.01,
+                 lens_steps: int = 200, seed: int = 0) -> ToxicityResult:
     """The toxicity study (see module docstring).
 
     prompts: a set name or `Prompt`s with metadata ``label`` ('hostile'/'friendly'), ``pair`` (the
@@ -361,7 +364,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     points = residual_points(scope)
     layers = [point_label(p) for p in points]
     accuracy, shuffled_acc, chance = _probe(live_features(scope, probe_texts, points)[0], probe_labels,
-                                            probe_groups, n_shuffles, seed)
+                                            probe_groups, n_shuffles, probe_ridge, seed)
 
     def insult_probs(s, keys) -> tuple[float, float]:
         h, f = _pairs(s, texts_of(keys, "hostile"), texts_of(keys, "friendly"))
@@ -378,7 +381,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
                                                     "log_odds_drop_steered")}
     null_selectivity, cue_null, null_patches = [], [], []
     for rand in random_init_scopes(scope, seeds):
-        acc, ctrl, _ = _probe(live_features(rand, probe_texts, points)[0], probe_labels, probe_groups, n_shuffles, seed)
+        acc, ctrl, _ = _probe(live_features(rand, probe_texts, points)[0], probe_labels, probe_groups, n_shuffles, probe_ridge, seed)
         null_selectivity.append(acc - ctrl)
         hostile_p, friendly_p = insult_probs(rand, ind)
         null["insult_prob_ratio"].append(_r(hostile_p / friendly_p))
