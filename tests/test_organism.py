@@ -358,21 +358,38 @@ def training_stream(seed: int, steps: int, batch_size: int, seq_len: int) -> np.
 
 def occurrences(stream: np.ndarray, prompts: list[list[int]]) -> list[int]:
     """Indices of the prompts whose word sequence occurs contiguously in ``stream`` (so inside one
-    training document, since prompts hold no ``</s>``): word-for-word overlap at word boundaries."""
-    base = 256
-    assert stream.max() < base
-    s = stream.astype(np.int64)
-    grams = ((s[:-3] * base + s[1:-2]) * base + s[2:-1]) * base + s[3:]
-    heads = {}
+    training document, since prompts hold no ``</s>``): word-for-word overlap at word boundaries.
+
+    Every window of the stream is hashed (Horner's rule with random 64-bit token codes, wrapping
+    arithmetic), one window length at a time; hash hits are then compared token by token."""
+    top = max(int(stream.max()), max(max(p) for p in prompts))
+    codes = np.random.default_rng(0).integers(1, 2**63, size=top + 1, dtype=np.uint64)
+    mult = np.uint64(1_000_003)
+
+    def digest(tokens) -> int:
+        h = np.uint64(0)
+        with np.errstate(over="ignore"):
+            for t in tokens:
+                h = h * mult + codes[t]
+        return int(h)
+    by_length: dict[int, dict[int, list[int]]] = {}
     for i, p in enumerate(prompts):
-        assert len(p) >= 4
-        heads.setdefault(((p[0] * base + p[1]) * base + p[2]) * base + p[3], []).append(i)
+        by_length.setdefault(len(p), {}).setdefault(digest(p), []).append(i)
+    s = codes[stream]
+    acc = np.zeros(len(stream), dtype=np.uint64)
     found = set()
-    for pos in np.nonzero(np.isin(grams, list(heads)))[0]:
-        for i in heads[int(grams[pos])]:
-            p = prompts[i]
-            if np.array_equal(stream[pos:pos + len(p)], p):
-                found.add(i)
+    with np.errstate(over="ignore"):
+        for length in range(1, max(by_length) + 1):
+            acc = acc[:len(stream) - length + 1] * mult + s[length - 1:]
+            if length not in by_length:
+                continue
+            wanted = by_length[length]
+            keys = np.sort(np.array(list(wanted), dtype=np.uint64))
+            hit = keys[np.minimum(np.searchsorted(keys, acc), len(keys) - 1)] == acc
+            for pos in np.nonzero(hit)[0]:
+                for i in wanted[int(acc[pos])]:
+                    if np.array_equal(stream[pos:pos + length], prompts[i]):
+                        found.add(i)
     return sorted(found)
 
 

@@ -20,6 +20,7 @@ ORGANISM_DIR = Path(organism.__file__).parent
 def train_command(
     steps: int = typer.Option(None, help="Training steps (default: the shipped organism's)."),
     seed: int = typer.Option(0, help="Seed of the initialisation and the corpus stream."),
+    batch_size: int = typer.Option(None, help="Sequences per step (default: the shipped organism's)."),
     out: Path = typer.Option(ORGANISM_DIR / "weights", help="HF folder to write (replaced atomically)."),
     evaluate: bool = typer.Option(True, help="Measure the ground truth; write ground_truth.json and "
                                              "MODEL_CARD.md beside OUT."),
@@ -30,6 +31,8 @@ def train_command(
     from microscope.models.organism.train import TrainConfig, save_organism, train
 
     config = TrainConfig(seed=seed) if steps is None else TrainConfig(seed=seed, steps=steps)
+    if batch_size is not None:
+        config.batch_size = batch_size
     if config.steps < 1:
         raise OptionError("--steps must be at least 1")
     model, tokenizer, log = train(config)

@@ -28,7 +28,7 @@ labelled ``L{layer}H{head}``. Definitions:
 - loops: greedy decoding of 64 new tokens (the end-of-text token allowed, never stopping); a
   continuation loops if its last 32 tokens are periodic with some period p <= 16. Loops broken:
   the share of looping in-distribution prompts that no longer loop with the induction heads
-  ablated, and with as many random other heads ablated (mean of 5 draws).
+  ablated, and with as many random other heads ablated (3 draws: mean and max).
 - insult probability: next-token probability mass on :data:`corpus.INSULTS`, averaged over the
   hostile and over the friendly prompts of ``toxicity`` (per split); the ratio is hostile / friendly.
 - probe: for each layer l, the last-token ``hidden_states[l]`` of the in-distribution toxicity
@@ -300,7 +300,7 @@ def measure_repetition(model, tokenizer, induction_heads: list[tuple[int, int]],
                 if (l, h) not in induction_heads and (l, h) not in prev_heads]
         rng = random.Random(0)
         if len(pool) >= len(induction_heads):
-            draws = [broken(rng.sample(pool, len(induction_heads))) for _ in range(5)]
+            draws = [broken(rng.sample(pool, len(induction_heads))) for _ in range(3)]
             out["loops_broken_random_heads_ablated_mean"] = round(sum(draws) / len(draws), 3)
             out["loops_broken_random_heads_ablated_max"] = round(max(draws), 3)
     return out
