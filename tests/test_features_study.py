@@ -14,16 +14,16 @@ from microscope.analysis.features.study import run_features_study
 from microscope.models.organism.corpus import INSULTS
 from microscope.prompts import load_prompts
 
-HOOK = "blocks.1.hook_resid_post"
+HOOKS = "blocks.*.hook_resid_post"   # the study picks the layer (on the organism v1: blocks.1)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     scope = ms.load("organism")
-    dump(scope, "demo", HOOK, str(root / "demo.zarr"))
+    dump(scope, "demo", HOOKS, str(root / "demo.zarr"))
     store = ms.open_store(str(root / "demo.zarr"))
-    result = run_features_study(scope, store, hook=HOOK, out=str(root / "dicts"), target_words=INSULTS,
+    result = run_features_study(scope, store, hooks=HOOKS, out=str(root / "dicts"), target_words=INSULTS,
                                 control_seeds=[0], steps=300)
     return scope, store, result, root
 
@@ -48,7 +48,7 @@ def test_the_dictionary_is_faithful_and_an_untrained_one_is_not(setup):
     scope, store, result, root = setup
     s = result.summary()
     assert s["fvu"] <= 0.1 and s["ce_loss_recovered"] >= 0.8 and s["ce_loss_recovered_vs_mean"] >= 0.8
-    untrained = train_dictionary(store, HOOK, root / "untrained", steps=1, batch_size=512, k=16,
+    untrained = train_dictionary(store, s["hook"], root / "untrained", steps=1, batch_size=512, k=16,
                                  expansion_factor=8, checkpoint_every=1, progress=False)
     texts = [p.text for p in load_prompts("toxicity")]
     assert reconstruction_metrics(untrained, store)["fvu"] > 0.1

@@ -1,21 +1,23 @@
 """The features study: does a dictionary trained on a store find the organism's planted hostile
 register, and would the same recipe find it in a model that has none?
 
-    result = run_features_study(scope, store, hook="blocks.1.hook_resid_post",
+    result = run_features_study(scope, store, hooks="blocks.*.hook_resid_post",
                                 out="results/features/dictionaries", target_words=INSULT_WORDS)
     result.summary()   # hostile_latent_auroc, control_best_auroc, insult_words_in_top10, fvu, ...
 
-Recipe: train a TopK SAE on `hook` of `store` (the model's activations on a mixed prompt set);
-take the evaluation prompts (`eval_prompts`, labelled by `label_field`) that are not in the
-store; read each one's last-token activation and encode it. The latent with the best AUROC for
-`positive` on the selection half (even `pair`, or even index; ties broken by the standardised gap
-of means) is the hostile latent; its AUROC is reported on the other half. The control repeats the recipe on random-init models of the same
+Recipe: train a TopK SAE on each of `hooks` of `store` (the model's activations on a mixed
+prompt set); take the evaluation prompts (`eval_prompts`, labelled by `label_field`) that are not
+in the store; read each one's last-token activation and encode it. The selection half (a seeded
+random half of the `pair`s, or of the prompts) picks the hook and the latent: highest AUROC for `positive`, ties broken
+by the standardised gap of means. That latent is the hostile latent; its AUROC on the other half
+is the claim. The control repeats the recipe on the chosen hook of random-init models of the same
 shape (`controls.random_init_scopes`): each dumps the same prompts into its own store and trains
 the same dictionary; its *best* latent's AUROC on the evaluation half (picked there, so the
 control is generous) is the control value. `target_words`: the words the claimed latent should
-promote (e.g. the insult words); the latent with most of them among its top 10 unembedded
-decoder tokens is reported with the same count for the control. FVU over the store and the CE
-loss recovered on the evaluation prompts (`metrics`) say whether the dictionary is faithful.
+promote (e.g. the insult words); the latent of the chosen dictionary with most of them among its
+top 10 unembedded decoder tokens is reported, with the same count for the control. FVU over the
+store and the CE loss recovered on the evaluation prompts (`metrics`) say whether the chosen
+dictionary is faithful.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from microscope.analysis.features.metrics import ce_loss_recovered, reconstructi
 from microscope.analysis.features.train import TrainSettings, train_dictionary
 from microscope.analysis.results import Result
 from microscope.models import anatomy
+from microscope.names import resolve
 from microscope.prompts import Prompt, load_prompts
 
 TOP_TOKENS = 10
@@ -53,6 +56,14 @@ def separation(latents: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(mean over positives - mean over negatives) / standard deviation, per latent [n_latents]."""
     gap = latents[labels].mean(0) - latents[~labels].mean(0)
     return gap / (latents.std(0) + 1e-12)
+
+
+def selection_half(groups: list, seed: int = 0) -> np.ndarray:
+    """Bool [n]: the items whose group (e.g. a hostile/friendly pair) is in a seeded random half of
+    the groups; pairs stay together, and each half mixes every kind of prompt."""
+    unique = sorted(set(groups), key=str)
+    chosen = {unique[i] for i in np.random.default_rng(seed).permutation(len(unique))[:len(unique) // 2]}
+    return np.array([g in chosen for g in groups])
 
 
 def last_token_latents(scope, d: Dictionary, texts: list[str]) -> np.ndarray:
@@ -104,25 +115,31 @@ def _recipe(scope, store, hook: str, out: Path, settings: TrainSettings, texts: 
                   top_token_hits(scope, d, words, np.asarray(store.vocab)) if words else np.zeros(d.n_latents))
 
 
-def run_features_study(scope, store, *, hook: str = "blocks.1.hook_resid_post",
+def run_features_study(scope, store, *, hooks: str | list[str] = "blocks.*.hook_resid_post",
                        out: str = "results/features/dictionaries", eval_prompts: str = "toxicity",
                        label_field: str = "label", positive: str = "hostile",
-                       target_words: list[str] | None = None, control_seeds: tuple[int, ...] | list[int] = DEFAULT_SEEDS,
+                       target_words: list[str] | None = None,
+                       control_seeds: tuple[int, ...] | list[int] = DEFAULT_SEEDS,
                        steps: int = 300, batch_size: int = 512, k: int = 16, expansion_factor: int = 8,
                        dead_tokens: int = 20_000, seed: int = 0, dashboard_latents: int = 48,
                        progress: bool = False) -> FeatureStudy:
-    """Run the recipe on `scope` (dictionary from `store`) and on random-init controls; see the module
-    docstring. Dictionaries and control stores are written under `out`."""
+    """Run the recipe on `scope` (dictionaries from `store`, one per hook of `hooks`: names or glob
+    patterns of the store's hooks) and on random-init controls; see the module docstring.
+    Dictionaries and control stores are written under `out`."""
     out = Path(out)
+    names = resolve(hooks, store.hooks, where=f"the store {store.path}")
     settings = TrainSettings(steps=steps, batch_size=batch_size, k=k, expansion_factor=expansion_factor,
                              dead_tokens=dead_tokens, seed=seed, checkpoint_every=steps)
     stored = {store.prompt_text(p) for p in range(store.n_prompts)}
     prompts = [p for p in load_prompts(eval_prompts) if p.text not in stored and label_field in p.metadata]
     texts = [p.text for p in prompts]
     labels = np.array([p.metadata[label_field] == positive for p in prompts])
-    select = np.array([int(p.metadata.get("pair", i)) % 2 == 0 for i, p in enumerate(prompts)])
+    select = selection_half([p.metadata.get("pair", i) for i, p in enumerate(prompts)], seed)
     words = set(target_words or ())
-    model = _recipe(scope, store, hook, out / "model", settings, texts, labels, select, words, progress)
+    by_hook = {hook: _recipe(scope, store, hook, out / "model" / hook, settings, texts, labels, select, words,
+                             progress) for hook in names}
+    hook = max(by_hook, key=lambda h: (by_hook[h].auroc_select.max(),
+                                       by_hook[h].separation_select[by_hook[h].chosen]))
     controls = []
     for i, control_scope in zip(control_seeds, random_init_scopes(scope, control_seeds)):
         path = out / f"control_{i}.zarr"
@@ -130,11 +147,13 @@ def run_features_study(scope, store, *, hook: str = "blocks.1.hook_resid_post",
         dump(control_scope, store_prompts(store), [hook], str(path), seed=seed)
         controls.append(_recipe(control_scope, open_store(str(path)), hook, out / f"control_{i}", settings,
                                 texts, labels, select, words, progress))
+    model = by_hook[hook]
     recon = reconstruction_metrics(model.dictionary, store)
     ce = ce_loss_recovered(scope, model.dictionary, texts)
     dashboards = feature_dashboards(model.dictionary, store, scope=scope)
     return FeatureStudy(model=model, controls=controls, reconstruction=recon, ce=ce, dashboards=dashboards,
                         n_eval=int((~select).sum()), n_select=int(select.sum()), positive=positive,
+                        selection_auroc={h: float(r.auroc_select.max()) for h, r in by_hook.items()},
                         dashboard_latents=dashboard_latents, control_seeds=list(control_seeds))
 
 
@@ -150,6 +169,7 @@ class FeatureStudy(Result):
     n_eval: int
     n_select: int
     positive: str
+    selection_auroc: dict[str, float] = field(default_factory=dict)   # hook -> best latent's, selection half
     dashboard_latents: int = 48
     control_seeds: list[int] = field(default_factory=list)
 
@@ -169,7 +189,9 @@ class FeatureStudy(Result):
 
     def summary(self) -> dict:
         auroc, hits = self.auroc, self.word_hits
-        return {"hostile_latent": self.model.chosen, "hostile_latent_auroc": auroc.value,
+        return {"hook": self.model.dictionary.hook,
+                **{f"selection_auroc[{h}]": v for h, v in self.selection_auroc.items()},
+                "hostile_latent": self.model.chosen, "hostile_latent_auroc": auroc.value,
                 "control_best_auroc": auroc.extreme, "auroc_clears_control": auroc.clears,
                 "insult_latent": self.model.word_latent, "insult_words_in_top10": int(hits.value),
                 "control_insult_words_in_top10": int(hits.extreme), "fvu": self.reconstruction["fvu"],
