@@ -10,8 +10,9 @@ gradients come from one edge-resolved forward (`routing.EdgeRouter`) with a zero
 every receiver's input, and one backward pass.
 
 EAP-IG averages the gradients over `steps` runs whose token embeddings are interpolated from the
-corrupted to the clean prompts, ``e_a = e_corrupt + a (e_clean - e_corrupt)`` for a = 1/steps,
-2/steps, ..., 1 (the a = 1 run is the clean one, so EAP is EAP-IG with one step).
+ablation value of the embeddings (the corrupted prompts' for "corrupt") to the clean prompts',
+``e_a = e_ablated + a (e_clean - e_ablated)`` for a = 1/steps, 2/steps, ..., 1 (the a = 1 run
+is the clean one, so EAP is EAP-IG with one step).
 
     scores = eap_scores(scope, graph, task, steps=5)     # [n_edges], same order as graph.edges
 """
@@ -22,23 +23,20 @@ from contextlib import contextmanager
 
 import torch
 
-from microscope.analysis.circuits.edge_patching import ablation_values, sender_outputs
+from microscope.analysis.circuits.edge_patching import ablation_values
 from microscope.analysis.circuits.graph import CircuitGraph
 from microscope.analysis.circuits.routing import EdgeRouter
 from microscope.analysis.circuits.tasks import CircuitTask
-from microscope.names import act_name
 
 
 def eap_scores(scope, graph: CircuitGraph, task: CircuitTask, *, steps: int = 1,
                ablation: str = "corrupt") -> torch.Tensor:
     """[n_edges] EAP (steps=1) or EAP-IG (steps > 1) scores, in the metric's units."""
     values = ablation_values(scope, graph, task, ablation)
-    corrupt_embed = _token_embedding(scope, task.corrupt, task.mask)
     grads: dict[tuple[str, int], torch.Tensor] = {}
     clean = None
     with _frozen(scope.model):
-        for step in range(1, steps + 1):
-            alpha = step / steps
+        for alpha in [1.0] + [step / steps for step in range(1, steps)]:   # the clean run first
             leaves: dict[tuple[str, int], torch.Tensor] = {}
 
             def leaf(kind: str, layer: int, senders) -> torch.Tensor:
@@ -47,8 +45,10 @@ def eap_scores(scope, graph: CircuitGraph, task: CircuitTask, *, steps: int = 1,
                 leaves[kind, layer] = torch.zeros(shape, device=scope.device, requires_grad=True)
                 return leaves[kind, layer]
 
-            def embed(x: torch.Tensor) -> torch.Tensor:
-                return corrupt_embed + alpha * (x - corrupt_embed)
+            def embed(x: torch.Tensor, alpha: float = alpha) -> torch.Tensor:
+                # the token embedding moved toward the ablation value of the embeddings sender
+                # (position embeddings are the same in both runs)
+                return x + (1 - alpha) * (values[:, :, 0].to(x) - clean[:, :, 0].to(x))
 
             router = EdgeRouter(scope.model, graph, leaf, embed_fn=embed if alpha < 1 else None)
             with torch.enable_grad(), scope.hooks(router.hooks()):
@@ -71,12 +71,6 @@ def eap_scores(scope, graph: CircuitGraph, task: CircuitTask, *, steps: int = 1,
 
 def _width(graph: CircuitGraph, kind: str) -> int:
     return 3 * graph.n_heads if kind == "attn" else 1
-
-
-@torch.no_grad()
-def _token_embedding(scope, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[batch, pos, d_model]: the ``hook_embed`` value of `ids`."""
-    return scope.run_with_cache(ids, names=[act_name("hook_embed")], attention_mask=mask)[1][act_name("hook_embed")]
 
 
 @contextmanager
