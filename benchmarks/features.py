@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 import microscope
+from microscope.activations.distributed import Ranks
 from microscope.activations.dump import dump
 from microscope.analysis.features.coder import new_coder
 from microscope.analysis.features.feed import StoreFeed
 from microscope.analysis.features.train import TrainSettings, train_step
-from microscope.activations.distributed import Ranks
 from microscope.prompts import load_prompts
 
 HOOK = "blocks.1.hook_resid_post"

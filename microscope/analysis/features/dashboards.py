@@ -58,15 +58,15 @@ def feature_dashboards(d: Dictionary, store, *, scope=None, top_k: int = 10, bef
     field_names, field_table = metadata_columns(store)
     field_values = torch.from_numpy(np.nan_to_num(field_table))
     field_mask = torch.from_numpy(~np.isnan(field_table)).double()
-    F_ = len(field_names)
+    n_fields = len(field_names)
     best_vals = torch.full((L, top_k), -torch.inf)
     best_rows = torch.full((L, top_k), -1, dtype=torch.long)
     best_ctx = torch.full((L, top_k, W), -1, dtype=torch.long)
     hist = torch.zeros(L, bins, dtype=torch.long)
     counts = torch.zeros(L, dtype=torch.long)
-    sums = {k: torch.zeros(L, F_, dtype=torch.float64) for k in ("a", "a2", "ay")}
-    sum_n = torch.zeros(F_, dtype=torch.float64)
-    sum_y, sum_y2 = torch.zeros(F_, dtype=torch.float64), torch.zeros(F_, dtype=torch.float64)
+    sums = {k: torch.zeros(L, n_fields, dtype=torch.float64) for k in ("a", "a2", "ay")}
+    sum_n = torch.zeros(n_fields, dtype=torch.float64)
+    sum_y, sum_y2 = torch.zeros(n_fields, dtype=torch.float64), torch.zeros(n_fields, dtype=torch.float64)
     lo_edge, hi_edge = log10_range
     start = 0
     for x in store.batches(d.hook, batch_size, shuffle=False):

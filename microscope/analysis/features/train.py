@@ -96,9 +96,8 @@ def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | N
     if feed.d_in != feed.d_out:
         raise AnalysisInputError(f"a transcoder needs equal widths (sparsify's SparseCoder): {hook} has "
                                  f"{feed.d_in}, {transcode_to} has {feed.d_out}")
-    identity = {"store": store.path, "store_fingerprint": store_fingerprint(store), "hook": hook,
-                "target": feed.target, "transcode": transcode_to is not None, "settings": asdict(settings),
-                "world_size": ranks.world_size}
+    identity = {"store_fingerprint": store_fingerprint(store), "hook": hook, "target": feed.target,
+                "transcode": transcode_to is not None, "settings": asdict(settings), "world_size": ranks.world_size}
     n_latents = settings.n_latents or settings.expansion_factor * feed.d_in
     coder = new_coder(feed.d_in, n_latents=n_latents, k=settings.k, transcode=transcode_to is not None,
                       seed=settings.seed)
@@ -155,7 +154,7 @@ def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | N
         coder.set_decoder_norm_to_unit_norm()
     commit, dirty = git_state()
     dictionary = Dictionary(coder.eval(), hook, feed.target, {
-        **identity, "store_model": store.settings.get("model"), "weights_hash": store.settings.get("weights_hash"),
+        **identity, "store": store.path, "store_model": store.settings.get("model"), "weights_hash": store.settings.get("weights_hash"),
         "n_latents": n_latents, "lr": lr, "steps_done": state["step"], "tokens_seen": state["tokens"],
         "resumed_from_step": resumed_from, "tokens_per_s_this_run": tokens_now / seconds if seconds else None,
         "history": state["history"], "code_version": __version__, "git_commit": commit, "git_dirty": dirty,
