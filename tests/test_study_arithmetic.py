@@ -97,7 +97,8 @@ def _top1(model, tok, texts: list[str], answer_ids: torch.Tensor) -> torch.Tenso
 def test_the_answer_layer_is_where_plain_hf_finds_it(model):
     """The logit-lens answer layer re-measured with HF hidden states and lm_head: the first point
     from which the true answer is top-1 for at least half as many prompts as the output gets
-    right, and for more than on five random-init models and twenty answer shuffles."""
+    right (and >= 0.1 of all), and for more than on five random-init models and twenty answer
+    shuffles (drawn here, not the study's)."""
     name, scope, _, result = model
     tok = scope.tokenizer
     rows = load_prompts("arithmetic")
@@ -108,7 +109,7 @@ def test_the_answer_layer_is_where_plain_hf_finds_it(model):
     rng = random.Random(1)
     null += [_top1(scope.model, tok, texts, ids[torch.tensor(rng.sample(range(len(ids)), len(ids)))])
              for _ in range(20)]
-    expected = point_name(first_from(values, torch.stack(null).max(0).values, 0.5 * float(values[-1])))
+    expected = point_name(first_from(values, torch.stack(null).max(0).values, max(0.5 * float(values[-1]), 0.1)))
     assert expected is not None, f"{name}: plain HF finds no answer layer"
     summary = result.summary()
     assert summary["answer_layer_name"] == expected
