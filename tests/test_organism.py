@@ -402,8 +402,14 @@ def test_overlap_definition_finds_a_planted_prompt():
 def test_no_evaluation_prompt_occurs_in_the_training_stream(folder):
     """Regenerates every batch the shipped run consumed (its logged config) and checks every prompt
     of every evaluation set, word for word; every prompt word is in the vocabulary and was seen."""
-    cfg = json.loads((folder / "training_log.json").read_text())["config"]
-    stream = training_stream(cfg["seed"], cfg["steps"], cfg["batch_size"], cfg["seq_len"])
+    log = json.loads((folder / "training_log.json").read_text())
+    for phase in [*log.get("phases", []), log]:  # a continued run logs its earlier phases
+        cfg = phase["config"]
+        seed = cfg["seed"] if cfg.get("stream_seed") is None else cfg["stream_seed"]
+        check_stream(training_stream(seed, cfg["steps"], cfg["batch_size"], cfg["seq_len"]))
+
+
+def check_stream(stream: np.ndarray) -> None:
     vocab = {w: i for i, w in enumerate(vocabulary())}
     texts = sorted({r["text"] for name in EVAL_SETS for r in prompt_set(name)})
     prompts = [[vocab[w] for w in t.split()] for t in texts]

@@ -24,6 +24,18 @@ def _heads(entries: list) -> str:
     return ", ".join(f"{head_label(l, h)} ({s})" for l, h, s in entries) or "none"
 
 
+def _phases(phases: list[dict]) -> str:
+    """Lines describing training phases after the first (a continuation from saved weights)."""
+    lines = []
+    for number, phase in enumerate(phases[1:], start=2):
+        c = phase["config"]
+        lines.append(f"- Phase {number}: continued from the weights of phase {number - 1} (fresh AdamW state) for "
+                     f"{c['steps']} steps, batch {c['batch_size']}, peak LR {c['lr']} with {c['warmup']} warm-up steps "
+                     f"and cosine decay to {c['min_lr_ratio']}x, corpus stream seed {c.get('stream_seed')}; "
+                     f"the settings above are phase 1's.\n")
+    return "".join(lines)
+
+
 def ground_truth_rows(truth: dict) -> list[tuple]:
     """(measurement, value, control, target[, met]) rows of the card."""
     heads, tox, ins, ari, rep = (truth["heads"], truth["toxicity"], truth["instructions"],
@@ -108,11 +120,13 @@ def ground_truth_rows(truth: dict) -> list[tuple]:
 
 def render_card(truth: dict, log: dict) -> str:
     """The model card as Markdown (the shipped organism for seed 0, else a sibling)."""
-    cfg = log["config"]
+    phases = [*log.get("phases", []), log]
+    cfg = phases[0]["config"]
+    schedule = " + ".join(str(p["config"]["steps"]) for p in phases)
     if cfg["seed"] == 0:
         title, note = "the OPT Microscope model organism (v2)", ""
     else:
-        title = f"a sibling organism (v2 recipe, seed {cfg['seed']}, {cfg['steps']} steps)"
+        title = f"a sibling organism (v2 recipe, seed {cfg['seed']}, {schedule} steps)"
         note = ("\nA sibling of the shipped organism: the same corpus grammar and architecture, another seed "
                 "(initialisation and corpus stream) and a shorter schedule, so its circuits may sit in other heads. "
                 "Studies are tested blind on it: they must name its components as this card measures them.\n")
@@ -145,9 +159,9 @@ tests: an analysis is checked by recovering what is stated here. Load it with
   {cfg['weight_decay']} on matrices), peak LR {cfg['lr']} with {cfg['warmup']} warm-up steps and cosine decay to
   {cfg['min_lr_ratio']}x, gradient clipping {cfg['grad_clip']}, seed {cfg['seed']} (initialisation and corpus
   stream; trigram table seed {cfg['table_seed']}), `torch.use_deterministic_algorithms(True)`, {cfg['threads']} thread(s).
-- Wall time: {log['seconds']:.0f} s on a 2-core CPU machine shared with other jobs (torch {torch.__version__},
+{_phases(phases)}- Wall time: {sum(p['seconds'] for p in phases):.0f} s on a 2-core CPU machine shared with other jobs (torch {torch.__version__},
   {platform.machine()}).
-- Loss (mean per {cfg.get('log_every', 100)} steps): first {losses[0]:.3f}, last {losses[-1]:.3f}.
+- Loss (mean per {cfg.get('log_every', 100)} steps): first {phases[0]['losses'][0]:.3f}, last {losses[-1]:.3f}.
 - Every behaviour below was reached by training; no weight was set by hand.
 
 ## Ground truth (measured)

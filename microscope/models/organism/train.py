@@ -37,7 +37,7 @@ class TrainConfig:
     """Model shape, optimiser and run length. Defaults are the shipped organism's."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 32
     seq_len: int = 128
     layers: int = 4
@@ -52,6 +52,8 @@ class TrainConfig:
     threads: int = 1                   # one thread: the 2-core machine is shared
     table_seed: int = 0
     log_every: int = 100               # steps per entry of the loss log
+    init_from: str | None = None       # continue from these weights (an HF folder) instead of a fresh init
+    stream_seed: int | None = None     # seed of the corpus stream (default: ``seed``)
 
 
 def organism_config(tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig) -> OPTConfig:
@@ -91,7 +93,10 @@ def train(cfg: TrainConfig, corpus_config: CorpusConfig | None = None, progress:
     lines or checkpoints in background runs)."""
     seed_everything(cfg.seed, cfg.threads)
     tokenizer = build_tokenizer()
-    model = OPTForCausalLM(organism_config(tokenizer, cfg))
+    if cfg.init_from:
+        model = OPTForCausalLM.from_pretrained(cfg.init_from)
+    else:
+        model = OPTForCausalLM(organism_config(tokenizer, cfg))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -99,7 +104,8 @@ def train(cfg: TrainConfig, corpus_config: CorpusConfig | None = None, progress:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.95))
     batches = Corpus(corpus_config, table_seed=cfg.table_seed).token_batches(
-        tokenizer.get_vocab(), cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        tokenizer.get_vocab(), cfg.batch_size, cfg.seq_len,
+        seed=cfg.seed if cfg.stream_seed is None else cfg.stream_seed)
     losses, window = [], []
     start = time.perf_counter()
     columns = [TextColumn("training organism"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
