@@ -78,13 +78,15 @@ def store_fingerprint(store: ActivationStore) -> str:
 def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | None = None,
                      settings: TrainSettings | None = None, resume: bool = True, progress: bool = True,
                      storage_options: dict | None = None, command_line: str | None = None,
-                     on_step: Callable[[dict], None] | None = None, **changes) -> Dictionary:
+                     device: str | None = None, on_step: Callable[[dict], None] | None = None,
+                     **changes) -> Dictionary:
     """Train on `hook` of `store` (an `ActivationStore`, a folder or an fsspec URL) into folder `out`.
 
     transcode_to: train a transcoder predicting this hook from `hook`. `changes` set single
     `TrainSettings` fields (``k=32, steps=500``). resume: continue from OUT/checkpoint.pt (a
     finished run is loaded, not retrained); False starts over. command_line: recorded in the
-    provenance. on_step receives
+    provenance. device: where the coder trains (default: this rank's GPU when CUDA is available,
+    else the CPU); the returned dictionary is on the CPU. on_step receives
     {"step", "steps", "fvu", "dead", "tokens_per_s"} after every step (rank 0)."""
     settings = (settings or TrainSettings()).but(**changes)
     if not isinstance(store, ActivationStore):
@@ -99,16 +101,17 @@ def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | N
     identity = {"store_fingerprint": store_fingerprint(store), "hook": hook, "target": feed.target,
                 "transcode": transcode_to is not None, "settings": asdict(settings), "world_size": ranks.world_size}
     n_latents = settings.n_latents or settings.expansion_factor * feed.d_in
+    device = torch.device(device or (f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"))
     coder = new_coder(feed.d_in, n_latents=n_latents, k=settings.k, transcode=transcode_to is not None,
-                      seed=settings.seed)
+                      seed=settings.seed).to(device)
     lr = settings.lr or 2e-4 / (n_latents / 2 ** 14) ** 0.5
     optimizer = torch.optim.Adam(coder.parameters(), lr=lr)
     schedule = get_linear_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
-    state = {"step": 0, "since_fired": torch.zeros(n_latents, dtype=torch.long), "history": [],
+    state = {"step": 0, "since_fired": torch.zeros(n_latents, dtype=torch.long, device=device), "history": [],
              "tokens": 0}
     checkpoint = out / CHECKPOINT_FILE
     if resume and checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = torch.load(checkpoint, weights_only=False, map_location=device)
         if saved["identity"] != identity:
             changed = [k for k in identity if saved["identity"].get(k) != identity[k]]
             raise StoreMismatchError(f"{checkpoint} belongs to another run ({', '.join(changed)} differ); "
@@ -137,7 +140,7 @@ def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | N
         for step, (x, y) in feed.steps(state["step"], ranks.rank, ranks.world_size):
             if step >= settings.steps:
                 break
-            record = train_step(coder, optimizer, schedule, x, y, state, settings, ranks)
+            record = train_step(coder, optimizer, schedule, x.to(device), y.to(device), state, settings, ranks)
             tokens_now += len(x) * ranks.world_size
             state["step"] = step + 1
             state["tokens"] += len(x) * ranks.world_size
@@ -153,8 +156,9 @@ def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | N
     if not coder.cfg.transcode:
         coder.set_decoder_norm_to_unit_norm()
     commit, dirty = git_state()
-    dictionary = Dictionary(coder.eval(), hook, feed.target, {
-        **identity, "store": store.path, "store_model": store.settings.get("model"), "weights_hash": store.settings.get("weights_hash"),
+    dictionary = Dictionary(coder.cpu().eval(), hook, feed.target, {
+        **identity, "store": store.path, "store_model": store.settings.get("model"),
+        "weights_hash": store.settings.get("weights_hash"),
         "n_latents": n_latents, "lr": lr, "steps_done": state["step"], "tokens_seen": state["tokens"],
         "resumed_from_step": resumed_from, "tokens_per_s_this_run": tokens_now / seconds if seconds else None,
         "history": state["history"], "code_version": __version__, "git_commit": commit, "git_dirty": dirty,
@@ -189,7 +193,7 @@ def train_step(coder, optimizer, schedule, x: torch.Tensor, y: torch.Tensor, sta
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     schedule.step()
-    fired = torch.zeros(coder.num_latents, dtype=torch.float32)
+    fired = torch.zeros(coder.num_latents, dtype=torch.float32, device=x.device)
     fired[out.latent_indices.flatten()] = 1.0
     fired = _mean_over_ranks(fired, ranks) > 0
     state["since_fired"] += len(x) * ranks.world_size
