@@ -77,3 +77,20 @@ def test_promoted_tokens_through_the_unembedding(setup):
         str(store.vocab[store.token_ids(info["contexts"][0]["row"], info["contexts"][0]["row"] + 1)[0]])
     html = dash.to_html([info["latent"]])
     assert "<mark>" in html and "type='search'" in html
+
+
+def test_dashboards_command_writes_a_searchable_page(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from microscope.cli import app
+
+    d, store, _, _ = setup
+    d.save(tmp_path / "d")
+    result = CliRunner().invoke(app, ["features", "dashboards", str(tmp_path / "d"), store.path,
+                                      "--out", str(tmp_path / "dash.html"), "--latents", "5"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "dash.html").read_text()
+    assert page.count("<details class='latent'") == 5 and "type='search'" in page
+    missing = CliRunner().invoke(app, ["features", "dashboards", str(tmp_path / "nothing"), store.path,
+                                       "--out", str(tmp_path / "x.html")])
+    assert missing.exit_code == 1 and "no dictionary" in missing.output
