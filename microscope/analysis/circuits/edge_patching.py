@@ -24,19 +24,19 @@ ABLATIONS = ("corrupt", "mean")
 
 
 @torch.no_grad()
-def sender_outputs(scope, graph: CircuitGraph, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [batch, pos, vocab], sender outputs [batch, pos, S, d_model]) of one plain run."""
+def sender_outputs(scope, graph: CircuitGraph, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[batch, pos, S, d_model]: every sender's output in one plain run of `ids`."""
     router = EdgeRouter(scope.model, graph, lambda kind, layer, senders: None)
     with scope.hooks(router.hooks()):
-        logits = scope.run(ids, attention_mask=mask)
-    return logits, router.senders()
+        scope.run(ids, attention_mask=mask)
+    return router.senders()
 
 
 def ablation_values(scope, graph: CircuitGraph, task: CircuitTask, ablation: str = "corrupt") -> torch.Tensor:
     """[batch, pos, S, d_model]: what an ablated edge carries from each sender."""
     if ablation not in ABLATIONS:
         raise AnalysisInputError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    values = sender_outputs(scope, graph, task.corrupt, task.mask)[1]
+    values = sender_outputs(scope, graph, task.corrupt, task.mask)
     return values.mean(0, keepdim=True).expand_as(values) if ablation == "mean" else values
 
 
