@@ -20,7 +20,8 @@ difference between the two word classes).
 - where the register is read, under the logit lens and a tuned lens fitted in the same run
   (`tuned_lens.fit_tuned_lens`): the hostile-minus-friendly gap of the lens log-odds on the
   evaluation pairs per point; the read layer is the first point from which the gap stays at least
-  half the output's gap (None when the output's gap does not clear the random-init null). The lenses' KL to the output on held-out text is kept beside;
+  half the output's gap (None when the output's gap is not at least twice the largest gap of a
+  random-init model: one more random model must not pass by luck). The lenses' KL to the output on held-out text is kept beside;
 - cue heads: activation patching of each head's output (``attn.hook_z``, every position) from
   the hostile into the friendly prompt of each fit pair: the share of the model's log-odds gap it
   restores (of one nat when the model shows no gap). A head is named when its share clears the
@@ -421,7 +422,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
         gap = torch.stack([(o[:, :, words[0]].logsumexp(-1) - o[:, :, words[1]].logsumexp(-1)) for o in odds])
         lens_gap[name] = (gap[0] - gap[1]).mean(-1)
         read_layer[name] = first_layer_from([bool(g >= 0.5 * lens_gap[name][-1]) for g in lens_gap[name]]) \
-            if lens_gap[name][-1] > max(null["output_log_odds_gap"]) else None
+            if lens_gap[name][-1] > 2 * max(map(abs, null["output_log_odds_gap"])) else None
 
     # the hostile direction at the probe layer (else the most selective block output: the pairs'
     # last tokens are the same word, so the embeddings hold no difference), fitted on the fit pairs
