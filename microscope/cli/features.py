@@ -5,13 +5,12 @@ Heavy imports are deferred so that `--help` stays fast; errors are reported by `
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import typer
 
 from microscope.cli.errors import OptionError
+from microscope.cli.invocation import command_line
 
 features_app = typer.Typer(help="Sparse dictionaries (SAEs, transcoders) trained from activation stores.",
                            no_args_is_help=True)
@@ -61,7 +60,7 @@ def train_command(
                          storage_options=_storage_options(storage_options), steps=steps, batch_size=batch_size,
                          k=k, expansion_factor=expansion_factor, lr=lr, dead_tokens=dead_tokens,
                          checkpoint_every=checkpoint_every, seed=seed,
-                         command_line="microscope " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                         command_line=command_line())
     history = d.provenance.get("history") or [{}]
     typer.echo(f"{d!r} -> {out} (FVU {history[-1].get('fvu', float('nan')):.4f} at step "
                f"{d.provenance.get('steps_done')})")
