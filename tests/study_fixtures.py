@@ -23,8 +23,6 @@ CONTROL_SEED = 11   # not among the random-init null's seeds (0-4)
 
 needs_organism = pytest.mark.skipif(not (ORGANISM / "weights" / "config.json").exists(),
                                     reason="the organism is not built (microscope organism train)")
-needs_sibling = pytest.mark.skipif(not (SIBLING / "weights" / "config.json").exists(),
-                                   reason="the sibling organism is not shipped")
 
 
 def card(folder: Path = ORGANISM) -> dict:

@@ -1,6 +1,7 @@
 """The repetition study names the heads the organism's card names, from the weights alone, on the
-organism and (blind) on its sibling; each claim clears its control, and the control, run as if it
-were the model, does not pass the claim.
+organism and (blind) on its sibling; each claim is reported beside its control, reaches the
+verdict the card's own control reaches, and the control, run as if it were the model, does not
+pass the claim.
 """
 
 from __future__ import annotations
@@ -9,97 +10,102 @@ import json
 
 import pytest
 import torch
-from study_fixtures import SIBLING, card, load, needs_organism, needs_sibling, one_thread, random_organism  # noqa: F401
+from study_fixtures import ORGANISM, SIBLING, card, load, needs_organism, one_thread, random_organism  # noqa: F401
 
 from microscope.analysis.studies import run_repetition
 from microscope.hooks.interventions import ablate_heads_by, resample_heads
 
 pytestmark = needs_organism
+MODELS = [pytest.param(ORGANISM, id="organism"),
+          pytest.param(SIBLING, id="sibling", marks=pytest.mark.skipif(
+              not (SIBLING / "weights" / "config.json").exists(), reason="the sibling organism is not shipped"))]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def run(request) -> tuple:
+    """(result, summary, card) of one model: the organism, then blind, its sibling."""
+    result = run_repetition(load(request.param))
+    return result, result.summary(), card(request.param)
 
 
 @pytest.fixture(scope="module")
-def result():
-    return run_repetition(load())
-
-
-@pytest.fixture(scope="module")
-def summary(result) -> dict:
-    return result.summary()
-
-
-@pytest.fixture(scope="module")
-def truth() -> dict:
-    return card()
-
-
-@pytest.fixture(scope="module")
-def control():
+def control() -> dict:
     """The study run on a random-init model (seed outside the null) as if it were the model."""
     return run_repetition(random_organism(), n_prompts=48, n_random_half_loss=5).summary()
 
 
-def test_the_heads_named_are_the_cards(summary, truth):
+def _verdict_agrees(study_clears: bool, value: float, control_max: float, margin: float = 0.1) -> None:
+    """The study's verdict equals the card's (value above its own random-head control's max),
+    unless the card's margin is within ``margin`` (relative): too close to call either way."""
+    if abs(value - control_max) <= margin * abs(value):
+        pytest.skip(f"the card's value {value} and its control's max {control_max} are too close to call")
+    assert study_clears == (value > control_max)
+
+
+def test_the_heads_named_are_the_cards(run):
+    _, summary, truth = run
     heads = truth["heads"]
-    assert heads["induction_head_labels"] and heads["previous_token_head_labels"]
     assert sorted(summary["induction_heads"]) == sorted(heads["induction_head_labels"])
     assert sorted(summary["previous_token_heads"]) == sorted(heads["previous_token_head_labels"])
 
 
-def test_head_scores_clear_the_random_init_null_and_match_the_card(summary, truth):
-    for kind in ("induction", "previous_token"):
-        assert summary[f"top_{kind}_score_clears_control"], kind
-        assert summary[f"top_{kind}_score"] > 3 * summary[f"top_{kind}_score_control_max"], kind
+def test_head_scores_match_the_card_and_stand_beside_the_random_init_null(run):
+    _, summary, truth = run
     # general induction: whole-vocabulary spans (other draws than the card's), same definition
     assert summary["top_induction_score"] == pytest.approx(truth["heads"]["top_induction_score"], abs=0.1)
+    for kind in ("induction", "previous_token"):
+        assert summary[f"top_{kind}_score_control"].startswith("random init x5")
+        assert summary[f"{kind}_threshold"] > summary[f"top_{kind}_score_control_max"]
+    if summary["induction_heads"]:
+        assert summary["top_induction_score_clears_control"]
 
 
-@needs_sibling
-def test_blind_recovery_on_the_sibling():
-    """The sibling (another seed; its circuits may sit elsewhere): the study, given only its
-    weights, names the heads its own card names."""
-    sibling, truth = run_repetition(load(SIBLING), n_random_heads=2, n_random_half_loss=5).summary(), card(SIBLING)
-    assert sorted(sibling["induction_heads"]) == sorted(truth["heads"]["induction_head_labels"])
-    assert sorted(sibling["previous_token_heads"]) == sorted(truth["heads"]["previous_token_head_labels"])
+def test_the_organism_has_induction_heads_to_find(run):
+    _, summary, truth = run
+    if not truth["heads"]["induction_head_labels"]:
+        pytest.skip("a model whose card names no induction head")
+    assert summary["induction_heads"] and summary["reinforcement_ratio"] > 5
 
 
 def test_the_control_names_no_heads(control):
     assert control["induction_heads"] == [] and control["previous_token_heads"] == []
+    assert control["reinforcement_ratio"] < 1.1
     # with nothing named there is nothing to ablate: no "loops broken" claim is made at all
     assert control["loops_broken"] is None and "loops_broken_clears_control" not in control
 
 
-def test_ablating_the_induction_heads_breaks_loops_beyond_random_heads(result, summary, truth):
-    assert summary["looping_prompts_in_distribution"] >= 10
-    for key in ("loops_broken", "loops_broken_mean_ablation", "loops_broken_resample_ablation"):
-        assert summary[f"{key}_clears_control"], key
-    # the card's measurement (plain HF, last 32 tokens periodic) agrees, and so does its control
-    assert summary["loops_broken"] == pytest.approx(truth["repetition"]["loops_broken_induction_ablated"], abs=0.15)
-    assert summary["loops_broken_control_max"] < summary["loops_broken"]
-    assert truth["repetition"]["loops_broken_random_heads_ablated_max"] < summary["loops_broken"]
-    # the random-head draws are real draws of other heads: some differ, none is an induction head
-    assert len(result.random_broken["zero"]) >= 5
+def test_loops_broken_beside_random_heads_as_the_card_measures_them(run):
+    """Zero, mean and resample ablation are each reported beside as many random other heads; the
+    zero-ablation number and its verdict agree with the card's (plain HF, its own random draws)."""
+    result, summary, truth = run
+    if not summary["induction_heads"]:
+        assert summary["loops_broken"] is None
+        return
+    rep = truth["repetition"]
+    for method, key in (("zero", "loops_broken"), ("mean", "loops_broken_mean_ablation"),
+                        ("resample", "loops_broken_resample_ablation")):
+        assert len(result.random_broken[method]) >= 5 and f"{key}_control_max" in summary
+    assert summary["loops_broken"] == pytest.approx(rep["loops_broken_induction_ablated"], abs=0.15)
+    _verdict_agrees(summary["loops_broken_clears_control"], rep["loops_broken_induction_ablated"],
+                    rep["loops_broken_random_heads_ablated_max"])
 
 
-def test_the_repeated_half_is_copied_by_the_induction_heads_only(summary, truth):
-    assert summary["repeated_half_loss_increase_clears_control"]
-    assert summary["repeated_half_loss_increase_vs_random_init_clears_control"]
-    assert summary["repeated_half_loss_increase"] > 1.0 > summary["repeated_half_loss_increase_control_max"]
+def test_the_repeated_half_loss_beside_random_heads_as_the_card_measures_it(run):
+    _, summary, truth = run
     heads = truth["heads"]
+    if not summary["induction_heads"]:
+        return
     card_increase = heads["repeated_half_loss_induction_ablated"] - heads["repeated_half_loss"]
     assert summary["repeated_half_loss_increase"] == pytest.approx(card_increase, rel=0.3)
+    assert summary["repeated_half_loss_increase_vs_random_init_clears_control"]
+    _verdict_agrees(summary["repeated_half_loss_increase_clears_control"], heads["repeated_half_loss_induction_ablated"],
+                    heads["repeated_half_loss_random_heads_ablated_max"])
 
 
-def test_repeats_reinforce_themselves_and_a_random_model_does_not(summary, control):
-    curve = summary["reinforcement"]
-    assert curve[1] > 5 * curve[0] and curve[-1] >= 0.8 * curve[1]
-    assert summary["reinforcement_ratio_clears_control"]
-    assert control["reinforcement_ratio"] < 1.1 < summary["reinforcement_ratio"]
-
-
-def test_the_loop_rate_matches_the_card(summary, truth):
-    # the study's detector counts a final cycle of >= 2 copies and >= 32 tokens; the card counts
-    # the last 32 tokens periodic: the same loops up to one period
-    assert summary["loop_rate"] == pytest.approx(truth["repetition"]["loop_rate"], abs=0.08)
+def test_the_loop_rate_matches_the_card(run):
+    # the same definition (the last 32 tokens periodic with a period <= 16), measured apart
+    _, summary, truth = run
+    assert summary["loop_rate"] == pytest.approx(truth["repetition"]["loop_rate"], abs=0.02)
 
 
 def test_resample_ablation_draws_from_the_reference_tokens():
@@ -128,8 +134,9 @@ def test_resample_ablation_draws_from_the_reference_tokens():
         ablate_heads_by([(1, 2)], "mean")
 
 
-def test_the_result_gives_a_frame_figures_and_a_json_summary(result):
+def test_the_result_gives_a_frame_figures_and_a_json_summary(run):
+    result, summary, _ = run
     assert len(result.to_frame()) == len(result.prompts)
     figures = result.figures()
     assert figures and all(fig.data for fig in figures)
-    json.dumps(result.summary())
+    json.dumps(summary)

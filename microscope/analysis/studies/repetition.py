@@ -12,7 +12,8 @@ make it false (DESIGN.md "Evidence standards").
 - repeated-half loss: next-token cross-entropy on the second copy of those spans (predictable only
   by copying); its rise when the induction heads are zeroed, against zeroing as many other heads
   drawn at random (neither induction nor previous-token heads; ``n_random_half_loss`` draws);
-- loops: greedy continuations of the ``repetition`` set, each checked by `loops.detect_loop`; the
+- loops: greedy continuations of the ``repetition`` set, each checked by `loops.detect_loop`
+  (looping: the last ``min_loop_tokens`` tokens each repeat the token one period earlier); the
   ablations (zero, mean and resample, references taken on the held-out ``neutral`` text) are run
   on the in-distribution prompts that loop; ``loops_broken`` is the share that no longer loop,
   against ablating as many random other heads (``n_random_heads`` draws per method) and against
@@ -210,8 +211,15 @@ def repeated_half_loss(scope, spans: torch.Tensor, hooks: dict | None = None) ->
 
 def _loops(scope, texts: Sequence[str], max_new_tokens: int, max_period: int, min_tokens: int,
            hooks: dict | None = None) -> list[Loop]:
+    """`Loop` per greedy continuation; looping only when the last ``min_tokens`` tokens each repeat
+    the token ``period`` before them (the cycle has run ``min_tokens`` tokens past its first copy)."""
     new = greedy_new_tokens(scope, texts, max_new_tokens, hooks=hooks)
-    return [detect_loop(row.tolist(), max_period=max_period, min_tokens=min_tokens) for row in new]
+    out = []
+    for row in new:
+        loop = detect_loop(row.tolist(), max_period=max_period, min_tokens=min_tokens)
+        long = loop.looping and len(row) - loop.onset - loop.period >= min_tokens
+        out.append(loop if long or not loop.looping else Loop(False, None, None, loop.repeated_ngram_rate))
+    return out
 
 
 def _broken(loops: list[Loop]) -> float:
