@@ -192,6 +192,8 @@ def test_uncommitted_units_are_refused_and_committed_ones_read(tmp_path):
                           torch.cat(values[hook][first.prompt_start:first.prompt_stop]).float().numpy())
     with pytest.raises(UnitNotCommittedError, match="unit 1"):
         store[hook][: first.n_tokens + 1]
+    with pytest.raises(UnitNotCommittedError, match="unit 1"):
+        next(iter(store.batches(hook, batch_size=4)))
 
 
 def test_a_corrupted_chunk_is_detected_and_named(tmp_path):
