@@ -41,7 +41,7 @@ from microscope.analysis.features.metrics import ce_loss_recovered, reconstructi
 from microscope.analysis.features.train import TrainSettings, train_dictionary
 from microscope.analysis.results import Result
 from microscope.models import anatomy
-from microscope.names import resolve
+from microscope.names import every_layer, resolve
 from microscope.prompts import Prompt, load_prompts
 
 TOP_TOKENS = 10
@@ -115,7 +115,7 @@ def _recipe(scope, store, hook: str, out: Path, settings: TrainSettings, texts: 
                   top_token_hits(scope, d, words, np.asarray(store.vocab)) if words else np.zeros(d.n_latents))
 
 
-def run_features_study(scope, store, *, hooks: str | list[str] = "blocks.*.hook_resid_post",
+def run_features_study(scope, store, *, hooks: str | list[str] = every_layer("resid_post"),
                        out: str = "results/features/dictionaries", eval_prompts: str = "toxicity",
                        label_field: str = "label", positive: str = "hostile",
                        target_words: list[str] | None = None,
