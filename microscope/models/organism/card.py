@@ -63,6 +63,14 @@ def ground_truth_rows(truth: dict) -> list[tuple]:
                      "", "< half", score < top_score / 2))
     if not feeds:
         rows.append((f"prefix matching of {top} with a previous-token head ablated", "no previous-token head below it", "", "", False))
+    earlier = heads.get("top_induction_score_with_earlier_head_ablated", {})
+    if earlier:
+        worst = sorted(earlier.items(), key=lambda kv: kv[1])[:3]
+        prev_scores = heads["previous_token_scores"]
+        rows.append((f"prefix matching of {top} with one earlier head ablated: the 3 largest drops (head: previous-token score)",
+                     ", ".join(f"{k} ({prev_scores[int(k[1:k.index('H')])][int(k[k.index('H') + 1:])]}): {top_score:.3f} -> {v:.3f}"
+                               for k, v in worst),
+                     f"median over all {len(earlier)} earlier heads: {sorted(earlier.values())[len(earlier) // 2]:.3f}", ""))
     rows += [
         (f"repeated-half loss (nats), clean -> the {len(heads['induction_heads'])} induction heads ablated",
          f"{clean} -> {ablated} (+{ablated - clean:.2f})",

@@ -19,7 +19,7 @@ labelled ``L{layer}H{head}``. Definitions:
   prefix-matching score there.
 - head ablation: the head's slice of the input to ``out_proj`` set to zero.
 - previous-token feed: the top induction head's prefix-matching score (2 copies) with each
-  previous-token head of an earlier layer ablated.
+  head of an earlier layer ablated, one at a time (previous-token heads listed apart).
 - repeated-half loss: mean next-token cross-entropy on the second copy of the 2-copy
   whole-vocabulary sequences (targets 2..25 of the second copy: predictable only by copying),
   clean; with the induction heads ablated; with as many other heads ablated, drawn at random from
@@ -224,11 +224,12 @@ def measure_heads(model: OPTForCausalLM, tokenizer) -> dict:
     prev_heads = [tuple(x) for x in (previous >= HEAD_THRESHOLD).nonzero().tolist()]
     ind_heads = [tuple(x) for x in (induction2 >= HEAD_THRESHOLD).nonzero().tolist()]
     top = divmod(induction2.argmax().item(), n_heads)
-    feeds = {}
-    for l, h in prev_heads:
-        if l < top[0]:
+    earlier = {}
+    for l in range(top[0]):
+        for h in range(n_heads):
             with HeadAblation(model, [(l, h)]):
-                feeds[head_label(l, h)] = round(prefix_matching_scores(attentions(model, two), two, 1 + SPAN)[top].item(), 3)
+                earlier[head_label(l, h)] = round(prefix_matching_scores(attentions(model, two), two, 1 + SPAN)[top].item(), 3)
+    feeds = {head_label(l, h): earlier[head_label(l, h)] for l, h in prev_heads if l < top[0]}
     clean = repeated_half_loss(model, two)
     claimed = ind_heads or [top]
     with HeadAblation(model, claimed):
@@ -267,6 +268,7 @@ def measure_heads(model: OPTForCausalLM, tokenizer) -> dict:
         "top_induction_score_filler": round(induction_filler[top].item(), 3),
         "max_induction_score_four_copies": round(induction4.max().item(), 3),
         "top_induction_score_with_previous_token_head_ablated": feeds,
+        "top_induction_score_with_earlier_head_ablated": earlier,
         "repeated_half_loss": round(clean, 4),
         "repeated_half_loss_induction_ablated": round(ablated, 4),
         "repeated_half_loss_random_heads_ablated_mean": round(sum(control) / len(control), 4) if control else None,
