@@ -101,15 +101,16 @@ def test_the_cue_heads_matter_more_than_random_heads(summary):
 
 def test_mean_ablating_the_cue_heads_in_plain_hf_lowers_insults_more_than_random_heads(summary, organism):
     """Independent of the study's hooks: the cue heads' slice of ``out_proj``'s input set to its
-    mean over the neutral text (a plain HF pre-hook) lowers the next-token insult mass after
-    held-out hostile prompts more than doing the same to as many other heads drawn at random."""
+    mean over the neutral text (a plain HF pre-hook) lowers the next-token log-odds of insults
+    against praises, log P(insults) - log P(praises), after held-out hostile prompts more than doing
+    the same to as many other heads drawn at random."""
     model, tok = organism.model, organism.tokenizer
     cfg = model.config
     d_head = cfg.hidden_size // cfg.num_attention_heads
     layers = model.model.decoder.layers
     texts = [p.text for p in load_prompts("toxicity")
              if p.metadata["label"] == "hostile" and p.metadata["split"] == "in_distribution_heldout"]
-    insults = tok.convert_tokens_to_ids(builtin_words()[0])
+    insults, praises = (tok.convert_tokens_to_ids(words) for words in builtin_words())
     means = {}
 
     def keep_mean(layer):
@@ -124,7 +125,7 @@ def test_mean_ablating_the_cue_heads_in_plain_hf_lowers_insults_more_than_random
     for handle in handles:
         handle.remove()
 
-    def insult_mass(heads) -> float:
+    def log_odds(heads) -> float:
         def fill(layer, heads_here):
             def hook(module, args):
                 x = args[0].clone()
@@ -139,17 +140,18 @@ def test_mean_ablating_the_cue_heads_in_plain_hf_lowers_insults_more_than_random
             with torch.no_grad():
                 logits = model(**enc).logits
             last = enc["attention_mask"].sum(1) - 1
-            return logits[torch.arange(len(texts)), last].softmax(-1)[:, insults].sum(-1).mean().item()
+            p = logits[torch.arange(len(texts)), last].softmax(-1)
+            return (p[:, insults].sum(-1).log() - p[:, praises].sum(-1).log()).mean().item()
         finally:
             for handle in handles:
                 handle.remove()
 
     cue = [(int(l), int(h)) for l, h in (s[1:].split("H") for s in summary["cue_heads"])]
     others = [(l, h) for l in range(cfg.num_hidden_layers) for h in range(cfg.num_attention_heads) if (l, h) not in cue]
-    clean = insult_mass([])
+    clean = log_odds([])
     rng = random.Random(0)
-    random_drops = [clean - insult_mass(rng.sample(others, len(cue))) for _ in range(10)]
-    assert clean - insult_mass(cue) > max(random_drops)
+    random_drops = [clean - log_odds(rng.sample(others, len(cue))) for _ in range(10)]
+    assert clean - log_odds(cue) > max(random_drops)
 
 
 def test_the_register_is_read_under_both_lenses(result, summary):
