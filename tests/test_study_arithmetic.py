@@ -94,12 +94,17 @@ def _top1(model, tok, texts: list[str], answer_ids: torch.Tensor) -> torch.Tenso
     return (last_token_logit_lens(model, tok, texts).argmax(-1) == answer_ids[None]).float().mean(-1)
 
 
+def _adds(card: dict) -> bool:
+    """Whether the card says the model adds (held-out addition accuracy >= 0.5)."""
+    return card["arithmetic"]["addition_accuracy_held_out"] >= 0.5
+
+
 def test_the_answer_layer_is_where_plain_hf_finds_it(model):
     """The logit-lens answer layer re-measured with HF hidden states and lm_head: the first point
     from which the true answer is top-1 for at least half as many prompts as the output gets
     right (and >= 0.1 of all), and for more than on five random-init models and twenty answer
     shuffles (drawn here, not the study's)."""
-    name, scope, _, result = model
+    name, scope, card, result = model
     tok = scope.tokenizer
     rows = load_prompts("arithmetic")
     texts = [p.text for p in rows]
@@ -110,20 +115,24 @@ def test_the_answer_layer_is_where_plain_hf_finds_it(model):
     null += [_top1(scope.model, tok, texts, ids[torch.tensor(rng.sample(range(len(ids)), len(ids)))])
              for _ in range(20)]
     expected = point_name(first_from(values, torch.stack(null).max(0).values, max(0.5 * float(values[-1]), 0.1)))
-    assert expected is not None, f"{name}: plain HF finds no answer layer"
+    assert (expected is not None) == _adds(card), f"{name}: plain HF answer layer {expected}"
     summary = result.summary()
     assert summary["answer_layer_name"] == expected
     assert summary["answer_top1_rate_by_layer"] == pytest.approx(values.tolist(), abs=1e-3)
 
 
-def test_both_lenses_name_an_answer_layer_and_the_control_does_not_pass(model):
-    name, _, _, result = model
+def test_both_lenses_name_an_answer_layer_where_the_card_says_the_model_adds(model):
+    """A model that adds gets an answer layer under both lenses, each above its control; one the
+    card says does not add gets none (the control, random init and shuffled answers, would pass)."""
+    name, _, card, result = model
     summary = result.summary()
     for lens in ("logit_lens", "tuned_lens"):
         suffix = "" if lens == "logit_lens" else "_tuned_lens"
-        assert summary[f"answer_layer_name{suffix}"] is not None, (name, lens)
-        assert summary[f"answer_top1_rate{suffix}_clears_control"], (name, lens)
-        assert summary[f"answer_layer_kl_{lens}"] >= 0.0
+        claimed = summary[f"answer_layer_name{suffix}"] is not None
+        assert claimed == _adds(card), (name, lens)
+        if claimed:
+            assert summary[f"answer_top1_rate{suffix}_clears_control"], (name, lens)
+            assert summary[f"answer_layer_kl_{lens}"] >= 0.0
     logit, tuned = result.claims["logit_lens"].kl, result.claims["tuned_lens"].kl
     assert (tuned[:-1] < logit[:-1]).all(), (name, logit.tolist(), tuned.tolist())
 

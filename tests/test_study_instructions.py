@@ -49,14 +49,17 @@ def test_rates_match_the_card(model):
             assert card[d] - card[key] - 1e-3 <= summary[d] <= card[d] + 1e-3, d
 
 
-def test_bare_prompts_draw_dialogue_and_cued_ones_execution(model):
-    name, _, _, result = model
-    summary = result.summary()
-    assert summary["dialogue_contrast"] >= 0.5 and summary["dialogue_contrast_clears_control"], name
-    assert summary["cued_execution_rate"] >= 0.5 and summary["cued_execution_rate_clears_control"], name
-    # the controls themselves do not pass: no random-init model executes or tells the formats apart
-    assert summary["cued_execution_rate_control_max"] < 0.5
-    assert summary["dialogue_contrast_control_max"] < 0.5
+def test_the_study_claims_what_the_card_measures_and_the_control_does_not_pass(model):
+    """Bare prompts draw dialogue and cued ones execution where the card says so (rate >= 0.5),
+    and the study claims it (>= 0.5 and above every random-init model) exactly there; no
+    random-init model executes or tells the two formats apart."""
+    name, _, card, result = model
+    summary, card = result.summary(), card["instructions"]
+    card_says = {"dialogue_contrast": card["bare_dialogue_rate"] - card["cued_dialogue_rate"] >= 0.5,
+                 "cued_execution_rate": card["cued_execution_rate"] >= 0.5}
+    for key, expected in card_says.items():
+        assert (summary[key] >= 0.5 and summary[f"{key}_clears_control"]) == expected, (name, key)
+        assert summary[f"{key}_control_max"] < 0.5, (name, key)
 
 
 def test_pairs_are_equal_length_and_differ_only_in_the_cue_token(model):
