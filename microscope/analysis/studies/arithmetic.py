@@ -13,18 +13,18 @@ Measurements, each with its control (DESIGN.md "Evidence standards"):
   than any random-init model (each through its own tuned lens) or the same model scored against
   shuffled answers does, under the logit lens and a tuned lens (`studies.layers`);
 - the mechanism of wrong subtraction answers. A wrong sign (``-(a - b)``) is also the answer of
-  the *mirror* prompt, the same sum with the operands swapped (``b - a``), so the two readings are
-  told apart by running the mirror prompt: a wrong answer equal to the model's own answer on its
-  mirror prompt means the model ignores operand order (it answers the pair it knows);
-  one with the wrong sign that the mirror prompt does not explain is a sign error proper. The
-  mirror share is held against the model's answer on a random other subtraction prompt, and the
-  sign-error rate on the mirror prompts themselves is reported beside it (on the organism those
-  are pairs seen in training, where its planted wrong-sign noise lives).
+  the *mirror* prompt, the same sum with the operands swapped (``b - a``), so the readings are told
+  apart by running the mirror prompt too. Of the wrong answers: ``mirror`` = b - a while the model
+  also answers the mirror prompt b - a (it gives the answer of the pair it knows); ``wrong_sign``
+  = b - a while it answers the mirror prompt otherwise (a sign error proper); ``order_blind`` =
+  the same wrong answer on both prompts, not b - a (it ignores operand order, as an untrained
+  model does too). Each share is held against random-init models; the mechanism named is the
+  share above 0.5 that clears its control. The sign-error rate on the mirror prompts is reported
+  beside (on the organism those are pairs seen in training, where its planted noise lives).
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,7 +42,9 @@ from microscope.viz.figures import line_plot
 
 OPS = {"+": "addition", "-": "subtraction"}
 SPLIT_KEYS = {"in_distribution_heldout": "held_out"}  # summary suffix of a split (else its own name)
-MIRROR_DRAWS = 20
+# each mechanism of a wrong subtraction answer -> its share's key suffix in `mirror_shares`
+MECHANISMS = {"mirror": "share_mirror_pair_answer", "wrong_sign": "share_wrong_sign_not_mirror",
+              "order_blind": "share_order_blind"}
 ANSWER_SHUFFLES = 20
 MIN_TOP1 = 0.1  # the least share of prompts an answer layer's lens must name the answer in
 NO_TOKEN = -1
@@ -81,7 +83,7 @@ class ArithmeticResult(Result):
     predicted_text; mirror_text: the model's answer on the mirror prompt (None: no mirror).
     layers: lens point labels; claims: {lens: `LayerClaim`} of `answer_top1`; p_correct: [point,
     batch] logit-lens probability of the answer; null_accuracy: {summary key: [seed]};
-    mirror_chance: the mirror share of each draw of random other prompts, by split key."""
+    null_shares: the `mirror_shares` of each random-init model, by split."""
 
     ops: list[str]
     splits: list[str]
@@ -97,33 +99,17 @@ class ArithmeticResult(Result):
     claims: dict[str, LayerClaim]
     p_correct: torch.Tensor
     null_accuracy: dict[str, list[float]]
-    mirror_chance: dict[str, list[float]]
+    null_shares: dict[str, list[dict]]
     title: str = "arithmetic: where the answer appears, where wrong answers come from"
 
     def accuracies(self) -> dict[str, float]:
         """``{addition,subtraction}_accuracy_<split key>`` and ``subtraction_sign_error_rate_<split key>``."""
         return accuracies(self.ops, self.splits, self.answers, self.predicted, self.correct_id, self.negated_id)
 
-    def wrong_subtractions(self, split: str) -> list[int]:
-        """Indices of the subtraction prompts of ``split`` the model answers wrongly."""
-        return [i for i, (o, s) in enumerate(zip(self.ops, self.splits))
-                if o == "-" and s == split and self.predicted[i] != self.correct_id[i]]
-
     def mirror_shares(self, split: str) -> dict[str, float | int | None]:
-        """Of the wrong subtraction answers of ``split``: how many; the share equal to b - a (the
-        mirror sum's true answer, also the wrong sign); the share equal to the model's own answer
-        on the mirror prompt; the share with the wrong sign that the mirror does not explain."""
-        wrong = self.wrong_subtractions(split)
-        key = f"subtraction_wrong_{_split_key(split)}"
-        out: dict[str, float | int | None] = {key: len(wrong)}
-        n = len(wrong) or float("nan")
-        said = [self.predicted_text[i] for i in wrong]
-        mirror = [self.mirror_text[i] for i in wrong]
-        out[f"{key}_share_mirror_answer"] = _share(sum(s == str(self.b[i] - self.a[i]) for s, i in zip(said, wrong)), n)
-        out[f"{key}_share_model_mirror_answer"] = _share(sum(s == m for s, m in zip(said, mirror)), n)
-        out[f"{key}_share_wrong_sign_not_mirror"] = _share(
-            sum(s == str(-int(self.answers[i])) and s != m for s, m, i in zip(said, mirror, wrong)), n)
-        return out
+        """`mirror_shares` of the model on ``split``."""
+        return mirror_shares(self.ops, self.splits, self.a, self.b, self.answers, self.predicted_text,
+                             self.mirror_text, split)
 
     def mirror_sign_error_rate(self, split: str) -> float | None:
         """Share of the mirror prompts (of the subtraction prompts of ``split``) that the model
@@ -135,17 +121,17 @@ class ArithmeticResult(Result):
         return round(sum(self.mirror_text[i] == str(self.a[i] - self.b[i]) for i in rows) / len(rows), 4)
 
     def mechanism(self, split: str) -> str | None:
-        """'mirror' (most wrong answers are the model's answer on the mirror prompt, more often
-        than another prompt's answer ever matches), 'wrong_sign' (most are a sign error the
-        mirror does not explain), 'other', or None (no wrong answer)."""
-        shares = self.mirror_shares(split)
-        key = f"subtraction_wrong_{_split_key(split)}"
+        """The one of `MECHANISMS` whose share of the wrong answers is > 0.5 and above every
+        random-init model's, else 'other'; None when no subtraction is answered wrongly."""
+        shares, key = self.mirror_shares(split), f"subtraction_wrong_{_split_key(split)}"
         if not shares[key]:
             return None
-        model_mirror = shares[f"{key}_share_model_mirror_answer"]
-        if model_mirror > 0.5 and model_mirror > max(self.mirror_chance[_split_key(split)]):
-            return "mirror"
-        return "wrong_sign" if shares[f"{key}_share_wrong_sign_not_mirror"] > 0.5 else "other"
+        for name, suffix in MECHANISMS.items():
+            share = shares[f"{key}_{suffix}"]
+            null = [n[f"{key}_{suffix}"] or 0.0 for n in self.null_shares[split]]
+            if share > 0.5 and share > max(null):
+                return name
+        return "other"
 
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt: op, split, a, b, answer, the model's answer and its answer on the mirror prompt."""
@@ -162,9 +148,8 @@ class ArithmeticResult(Result):
         top1 = line_plot(curves, x=self.layers, x_title="layer", y_title="share of prompts",
                          title="the true answer is the lens's top-1 (controls: random init, shuffled answers)")
         splits = list(dict.fromkeys(self.splits))
-        kinds = ("share_mirror_answer", "share_model_mirror_answer", "share_wrong_sign_not_mirror")
-        mirror = go.Figure([go.Bar(name=kind, x=splits, y=[self.mirror_shares(s)[
-            f"subtraction_wrong_{_split_key(s)}_{kind}"] for s in splits]) for kind in kinds])
+        mirror = go.Figure([go.Bar(name=name, x=splits, y=[self.mirror_shares(s)[
+            f"subtraction_wrong_{_split_key(s)}_{kind}"] for s in splits]) for name, kind in MECHANISMS.items()])
         mirror.update_layout(title="wrong subtraction answers: the mirror sum's answer or a sign error?",
                              yaxis_title="share of wrong answers", barmode="group")
         return [prob, top1, mirror]
@@ -173,8 +158,8 @@ class ArithmeticResult(Result):
         """Accuracies (with random-init controls), the answer layer under both lenses
         (``answer_layer_name``: 'embed' or 'Lk', the residual stream after block k, see
         `studies.layers`) with the top-1 rate there and its control, and per split the wrong
-        subtraction answers: mirror shares (the model's-mirror share against random other
-        prompts), the sign-error rate on the mirror prompts, and the mechanism named."""
+        subtraction answers: the shares of `mirror_shares` against random-init models, the
+        sign-error rate on the mirror prompts, and the mechanism named."""
         out: dict = {}
         for key, value in self.accuracies().items():
             if key in self.null_accuracy:
@@ -187,12 +172,10 @@ class ArithmeticResult(Result):
         out["answer_top1_rate_by_layer_tuned_lens"] = [round(v, 3) for v in self.claims["tuned_lens"].values.tolist()]
         for split in dict.fromkeys(self.splits):
             key = _split_key(split)
-            shares = self.mirror_shares(split)
-            model_key = f"subtraction_wrong_{key}_share_model_mirror_answer"
-            for k, v in shares.items():
-                if k == model_key and v is not None:
-                    out.update(_rounded(Controlled(v, self.mirror_chance[key], "another subtraction prompt's "
-                                                   f"answer, {MIRROR_DRAWS} draws").headline(k)))
+            for k, v in self.mirror_shares(split).items():
+                null = [n[k] or 0.0 for n in self.null_shares[split]]
+                if "_share_" in k and v is not None:
+                    out.update(_rounded(Controlled(v, null, "random init").headline(k)))
                 else:
                     out[k] = v
             out[f"mirror_sign_error_rate_{key}"] = self.mirror_sign_error_rate(split)
@@ -226,20 +209,24 @@ def accuracies(ops: Sequence[str], splits: Sequence[str], answers: torch.Tensor,
     return out
 
 
-def _mirror_chance(said: list[str], mirror: list[str | None], ops: Sequence[str], splits: Sequence[str],
-                   wrong: dict[str, list[int]]) -> dict[str, list[float]]:
-    """Per split key, for each of `MIRROR_DRAWS` draws: the share of the wrong subtraction answers
-    equal to the model's answer on the mirror prompt of another subtraction prompt (same split)."""
-    rng = random.Random(0)
-    out = {}
-    for split, rows in wrong.items():
-        pool = [i for i, (o, s) in enumerate(zip(ops, splits)) if o == "-" and s == split and mirror[i] is not None]
-        draws = []
-        for _ in range(MIRROR_DRAWS):
-            hits = [said[i] == mirror[rng.choice([j for j in pool if j != i] or [i])] for i in rows]
-            draws.append(sum(hits) / len(hits) if hits else 0.0)
-        out[_split_key(split)] = draws
-    return out
+def mirror_shares(ops: Sequence[str], splits: Sequence[str], a: Sequence[int], b: Sequence[int],
+                  answers: torch.Tensor, said: Sequence[str], mirror: Sequence[str | None],
+                  split: str) -> dict[str, float | int | None]:
+    """Of the subtraction prompts of ``split`` answered wrongly (``said`` != answer): how many; the
+    share equal to b - a (the mirror sum's true answer, also the wrong sign); the share equal to
+    the answer on the mirror prompt (``mirror``); and the shares of the three `MECHANISMS`."""
+    wrong = [i for i, (o, s) in enumerate(zip(ops, splits))
+             if o == "-" and s == split and said[i] != str(int(answers[i]))]
+    key = f"subtraction_wrong_{_split_key(split)}"
+    n = len(wrong) or float("nan")
+    flipped = {i: said[i] == str(b[i] - a[i]) for i in wrong}
+    same = {i: said[i] == mirror[i] for i in wrong}
+    return {key: len(wrong),
+            f"{key}_share_mirror_answer": _share(sum(flipped.values()), n),
+            f"{key}_share_model_mirror_answer": _share(sum(same.values()), n),
+            f"{key}_{MECHANISMS['mirror']}": _share(sum(flipped[i] and same[i] for i in wrong), n),
+            f"{key}_{MECHANISMS['wrong_sign']}": _share(sum(flipped[i] and not same[i] for i in wrong), n),
+            f"{key}_{MECHANISMS['order_blind']}": _share(sum(same[i] and not flipped[i] for i in wrong), n)}
 
 
 @torch.no_grad()
@@ -268,19 +255,21 @@ def run_arithmetic(scope, prompts: Sequence[Prompt] | str = "arithmetic", *, spl
     mirrors = [mirror_text(p) if p.metadata["op"] == "-" else None for p in rows]
     mirror_rows = [i for i, m in enumerate(mirrors) if m is not None]
 
+    a, b = [int(p.metadata["a"]) for p in rows], [int(p.metadata["b"]) for p in rows]
+
     def measure(model_scope):
+        """(lens readings, greedy answer ids, {lens: top-1 statistic}, answers said, answers on mirrors)."""
         readings = read_last_token(model_scope, texts)
         predicted = readings.output.argmax(-1)
         stats = {lens: answer_top1(readings.logits[lens], correct) for lens in LENSES}
-        return readings, predicted, stats
+        decode = lambda t: model_scope.tokenizer.decode([int(t)]).strip()  # noqa: E731
+        on_mirror: list[str | None] = [None] * len(rows)
+        if mirror_rows:
+            for i, t in zip(mirror_rows, greedy_new_tokens(model_scope, [mirrors[i] for i in mirror_rows], 1)[:, 0]):
+                on_mirror[i] = decode(t)
+        return readings, predicted, stats, [decode(t) for t in predicted], on_mirror
 
-    readings, predicted, stats = measure(scope)
-    said = [scope.tokenizer.decode([int(t)]).strip() for t in predicted]
-    mirror_said: list[str | None] = [None] * len(rows)
-    if mirror_rows:
-        on_mirror = greedy_new_tokens(scope, [mirrors[i] for i in mirror_rows], 1)[:, 0]
-        for i, t in zip(mirror_rows, on_mirror):
-            mirror_said[i] = scope.tokenizer.decode([int(t)]).strip()
+    readings, predicted, stats, said, mirror_said = measure(scope)
     null = [measure(s) for s in random_init_scopes(scope, seeds)]
     null_accuracy = [accuracies(ops, splits, answers, n[1], correct, negated) for n in null]
     accuracy = float((predicted == correct).float().mean())
@@ -293,13 +282,10 @@ def run_arithmetic(scope, prompts: Sequence[Prompt] | str = "arithmetic", *, spl
                                statistic="true answer top-1",
                                control=f"random init x{len(seeds)}, shuffled answers x{ANSWER_SHUFFLES}")
               for lens in LENSES}
-    result = ArithmeticResult(
-        ops=ops, splits=splits, a=[int(p.metadata["a"]) for p in rows], b=[int(p.metadata["b"]) for p in rows],
-        answers=answers, correct_id=correct, negated_id=negated, predicted=predicted, predicted_text=said,
-        mirror_text=mirror_said, layers=readings.layers, claims=claims,
+    return ArithmeticResult(
+        ops=ops, splits=splits, a=a, b=b, answers=answers, correct_id=correct, negated_id=negated,
+        predicted=predicted, predicted_text=said, mirror_text=mirror_said, layers=readings.layers, claims=claims,
         p_correct=readings.logits["logit_lens"].softmax(-1)[:, torch.arange(len(rows)), correct],
         null_accuracy={k: [n[k] for n in null_accuracy] for k in null_accuracy[0] if "accuracy" in k},
-        mirror_chance={})
-    wrong = {s: result.wrong_subtractions(s) for s in dict.fromkeys(splits)}
-    result.mirror_chance = _mirror_chance(said, mirror_said, ops, splits, wrong)
-    return result
+        null_shares={s: [mirror_shares(ops, splits, a, b, answers, n[3], n[4], s) for n in null]
+                     for s in dict.fromkeys(splits)})
