@@ -203,6 +203,13 @@ def test_a_previous_token_head_feeds_the_top_induction_head(any_organism):
     earlier = [h for h in listed if h[0] < top[0]]
     target(bool(earlier), "a previous-token head (score >= 0.4) before the induction head's layer")
     clean = prefix_matching(model, tokens)[top]
+    feeds = truth["heads"]["top_induction_score_with_previous_token_head_ablated"]
+    for head in earlier:
+        with zeroed(model, [head]):
+            ablated = prefix_matching(model, tokens)[top]
+        assert ablated.item() == pytest.approx(feeds[label(*head)], abs=0.08)
+    target(all(v < truth["heads"]["top_induction_score"] / 2 for v in feeds.values()),
+           "ablating a previous-token head halves the top induction head's prefix matching")
     with zeroed(model, earlier):
         ablated = prefix_matching(model, tokens)[top]
     assert ablated < clean / 2
@@ -335,11 +342,12 @@ def test_bare_instructions_draw_dialogue_and_cued_ones_execution(organism):
 
     bare = [dialogue(c) for r, c in zip(rows, conts) if not r["cued"]]
     cued = [execution(c, r["answer"].split()) for r, c in zip(rows, conts) if r["cued"]]
-    assert sum(bare) / len(bare) >= 0.5
     assert sum(bare) / len(bare) == pytest.approx(truth["instructions"]["bare_dialogue_rate"], abs=1e-3)
     assert sum(cued) / len(cued) == pytest.approx(truth["instructions"]["cued_execution_rate"], abs=1e-3)
     assert sum(cued) / len(cued) > sum(e for r, c in zip(rows, conts) if not r["cued"]
                                        for e in [execution(c, r["answer"].split())]) / len(bare)
+    target(truth["instructions"]["bare_dialogue_rate"] >= 0.5, "bare instructions draw dialogue >= 0.5")
+    assert sum(bare) / len(bare) >= 0.5
     target(truth["instructions"]["cued_execution_rate"] >= 0.8, "cued execution >= 0.8")
     assert sum(cued) / len(cued) >= 0.8
 
