@@ -120,7 +120,7 @@ def run_features_study(scope, store, *, hooks: str | list[str] = every_layer("re
                        label_field: str = "label", positive: str = "hostile",
                        target_words: list[str] | None = None,
                        control_seeds: tuple[int, ...] | list[int] = DEFAULT_SEEDS,
-                       steps: int = 300, batch_size: int = 512, k: int = 16, expansion_factor: int = 8,
+                       steps: int = 300, batch_size: int = 512, k: int = 32, expansion_factor: int = 8,
                        dead_tokens: int = 20_000, seed: int = 0, dashboard_latents: int = 48,
                        progress: bool = False) -> FeatureStudy:
     """Run the recipe on `scope` (dictionaries from `store`, one per hook of `hooks`: names or glob
