@@ -30,7 +30,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     scope = microscope.load("random:opt-125m")
     graph = CircuitGraph.of(scope.model)
     g = torch.Generator().manual_seed(0)

@@ -179,3 +179,21 @@ def test_several_masks_in_one_forward_match_one_forward_each():
     batched = ablated_metrics(scope, graph, task, masks, values, max_batch=2 * len(task))
     one_by_one = torch.stack([task.metric(run_with_ablated_edges(scope, graph, task, m, values)) for m in masks])
     assert torch.allclose(batched, one_by_one, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["pre_ln", "odd"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_eap_from_the_plain_backward_equals_eap_from_the_edge_resolved_forward(layout, steps):
+    """pre-LN scores come from one plain backward (q/k/v and fc1 slices, the norm's Jacobian);
+    the edge-resolved forward with a leaf on every receiver is the reference. Padded prompts
+    included (each prompt's metric is read at its own last token)."""
+    scope = Scope(tiny_model(layout))
+    clean, corrupt = _pair(slice(2, 6))
+    mask = torch.ones_like(clean)
+    mask[0, 7:] = 0
+    task = CircuitTask("t", clean, corrupt, mask, torch.full((3, 1), 5), torch.full((3, 2), 7))
+    graph = CircuitGraph.of(scope.model)
+    fast = eap_scores(scope, graph, task, steps=steps)
+    reference = eap_scores(scope, graph, task, steps=steps, routed=True)
+    assert reference.abs().max() > 0.1
+    assert torch.allclose(fast, reference, atol=1e-5)

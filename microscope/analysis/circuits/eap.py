@@ -5,9 +5,18 @@ The score of edge (s, r) estimates the metric change of ablating it to first ord
     score(s, r) = sum over prompts and positions of (ablated_s - clean_s) . d metric / d input_r
 
 where input_r is receiver r's own copy of the residual (before its LayerNorm in pre-LN; at the
-sender's entry point in post-LN, so the gradient passes through the norms in between). The
-gradients come from one edge-resolved forward (`routing.EdgeRouter`) with a zero leaf added to
-every receiver's input, and one backward pass.
+sender's entry point in post-LN, so the gradient passes through the norms in between).
+
+Where the gradients come from:
+- pre-LN (every OPT but 350m): one plain forward and backward of the model. A receiver reads
+  ``LN(resid + delta)`` through its own slice of q/k/v_proj (or fc1), so its gradient is the
+  backward's gradient at ``hook_q|k|v`` (or ``mlp.hook_pre``) times that slice, pulled back
+  through the LayerNorm's Jacobian at the model's own residual (the same for every receiver of a
+  layer at zero delta). The logits receiver's gradient is the one at the last ``hook_resid_post``.
+  Only the last position's logits are computed (the metric reads nothing else).
+- post-LN, or ``routed=True``: one edge-resolved forward (`routing.EdgeRouter`) with a zero leaf
+  added to every receiver's input, and its backward. Slower (each head's q/k/v is recomputed from
+  its own copy of the residual), and the reference the fast path is tested against.
 
 EAP-IG averages the gradients over `steps` runs whose token embeddings are interpolated from the
 ablation value of the embeddings (the corrupted prompts' for "corrupt") to the clean prompts',
@@ -19,54 +28,140 @@ is the clean one, so EAP is EAP-IG with one step).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from torch.nn import functional as F
 
 from microscope.analysis.circuits.edge_patching import ablation_values
 from microscope.analysis.circuits.graph import CircuitGraph
 from microscope.analysis.circuits.routing import EdgeRouter
 from microscope.analysis.circuits.tasks import CircuitTask
+from microscope.analysis.inputs import last_positions
+from microscope.models import anatomy
+from microscope.names import act_name
+
+# ((kind, layer), d metric / d input of each receiver of the group [R_group, n_entries, batch * pos * d_model])
+Gradients = Iterator[tuple[tuple[str, int], torch.Tensor]]
 
 
 def eap_scores(scope, graph: CircuitGraph, task: CircuitTask, *, steps: int = 1,
-               ablation: str = "corrupt") -> torch.Tensor:
-    """[n_edges] EAP (steps=1) or EAP-IG (steps > 1) scores, in the metric's units."""
-    values = ablation_values(scope, graph, task, ablation)
-    grads: dict[tuple[str, int], torch.Tensor] = {}
-    clean = None
+               ablation: str = "corrupt", routed: bool = False) -> torch.Tensor:
+    """[n_edges] EAP (steps=1) or EAP-IG (steps > 1) scores, in the metric's units. `routed`:
+    take the gradients from the edge-resolved forward even in pre-LN (see module doc)."""
+    values = ablation_values(scope, graph, task, ablation)                     # [b, p, S, d]
+    receiver_gradients = _routed_gradients if routed or not graph.pre_ln else _backward_gradients
+    scores = torch.zeros(graph.n_senders, graph.n_receivers)
+    embed_diff = diff = None
     with _frozen(scope.model):
         for alpha in [1.0] + [step / steps for step in range(1, steps)]:   # the clean run first
-            leaves: dict[tuple[str, int], torch.Tensor] = {}
-
-            def leaf(kind: str, layer: int, senders) -> torch.Tensor:
-                (batch, pos), d = task.clean.shape, scope.config.hidden_size
-                shape = (batch, pos, _width(graph, kind), graph.n_entries((kind, layer)), d)
-                leaves[kind, layer] = torch.zeros(shape, device=scope.device, requires_grad=True)
-                return leaves[kind, layer]
-
-            def embed(x: torch.Tensor, alpha: float = alpha) -> torch.Tensor:
-                # the token embedding moved toward the ablation value of the embeddings sender
-                # (position embeddings are the same in both runs)
-                return x + (1 - alpha) * (values[:, :, 0].to(x) - clean[:, :, 0].to(x))
-
-            router = EdgeRouter(scope.model, graph, leaf, embed_fn=embed if alpha < 1 else None)
-            with torch.enable_grad(), scope.hooks(router.hooks()):
-                metric = task.metric(scope.run(task.clean, attention_mask=task.mask))
-                got = torch.autograd.grad(metric, list(leaves.values()))
-            for key, grad in zip(leaves, got):
-                grads[key] = grads[key] + grad if key in grads else grad
+            shift = None if alpha == 1 else (1 - alpha) * embed_diff
+            senders, groups = receiver_gradients(scope, graph, task, shift)
             if alpha == 1:
-                clean = router.senders()
-    diff = values.to(clean) - clean                                            # [b, p, S, d]
-    scores = torch.zeros(graph.n_senders, graph.n_receivers)
-    for (kind, layer), grad in grads.items():
-        upstream = graph.upstream_senders(kind, layer)
-        per_entry = torch.einsum("bpsd,bpred->sre", diff[:, :, :upstream], grad / steps)   # [S', R, E]
-        entry = graph.entry[:upstream].to(per_entry.device)
-        scores[:upstream, graph.group(kind, layer)] = per_entry.gather(
-            2, entry[:, None, None].expand(-1, per_entry.shape[1], 1))[:, :, 0].cpu()
-    return scores[graph.edges[:, 0], graph.edges[:, 1]]
+                diff = values.to(senders) - senders
+                embed_diff = diff[:, :, 0].clone()                            # [b, p, d]
+                diff = diff.permute(2, 0, 1, 3).flatten(1)                    # [S, b * p * d]
+            for (kind, layer), grad in groups:
+                upstream, (r, e) = graph.upstream_senders(kind, layer), grad.shape[:2]
+                per_entry = (diff[:upstream] @ grad.flatten(0, 1).T).view(upstream, r, e)
+                entry = graph.entry[:upstream, None, None].expand(-1, r, 1).to(per_entry.device)
+                scores[:upstream, graph.group(kind, layer)] += per_entry.gather(2, entry)[:, :, 0].cpu()
+    return scores[graph.edges[:, 0], graph.edges[:, 1]] / steps
+
+
+def _routed_gradients(scope, graph: CircuitGraph, task: CircuitTask, shift: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, Gradients]:
+    """The senders [b, p, S, d] of one edge-resolved run, and the gradients at zero leaves on
+    every receiver's input; `shift` is added to the token embeddings (EAP-IG)."""
+    leaves: dict[tuple[str, int], torch.Tensor] = {}
+
+    def leaf(kind: str, layer: int, senders) -> torch.Tensor:
+        (batch, pos), d = task.clean.shape, scope.config.hidden_size
+        shape = (batch, pos, _width(graph, kind), graph.n_entries((kind, layer)), d)
+        leaves[kind, layer] = torch.zeros(shape, device=scope.device, requires_grad=True)
+        return leaves[kind, layer]
+
+    router = EdgeRouter(scope.model, graph, leaf, embed_fn=None if shift is None else _shifted(shift))
+    with torch.enable_grad(), scope.hooks(router.hooks()):
+        metric = task.metric(scope.run(task.clean, attention_mask=task.mask))
+        got = torch.autograd.grad(metric, list(leaves.values()))
+    return router.senders(), ((key, grad.permute(2, 3, 0, 1, 4).flatten(2)) for key, grad in zip(leaves, got))
+
+
+def _backward_gradients(scope, graph: CircuitGraph, task: CircuitTask, shift: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, Gradients]:
+    """pre-LN: the senders of one plain run and the receivers' gradients from its backward (see
+    module doc), one receiver group at a time."""
+    resid: dict[str, torch.Tensor] = {}          # resid_pre / resid_mid of each layer, detached
+    outputs: dict[str, torch.Tensor] = {}        # hook_q|k|v, mlp.hook_pre, last resid_post, in the graph
+
+    def start_graph(x: torch.Tensor, hook) -> torch.Tensor:
+        return x.detach().requires_grad_()       # the parameters are frozen: autograd starts here
+
+    def keep_value(x: torch.Tensor, hook) -> None:
+        resid[hook.name] = x.detach()
+
+    def keep_output(x: torch.Tensor, hook) -> torch.Tensor:
+        outputs[hook.name] = x.view_as(x)        # a node of its own, so autograd can differentiate it
+        return outputs[hook.name]
+
+    last = graph.n_layers - 1
+    capture: dict[str, Callable] = {act_name("hook_embed"): start_graph, act_name("resid_post", last): keep_output}
+    for l in range(graph.n_layers):
+        capture |= {act_name("resid_pre", l): keep_value, act_name("resid_mid", l): keep_value,
+                    act_name("mlp_pre", l): keep_output}
+        capture |= {act_name(which, l): keep_output for which in "qkv"}
+    router = EdgeRouter(scope.model, graph, lambda kind, layer, senders: None,
+                        embed_fn=None if shift is None else _shifted(shift))
+    ids, mask = task.clean.to(scope.device), task.mask.to(scope.device)
+    last_token = last_positions(mask).to(scope.device)[:, None]                  # [b, 1]
+    with torch.enable_grad(), scope.hooks(router.hooks()), scope.hooks(capture):
+        logits = scope.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=last_token).logits
+        metric = task.log_odds(logits[:, 0]).mean()
+        got = dict(zip(outputs, torch.autograd.grad(metric, list(outputs.values()))))
+    return router.senders(), _pre_ln_groups(scope, graph, resid, got)
+
+
+def _pre_ln_groups(scope, graph: CircuitGraph, resid: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
+                   ) -> Gradients:
+    """Each receiver group's gradients [R, 1, b * p * d] from the backward's gradients `got`
+    (the norm's weight folded into the receivers' projection slices)."""
+    yield ("logits", graph.n_layers), got[act_name("resid_post", graph.n_layers - 1)].reshape(1, 1, -1)
+    h, d = graph.n_heads, scope.config.hidden_size
+    for l, block in enumerate(anatomy.layers(scope.model)):
+        attn, norm = block.self_attn, block.self_attn_layer_norm
+        grad = next(iter(got.values()))
+        per_head = grad.new_empty(3 * h, grad.shape[0] * grad.shape[1], d)          # [q heads, k heads, v heads, b*p, d]
+        for i, which in enumerate("qkv"):
+            torch.bmm(got[act_name(which, l)].flatten(0, 1).transpose(0, 1),      # [h, b*p, d_head]
+                      (getattr(attn, f"{which}_proj").weight * norm.weight).view(h, -1, d), out=per_head[i * h:(i + 1) * h])
+        yield ("attn", l), _through_norm(norm, resid[act_name("resid_pre", l)], per_head)[:, None]
+        norm = block.final_layer_norm
+        fc1_in = got[act_name("mlp_pre", l)].flatten(0, 1) @ (block.fc1.weight * norm.weight)      # [b*p, d]
+        yield ("mlp", l), _through_norm(norm, resid[act_name("resid_mid", l)], fc1_in[None])[:, None]
+
+
+def _through_norm(norm, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[R, b*p*d]: R gradients at ``norm(x)``'s output, already times the norm's weight
+    (u [R, b*p, d]), pulled back to its input x [b, p, d].
+
+    The LayerNorm's vector-Jacobian product written out, in place on u (torch's own backward
+    would also compute the weight and bias gradients, R times): with x_hat = (x - mean) / s,
+    dx = (u - mean(u) - x_hat mean(u x_hat)) / s."""
+    x = x.flatten(0, 1)                                                   # [b*p, d]
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    inv_std = (var + norm.eps).rsqrt()
+    x_hat = (x - mean) * inv_std
+    along_x_hat = torch.einsum("rnd,nd->rn", u, x_hat)[..., None] / x.shape[-1]
+    u.sub_(u.mean(-1, keepdim=True)).addcmul_(x_hat, along_x_hat, value=-1).mul_(inv_std)
+    return u.flatten(1)
+
+
+def _shifted(shift: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An `EdgeRouter` embed_fn moving the token embeddings by `shift` [b, p, d] (position
+    embeddings are the same in the clean and the ablated run)."""
+    return lambda x: x + shift.to(x)
 
 
 def _width(graph: CircuitGraph, kind: str) -> int:
@@ -75,7 +170,7 @@ def _width(graph: CircuitGraph, kind: str) -> int:
 
 @contextmanager
 def _frozen(model):
-    """Parameters without gradients for the block (only the receivers' leaves need them)."""
+    """Parameters without gradients for the block (only the receivers' inputs need them)."""
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     try:

@@ -27,8 +27,9 @@ ABLATIONS = ("corrupt", "mean")
 def sender_outputs(scope, graph: CircuitGraph, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[batch, pos, S, d_model]: every sender's output in one plain run of `ids`."""
     router = EdgeRouter(scope.model, graph, lambda kind, layer, senders: None)
-    with scope.hooks(router.hooks()):
-        scope.run(ids, attention_mask=mask)
+    with scope.hooks(router.hooks()):   # one position's logits: the rest would be thrown away
+        scope.model(input_ids=ids.to(scope.device), attention_mask=mask.to(scope.device), use_cache=False,
+                    logits_to_keep=1)
     return router.senders()
 
 

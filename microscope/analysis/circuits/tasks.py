@@ -44,9 +44,13 @@ class CircuitTask:
     def per_prompt(self, logits: torch.Tensor) -> torch.Tensor:
         """[batch] log-odds of good vs bad at each prompt's last token, from logits [batch, pos, vocab]."""
         rows = torch.arange(len(logits), device=logits.device)
-        last = logits[rows, last_positions(self.mask).to(logits.device)].float()      # [batch, vocab]
-        good = last.gather(1, self.good.to(logits.device)).logsumexp(1)
-        bad = last.gather(1, self.bad.to(logits.device)).logsumexp(1)
+        return self.log_odds(logits[rows, last_positions(self.mask).to(logits.device)])
+
+    def log_odds(self, last: torch.Tensor) -> torch.Tensor:
+        """[batch] log-odds of good vs bad from the logits at each prompt's last token [batch, vocab]."""
+        last = last.float()
+        good = last.gather(1, self.good.to(last.device)).logsumexp(1)
+        bad = last.gather(1, self.bad.to(last.device)).logsumexp(1)
         return good - bad
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
