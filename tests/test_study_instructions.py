@@ -212,5 +212,8 @@ def test_the_result_gives_a_frame_figures_and_a_json_summary(model):
     assert len(result.to_frame()) == len(result.prompts)
     figures = result.figures()
     assert figures and all(fig.data for fig in figures)
+    kl = figures[-1]      # each lens's KL to the output by layer: the context of the layer claims
+    assert [t.name for t in kl.data] == ["logit lens", "tuned lens"]
+    assert kl.data[0].y[-1] < 1e-4 and kl.data[0].y[0] > kl.data[0].y[-1]
     json.dumps(result.summary())
     assert "InstructionsResult" in repr(result) and "<div>" in result._repr_html_()

@@ -35,7 +35,7 @@ import torch
 from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
 from microscope.analysis.results import Result
 from microscope.analysis.studies.base import first_token_id, greedy_new_tokens
-from microscope.analysis.studies.layers import LENSES, LayerClaim, read_last_token
+from microscope.analysis.studies.layers import LENSES, LayerClaim, kl_figure, read_last_token
 from microscope.errors import AnalysisInputError
 from microscope.prompts import Prompt, load_prompts
 from microscope.viz.figures import line_plot
@@ -152,7 +152,7 @@ class ArithmeticResult(Result):
             f"subtraction_wrong_{_split_key(s)}_{kind}"] for s in splits]) for name, kind in MECHANISMS.items()])
         mirror.update_layout(title="wrong subtraction answers: the mirror sum's answer or a sign error?",
                              yaxis_title="share of wrong answers", barmode="group")
-        return [prob, top1, mirror]
+        return [prob, top1, mirror, kl_figure(self.claims)]
 
     def summary(self) -> dict:
         """Accuracies (with random-init controls), the answer layer under both lenses

@@ -33,7 +33,7 @@ from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_
 from microscope.analysis.inputs import last_positions, token_batch
 from microscope.analysis.results import Result
 from microscope.analysis.studies.base import first_token_id, greedy_new_tokens, single_token_id
-from microscope.analysis.studies.layers import LENSES, LayerClaim, read_last_token
+from microscope.analysis.studies.layers import LENSES, LayerClaim, kl_figure, read_last_token
 from microscope.errors import AnalysisInputError
 from microscope.names import act_name, head_label, short_label
 from microscope.prompts import Prompt, load_prompts
@@ -268,7 +268,7 @@ class InstructionsResult(Result):
                                   y=[self.rates()[f"{f}_{label}_rate"] for f in ("bare", "cued")])
                            for label in (EXECUTION, DIALOGUE, OTHER)])
         rates.update_layout(title="greedy continuations (first split)", yaxis_title="share", barmode="group")
-        return [lead, patch, ablate, rates]
+        return [lead, patch, ablate, rates, kl_figure(self.claims)]
 
     def summary(self) -> dict:
         """Rates (``_<split>`` for later splits; the claims with a random-init control) and the

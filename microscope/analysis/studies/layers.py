@@ -27,6 +27,7 @@ import torch
 from microscope.analysis.controls import Controlled
 from microscope.analysis.lens import logit_lens
 from microscope.analysis.tuned_lens import TunedLens, fit_tuned_lens
+from microscope.viz.figures import line_plot
 
 LENSES = ("logit_lens", "tuned_lens")
 
@@ -142,3 +143,13 @@ class LayerClaim:
         """Series for a line plot: the values and the null's max, by point."""
         label = self.lens.replace("_", " ")
         return {label: self.values.tolist(), f"{label}, random-init max": self.null.max(0).values.tolist()}
+
+
+def kl_figure(claims: dict[str, LayerClaim]):
+    """Line plot of each lens's KL to the model's output by layer (nats): how far a lens reading
+    at a layer is from what the model finally says, the context for any layer claim."""
+    first = next(iter(claims.values()))
+    return line_plot({claim.lens.replace("_", " "): claim.kl.tolist() for claim in claims.values()},
+                     x=first.layers, x_title="layer", y_title="KL(output || lens), nats",
+                     title="how far each lens is from the output, by layer (last token)")
+
