@@ -21,9 +21,11 @@ from microscope.analysis.circuits.results import Agreement, CircuitResult, budge
 from microscope.analysis.circuits.tasks import CircuitTask, repetition_task, toxicity_task
 from microscope.analysis.controls import DEFAULT_SEEDS, random_init_scopes
 from microscope.errors import AnalysisInputError
-from microscope.hooks.interventions import ablate_heads
+from microscope.hooks.interventions import ablate_heads, patch_from
+from microscope.names import act_name
 
 TASKS = ("repetition", "toxicity")
+RANKINGS = ("eap_ig", "exact")      # what the circuit is extracted by
 
 
 def agreement(exact: torch.Tensor, estimate: torch.Tensor, gap: float, *, share: float = 0.01,
@@ -40,50 +42,70 @@ def agreement(exact: torch.Tensor, estimate: torch.Tensor, gap: float, *, share:
 
 
 @torch.no_grad()
-def head_ablation(scope, task: CircuitTask) -> torch.Tensor:
-    """[layer, head]: metric on the clean prompts minus the same with the head zeroed
-    (`interventions.ablate_heads`, as the toxicity study ablates heads): node-level evidence to
-    compare the circuit's heads with."""
+def head_ablation(scope, task: CircuitTask) -> dict[str, torch.Tensor]:
+    """Node-level evidence to compare the circuit's heads with, {method: [layer, head]}: the metric
+    on the clean prompts minus the same with one head's output (``attn.hook_z``, every position)
+    ``"zeroed"`` (`interventions.ablate_heads`) or ``"patched"`` from the corrupted prompts
+    (`interventions.patch_from`, as the toxicity study finds its cue heads; the node version of
+    ablating every edge the head sends)."""
+    c = scope.config
+    names = [act_name("z", l) for l in range(c.num_hidden_layers)]
+    _, corrupt = scope.run_with_cache(task.corrupt, names=names, attention_mask=task.mask)
+
     def metric(hooks=None) -> float:
         return float(task.metric(scope.run(task.clean, attention_mask=task.mask, hooks=hooks)))
-    clean, c = metric(), scope.config
-    return torch.tensor([[clean - metric(ablate_heads([(l, h)])) for h in range(c.num_attention_heads)]
-                         for l in range(c.num_hidden_layers)])
+    clean = metric()
+    return {"zeroed": torch.tensor([[clean - metric(ablate_heads([(l, h)])) for h in range(c.num_attention_heads)]
+                                    for l in range(c.num_hidden_layers)]),
+            "patched": torch.tensor([[clean - metric(patch_from(corrupt, names[l], heads=[h]))
+                                      for h in range(c.num_attention_heads)] for l in range(c.num_hidden_layers)])}
 
 
 def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "corrupt", target: float = 0.8,
-                 budget: float = 0.1, exact: bool = True, control_seeds: Sequence[int] = DEFAULT_SEEDS
-                 ) -> CircuitResult:
+                 budget: float = 0.1, exact: bool = True, rank_by: str = "eap_ig",
+                 control_seeds: Sequence[int] = DEFAULT_SEEDS) -> CircuitResult:
     """Score every edge (EAP-IG with `steps`; EAP and exact patching beside it when `exact`),
-    extract the circuit (faithfulness curve of the EAP-IG ranking; `budget`: the share of edges
-    the headline circuit keeps; `target`: the faithfulness the minimal circuit must reach), and run
-    the same extraction on random-init models (`control_seeds`)."""
+    extract the circuit (faithfulness curve of the ranking by |`rank_by`|: "eap_ig", or "exact"
+    where one forward per edge is affordable, the EAP-IG ranking's curve then shown beside it;
+    `budget`: the share of edges the headline circuit keeps; `target`: the faithfulness the
+    minimal circuit must reach), and run the same extraction on random-init models
+    (`control_seeds`)."""
+    if rank_by not in RANKINGS:
+        raise AnalysisInputError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
+    if rank_by == "exact" and not exact:
+        raise AnalysisInputError("rank_by = 'exact' needs exact = true (the exact effect of every edge)")
     graph = CircuitGraph.of(scope.model)
-    ig = eap_scores(scope, graph, task, steps=steps, ablation=ablation)
     ks = sorted({*edge_grid(graph.n_edges), budget_edges(graph.n_edges, budget)})
-    curve = faithfulness_curve(scope, graph, task, ig, ks=ks, ablation=ablation)
+
+    def scored(model_scope) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        scores = {"eap_ig": eap_scores(model_scope, graph, task, steps=steps, ablation=ablation)}
+        if exact:
+            scores["exact"] = exact_edge_effects(model_scope, graph, task, ablation=ablation)
+        return scores[rank_by], scores
+
+    ranking, scores = scored(scope)
+    curves = {name: faithfulness_curve(scope, graph, task, values, ks=ks, ablation=ablation)
+              for name, values in scores.items()}
+    curve = curves.pop(rank_by)
     gap = curve.clean - curve.corrupt
-    effects = eap = None
-    if exact:
-        effects = exact_edge_effects(scope, graph, task, ablation=ablation)
-        eap = eap_scores(scope, graph, task, steps=1, ablation=ablation)
-    heads = head_ablation(scope, task)
+    eap = eap_scores(scope, graph, task, steps=1, ablation=ablation) if exact else None
     control_scores, controls = [], []
     for control in random_init_scopes(scope, control_seeds):
-        control_scores.append(eap_scores(control, graph, task, steps=steps, ablation=ablation))
+        control_scores.append(scored(control)[0])
         controls.append(faithfulness_curve(control, graph, task, control_scores[-1], ks=ks, ablation=ablation))
     return CircuitResult(
-        task=task.name, graph=graph, eap_ig=ig, curve=curve, controls=controls, control_scores=control_scores,
-        head_ablation=heads, target=target, budget=budget,
-        minimal=minimal_circuit(curve, target), steps=steps, exact=effects, eap=eap,
-        agreement_eap_ig=agreement(effects, ig, gap) if exact else None,
-        agreement_eap=agreement(effects, eap, gap) if exact else None)
+        task=task.name, graph=graph, eap_ig=scores["eap_ig"], curve=curve, controls=controls,
+        control_scores=control_scores, head_ablation=head_ablation(scope, task), target=target, budget=budget,
+        minimal=minimal_circuit(curve, target), steps=steps, rank_by=rank_by, other_curves=curves,
+        exact=scores.get("exact"), eap=eap,
+        agreement_eap_ig=agreement(scores["exact"], scores["eap_ig"], gap) if exact else None,
+        agreement_eap=agreement(scores["exact"], eap, gap) if exact else None)
 
 
 def run_circuit(scope, task: str = "repetition", *, n_prompts: int = 32, span: int = 10, shown: int = 5,
                 words: Sequence[str] | None = None, prompts: str = "toxicity", good: Sequence[str] = (),
                 bad: Sequence[str] = (), seed: int = 0, steps: int = 5, ablation: str = "corrupt",
-                target: float = 0.8, budget: float = 0.1, exact: bool = True,
+                target: float = 0.8, budget: float = 0.1, exact: bool = True, rank_by: str = "eap_ig",
                 control_seeds: Sequence[int] = DEFAULT_SEEDS) -> CircuitResult:
     """The workbench step: build the named task from its parameters (repetition: n_prompts, span,
     shown, words, seed; toxicity: prompts, good, bad) and `find_circuit` on it."""
@@ -96,4 +118,4 @@ def run_circuit(scope, task: str = "repetition", *, n_prompts: int = 32, span: i
     else:
         raise AnalysisInputError(f"task must be one of {TASKS}, got {task!r}")
     return find_circuit(scope, built, steps=steps, ablation=ablation, target=target, budget=budget, exact=exact,
-                        control_seeds=control_seeds)
+                        rank_by=rank_by, control_seeds=control_seeds)

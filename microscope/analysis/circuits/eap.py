@@ -90,9 +90,10 @@ def _routed_gradients(scope, graph: CircuitGraph, task: CircuitTask, shift: torc
 
 
 def _backward_gradients(scope, graph: CircuitGraph, task: CircuitTask, shift: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, Gradients]:
-    """pre-LN: the senders of one plain run and the receivers' gradients from its backward (see
-    module doc), one receiver group at a time."""
+                        ) -> tuple[torch.Tensor | None, Gradients]:
+    """pre-LN: the senders of one plain run (None in an interpolated run, where `shift` is added to
+    the token embeddings) and the receivers' gradients from its backward (see module doc), one
+    receiver group at a time."""
     resid: dict[str, torch.Tensor] = {}          # resid_pre / resid_mid of each layer, detached
     outputs: dict[str, torch.Tensor] = {}        # hook_q|k|v, mlp.hook_pre, last resid_post, in the graph
 
@@ -112,15 +113,18 @@ def _backward_gradients(scope, graph: CircuitGraph, task: CircuitTask, shift: to
         capture |= {act_name("resid_pre", l): keep_value, act_name("resid_mid", l): keep_value,
                     act_name("mlp_pre", l): keep_output}
         capture |= {act_name(which, l): keep_output for which in "qkv"}
-    router = EdgeRouter(scope.model, graph, lambda kind, layer, senders: None,
-                        embed_fn=None if shift is None else _shifted(shift))
+    if shift is None:     # the clean run: record the senders too
+        router = EdgeRouter(scope.model, graph, lambda kind, layer, senders: None)
+        first = router.hooks()
+    else:                 # an interpolated run: only the gradients are needed
+        router, first = None, {act_name("hook_embed"): lambda x, hook: _shifted(shift)(x)}
     ids, mask = task.clean.to(scope.device), task.mask.to(scope.device)
     last_token = last_positions(mask).to(scope.device)[:, None]                  # [b, 1]
-    with torch.enable_grad(), scope.hooks(router.hooks()), scope.hooks(capture):
+    with torch.enable_grad(), scope.hooks(first), scope.hooks(capture):
         logits = scope.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=last_token).logits
         metric = task.log_odds(logits[:, 0]).mean()
         got = dict(zip(outputs, torch.autograd.grad(metric, list(outputs.values()))))
-    return router.senders(), _pre_ln_groups(scope, graph, resid, got)
+    return router and router.senders(), _pre_ln_groups(scope, graph, resid, got)
 
 
 def _pre_ln_groups(scope, graph: CircuitGraph, resid: dict[str, torch.Tensor], got: dict[str, torch.Tensor]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -32,10 +32,12 @@ class Agreement:
 @dataclass(repr=False)
 class CircuitResult(Result):
     """eap_ig / eap / exact: [n_edges] scores in `graph.edges` order (exact: metric change when the
-    edge alone is ablated); curve: faithfulness of the EAP-IG ranking; controls / control_scores:
-    the same on random-init models; head_ablation: [layer, head] metric drop when the head is
-    zeroed; budget: share of edges the headline circuit keeps; minimal: the fewest edges reaching
-    `target` (None: not reached)."""
+    edge alone is ablated); rank_by: the scores the circuit is extracted by ("eap_ig" or
+    "exact"); curve: faithfulness of that ranking; other_curves: {scores: curve} of the other
+    rankings computed; controls / control_scores: the extraction on random-init models;
+    head_ablation: {"zeroed" | "patched": [layer, head]} metric drop when the head's output is
+    zeroed or patched from the corrupted run; budget: share of edges the headline circuit keeps;
+    minimal: the fewest edges reaching `target` (None: not reached)."""
 
     task: str
     graph: CircuitGraph
@@ -43,11 +45,13 @@ class CircuitResult(Result):
     curve: FaithfulnessCurve
     controls: list[FaithfulnessCurve]
     control_scores: list[torch.Tensor]
-    head_ablation: torch.Tensor
+    head_ablation: dict[str, torch.Tensor]
     target: float
     budget: float
     minimal: int | None
     steps: int
+    rank_by: str = "eap_ig"
+    other_curves: dict[str, FaithfulnessCurve] = field(default_factory=dict)
     exact: torch.Tensor | None = None
     eap: torch.Tensor | None = None
     agreement_eap_ig: Agreement | None = None
@@ -62,8 +66,13 @@ class CircuitResult(Result):
         """Edges in the headline circuit: `budget` of all edges."""
         return budget_edges(self.graph.n_edges, self.budget)
 
+    @property
+    def scores(self) -> torch.Tensor:
+        """[n_edges] the scores the circuit is extracted by (`rank_by`)."""
+        return self.exact if self.rank_by == "exact" else self.eap_ig
+
     def circuit(self, k: int | None = None) -> list[str]:
-        """Labels of the top-`k` edges by |EAP-IG| (default: the headline circuit)."""
+        """Labels of the top-`k` edges by |score| (default: the headline circuit)."""
         return [self.graph.edge_labels[i] for i in self.curve.order[: k or self.kept]]
 
     def circuit_heads(self, k: int | None = None) -> list[str]:
@@ -71,10 +80,11 @@ class CircuitResult(Result):
         nodes = {part.split(".")[0] for edge in self.circuit(k) for part in edge.split("->")}
         return sorted(n for n in nodes if n.startswith("L"))
 
-    def ablation_heads(self, share: float = 0.1) -> list[str]:
-        """Heads whose zeroing moves the metric by more than `share` of the clean-vs-corrupt gap."""
+    def ablation_heads(self, method: str = "patched", share: float = 0.1) -> list[str]:
+        """Heads whose output, zeroed or patched from the corrupted run (`method`), moves the metric
+        by more than `share` of the clean-vs-corrupt gap."""
         gap = abs(self.curve.clean - self.curve.corrupt)
-        return [head_label(l, h) for l, h in (self.head_ablation.abs() > share * gap).nonzero().tolist()]
+        return [head_label(l, h) for l, h in (self.head_ablation[method].abs() > share * gap).nonzero().tolist()]
 
     def recovered(self) -> Controlled:
         """Metric recovered by the headline circuit (faithfulness x gap), against random init."""
@@ -94,7 +104,9 @@ class CircuitResult(Result):
                 out["edges_compared"] = agreement.compared
         control_f = [c.at(self.kept) for c in self.controls]
         out.update({
-            "faithfulness": round(self.curve.at(self.kept), 4), "edges_kept": self.kept,
+            "rank_by": self.rank_by, "faithfulness": round(self.curve.at(self.kept), 4),
+            **{f"faithfulness_{name}_ranking": round(c.at(self.kept), 4) for name, c in self.other_curves.items()},
+            "edges_kept": self.kept,
             "edge_share": round(self.kept / self.graph.n_edges, 4), "target": self.target,
             "minimal_edges": self.minimal,
             "minimal_edge_share": None if self.minimal is None else round(self.minimal / self.graph.n_edges, 4),
@@ -103,8 +115,9 @@ class CircuitResult(Result):
             "metric_gap_control_max": round(max(abs(c.clean - c.corrupt) for c in self.controls), 4)
             if self.controls else None,
             "circuit_heads": self.circuit_heads(),
-            "ablation_heads": self.ablation_heads(),
-            "ablation_heads_in_circuit": all(h in self.circuit_heads() for h in self.ablation_heads()),
+            **{k: v for method in ("patched", "zeroed") for k, v in (
+                (f"{method}_heads", self.ablation_heads(method)),
+                (f"{method}_heads_in_circuit", all(h in self.circuit_heads() for h in self.ablation_heads(method))))},
         })
         if self.controls:
             out.update({k: (round(v, 4) if isinstance(v, float) else v)
@@ -124,12 +137,14 @@ class CircuitResult(Result):
         return frame.sort_values("rank").reset_index(drop=True)
 
     def figures(self) -> list[go.Figure]:
-        curves = {"model": self.curve.faithfulness}
+        by = {"eap_ig": "|EAP-IG|", "exact": "|exact effect|"}
+        curves = {f"model, top by {by[self.rank_by]}": self.curve.faithfulness}
+        curves.update({f"model, top by {by[name]}": c.faithfulness for name, c in self.other_curves.items()})
         curves.update({f"random init {i}": c.faithfulness for i, c in enumerate(self.controls)})
-        figures = [self._graph_figure(self.eap_ig, self.curve.order, f"{self.title}: top {self.kept} edges "
-                                      f"(faithfulness {self.curve.at(self.kept):.2f})"),
+        figures = [self._graph_figure(self.scores, self.curve.order, f"{self.title}: top {self.kept} edges "
+                                      f"by {by[self.rank_by]} (faithfulness {self.curve.at(self.kept):.2f})"),
                    line_plot(curves, x=self.curve.ks, title=f"{self.title}: faithfulness by edges kept",
-                             x_title="edges kept (top by |EAP-IG|)", y_title="faithfulness", hline=self.target)]
+                             x_title="edges kept", y_title="faithfulness", hline=self.target)]
         if self.controls:
             figures.append(self._graph_figure(self.control_scores[0], self.controls[0].order,
                                               f"control (random init 0): top {self.kept} edges "
