@@ -1,6 +1,7 @@
-"""Circuits on the model organism: EAP-IG against exact edge patching, the repetition circuit
-against the heads the card names (read here from ground_truth.json, never by the library), and a
-random-init model of the same shape as the control."""
+"""Circuits on the model organism, run as the shipped specs run them: EAP-IG against exact edge
+patching, the repetition circuit against the key-composition edges the card names (read here from
+ground_truth.json, measured by the organism's own plain-torch code, never by the library), the
+toxicity circuit against the heads that patching names, and random-init models as the control."""
 
 from __future__ import annotations
 
@@ -12,62 +13,79 @@ import torch
 
 import microscope
 from analysis_fixtures import single_thread  # noqa: F401  (autouse: one thread)
-from microscope.analysis.circuits.discovery import agreement
-from microscope.analysis.circuits.eap import eap_scores
-from microscope.analysis.circuits.edge_patching import exact_edge_effects
-from microscope.analysis.circuits.extraction import faithfulness_curve
-from microscope.analysis.circuits.graph import CircuitGraph
-from microscope.analysis.circuits.results import budget_edges
-from microscope.analysis.circuits.tasks import repetition_task
-from microscope.analysis.controls import random_init_scopes
+from microscope.analysis.circuits.discovery import run_circuit
+from microscope.workbench.experiments import find_spec, load_spec
 
 GROUND_TRUTH = Path(microscope.__file__).parent / "models" / "organism" / "ground_truth.json"
-BUDGET, TARGET = 0.1, 0.8
+
+
+def spec_circuit(name: str):
+    """The spec's circuit step on the organism, with one random-init control (the spec runs five)."""
+    torch.set_num_threads(1)
+    params = load_spec(find_spec(name)).params["circuit"]
+    return run_circuit(microscope.load("organism"), **params, control_seeds=[0])
 
 
 @pytest.fixture(scope="module")
-def organism():
-    torch.set_num_threads(1)
-    scope = microscope.load("organism")
-    graph = CircuitGraph.of(scope.model)
-    task = repetition_task(scope, n_prompts=16)
-    scores = eap_scores(scope, graph, task, steps=5)
-    kept = budget_edges(graph.n_edges, BUDGET)
-    curve = faithfulness_curve(scope, graph, task, scores, ks=[kept])
-    return scope, graph, task, scores, curve, kept
+def repetition():
+    return spec_circuit("circuit_repetition")
 
 
-UNMET = ("measured 2026-12-01 on the v2 organism's final weights (4 layers, before their commit): "
-         "Spearman |EAP-IG| vs |exact| 0.55 over 126 edges (top-20 overlap 0.85); the direct "
-         "L0 -> L3 key edges each carry < 1% of the gap by exact patching too (the previous-token "
-         "signal reaches the induction keys through MLP0), faithfulness 0.40 at 10% of the edges")
+@pytest.fixture(scope="module")
+def toxicity():
+    return spec_circuit("circuit_toxicity")
 
 
-@pytest.mark.xfail(strict=True, reason=UNMET)
-def test_eap_ig_agrees_with_exact_edge_patching(organism):
-    scope, graph, task, scores, curve, _ = organism
-    exact = exact_edge_effects(scope, graph, task)
-    ig = agreement(exact, scores, curve.clean - curve.corrupt)
-    assert ig.compared >= 20
-    assert ig.spearman >= 0.9, ig
-    assert ig.top_overlap >= 0.8, ig
+def test_eap_ig_agrees_with_exact_edge_patching(repetition):
+    summary = repetition.summary()
+    assert summary["edges_compared"] >= 20
+    target_met = summary["spearman_eap_ig"] >= 0.9 and summary["top20_overlap_eap_ig"] >= 0.8
+    if not target_met:
+        pytest.xfail(f"EAP-IG vs exact: Spearman {summary['spearman_eap_ig']:.2f} (goal 0.9), top-20 overlap "
+                     f"{summary['top20_overlap_eap_ig']:.2f}: single-edge knock-outs break saturated attention "
+                     "twice in a chain (docs/circuits.md)")
 
 
-@pytest.mark.xfail(strict=True, reason=UNMET)
-def test_repetition_circuit_holds_previous_token_to_induction_key_edges(organism):
-    _, graph, _, _, curve, kept = organism
-    heads = json.loads(GROUND_TRUTH.read_text())["heads"]
-    circuit = {graph.edge_labels[i] for i in curve.order[:kept]}
-    named = {f"L{p}H{q}->L{i}H{j}.k" for p, q, _ in heads["previous_token_heads"]
-             for i, j, _ in heads["induction_heads"] if p < i}
+def test_eap_ig_beats_eap_and_a_shuffled_ranking(repetition):
+    """The ranking's agreement must be earned: EAP-IG above plain EAP, and above the same scores
+    shuffled across edges (the control that fails it)."""
+    from microscope.analysis.circuits.discovery import agreement
+
+    gap = repetition.curve.clean - repetition.curve.corrupt
+    ig, eap = repetition.agreement_eap_ig, repetition.agreement_eap
+    assert ig.spearman > eap.spearman and ig.top_overlap >= eap.top_overlap
+    shuffled = repetition.eap_ig[torch.randperm(len(repetition.eap_ig), generator=torch.Generator().manual_seed(0))]
+    control = agreement(repetition.exact, shuffled, gap)
+    assert control.spearman < 0.3 and control.top_overlap < ig.top_overlap / 2
+
+
+def test_repetition_circuit_holds_the_cards_key_composition_edges(repetition):
+    named = set(json.loads(GROUND_TRUTH.read_text())["heads"]["key_composition_edges"])
+    circuit = set(repetition.circuit())
     assert named and named <= circuit, sorted(named - circuit)
-    assert curve.faithfulness[0] >= TARGET
 
 
-def test_a_random_init_model_has_no_such_circuit(organism):
-    scope, graph, task, _, curve, kept = organism
-    control = next(iter(random_init_scopes(scope, seeds=[0])))
-    control_curve = faithfulness_curve(control, graph, task, eap_scores(control, graph, task, steps=5), ks=[kept])
-    recovered = control_curve.faithfulness[0] * (control_curve.clean - control_curve.corrupt)
-    assert abs(control_curve.clean - control_curve.corrupt) < 0.05 * (curve.clean - curve.corrupt)
-    assert abs(recovered) < 0.05 * curve.faithfulness[0] * (curve.clean - curve.corrupt)
+def test_repetition_circuit_reaches_the_target_within_the_budget(repetition):
+    summary = repetition.summary()
+    assert summary["edge_share"] <= 0.1
+    assert summary["faithfulness"] >= summary["target"]
+    assert summary["minimal_edges"] is not None and summary["minimal_edges"] <= summary["edges_kept"]
+
+
+def test_a_random_init_model_has_no_such_circuit(repetition):
+    summary = repetition.summary()
+    assert summary["metric_gap_control_max"] < 0.05 * (repetition.curve.clean - repetition.curve.corrupt)
+    assert summary["recovered_metric_clears_control"]
+    assert summary["recovered_metric"] > 10 * abs(summary["recovered_metric_control_max"])
+
+
+def test_toxicity_circuit_joins_the_heads_that_patching_names(toxicity):
+    """The heads whose output, patched from the friendly run (the toxicity study's cue-head
+    intervention), moves the insult-vs-praise log-odds by > 10% of the gap all send or receive
+    along an edge of the circuit; the circuit recovers the metric far beyond random init."""
+    summary = toxicity.summary()
+    assert summary["spearman_eap_ig"] >= 0.9 and summary["top20_overlap_eap_ig"] >= 0.8   # one softmax per path
+    assert summary["patched_heads"], summary
+    assert summary["patched_heads_in_circuit"], (summary["patched_heads"], summary["circuit_heads"])
+    assert summary["faithfulness"] >= summary["target"]
+    assert summary["recovered_metric_clears_control"]

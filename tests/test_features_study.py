@@ -53,9 +53,11 @@ def test_the_dictionary_is_faithful_and_an_untrained_one_is_not(setup):
     texts = [p.text for p in load_prompts("toxicity")]
     assert reconstruction_metrics(untrained, store)["fvu"] > 0.1
     ce = ce_loss_recovered(scope, untrained, texts)
-    # zeroing the residual stream is so destructive that even the untrained dictionary recovers
-    # most of it; against mean ablation it fails
-    assert ce["ce_loss_recovered_vs_mean"] < 0.8
+    # zeroing or mean-ablating the residual stream is so destructive that even the untrained
+    # dictionary "recovers" most of the loss against either (0.83 against the mean on organism
+    # v2); the loss it adds, in nats, tells the two apart (v2: 0.43 against the trained one's 0.08)
+    trained_cost, untrained_cost = s["ce_spliced"] - s["ce_clean"], ce["ce_spliced"] - ce["ce_clean"]
+    assert untrained_cost > 4 * trained_cost, (trained_cost, untrained_cost)
 
 
 def test_report_parts(setup):

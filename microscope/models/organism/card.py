@@ -60,9 +60,28 @@ def ground_truth_rows(truth: dict) -> list[tuple]:
     ]
     for label, score in feeds.items():
         rows.append((f"prefix matching of {top} with previous-token head {label} ablated", f"{top_score:.3f} -> {score:.3f}",
-                     "", "< half", score < top_score / 2))
-    if not feeds:
+                     "", ""))
+    if feeds:
+        strongest = min(feeds, key=feeds.get)
+        rows.append((f"a previous-token head whose ablation alone halves {top}'s prefix matching",
+                     f"{strongest}: {top_score:.3f} -> {feeds[strongest]:.3f}", "", "< half", feeds[strongest] < top_score / 2))
+    else:
         rows.append((f"prefix matching of {top} with a previous-token head ablated", "no previous-token head below it", "", "", False))
+    removed = heads.get("induction_score_with_key_path_removed", {})
+    if removed:
+        readers = sorted({edge.split("->")[1] for edge in removed})
+        for reader in readers:
+            into = {edge.split("->")[0]: v for edge, v in removed.items() if edge.endswith("->" + reader)}
+            prev = [p for p in into if p in heads["previous_token_head_labels"]]
+            others = [v for p, v in into.items() if p not in prev]
+            clean_i = heads["induction_scores"][int(reader[1:reader.index("H")])][int(reader[reader.index("H") + 1:-2])]
+            rows.append((f"prefix matching of {reader[:-2]} with a previous-token head removed from its keys only",
+                         ", ".join(f"{p}: {clean_i:.3f} -> {into[p]:.3f}" for p in prev),
+                         f"any other earlier head removed: lowest {min(others):.3f}" if others else "", ""))
+        rows.append(("key-composition edges (previous-token head -> induction head key; drop >= "
+                     f"{evaluate.KEY_EDGE_MIN_DROP} and >= 2x the largest other head's)",
+                     ", ".join(heads["key_composition_edges"]) or "none", "", "at least one",
+                     bool(heads["key_composition_edges"])))
     earlier = heads.get("top_induction_score_with_earlier_head_ablated", {})
     if earlier:
         worst = sorted(earlier.items(), key=lambda kv: kv[1])[:3]

@@ -20,6 +20,14 @@ labelled ``L{layer}H{head}``. Definitions:
 - head ablation: the head's slice of the input to ``out_proj`` set to zero.
 - previous-token feed: the top induction head's prefix-matching score (2 copies) with each
   head of an earlier layer ablated, one at a time (previous-token heads listed apart).
+- key composition: for each previous-token head P and induction head I of a later layer, I's
+  prefix-matching score (2 copies) when P's output is removed from I's *key* input only (I's key
+  slice of ``k_proj`` recomputed from ``self_attn_layer_norm(resid_pre - out_P)``; every other
+  reader of the residual sees P), for every head P of an earlier layer. A key-composition edge
+  ``P->I.k`` (P a previous-token head) is one whose removal lowers I's score by at least
+  :data:`KEY_EDGE_MIN_DROP` and by at least twice as much as removing any other earlier head that
+  is not a previous-token head (the control): the previous-token -> induction key edges a circuit
+  must contain.
 - repeated-half loss: mean next-token cross-entropy on the second copy of the 2-copy
   whole-vocabulary sequences (targets 2..25 of the second copy: predictable only by copying),
   clean; with the induction heads ablated; with as many other heads ablated, drawn at random from
@@ -62,9 +70,10 @@ from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedTok
 
 from microscope.models.organism.corpus import FILLER_WORDS, HELD_OUT_PAIRS, INSULTS, whole_vocabulary_words
 from microscope.models.organism.prompt_sets import arithmetic_text, load_prompt_set
-from microscope.names import head_label
+from microscope.names import head_label, parse_head_label
 
 HEAD_THRESHOLD = 0.4
+KEY_EDGE_MIN_DROP = 0.1
 PROBE_THRESHOLD = 0.9
 SPAN = 25
 ORGANISM_DIR = Path(__file__).parent
@@ -111,6 +120,42 @@ class HeadAblation:
                 return (x,)
             out_proj = self.model.model.decoder.layers[layer].self_attn.out_proj
             self.handles.append(out_proj.register_forward_pre_hook(zero))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+class KeyPathRemoval:
+    """Context manager removing head ``source``'s output from head ``reader``'s key input only
+    (pre-LN): the reader's slice of ``k_proj``'s output is recomputed from its layer's
+    ``self_attn_layer_norm(resid_pre - out_source)``; nothing else changes."""
+
+    def __init__(self, model: OPTForCausalLM, source: tuple[int, int], reader: tuple[int, int]):
+        self.model, self.source, self.reader, self.handles, self.seen = model, source, reader, [], {}
+
+    def __enter__(self):
+        layers = self.model.model.decoder.layers
+        d_head = self.model.config.hidden_size // self.model.config.num_attention_heads
+        (ls, hs), (lr, hr) = self.source, self.reader
+        out_proj, reader = layers[ls].self_attn.out_proj, layers[lr]
+        part = slice(hs * d_head, (hs + 1) * d_head)
+
+        def keep_source(module, args):
+            self.seen["out"] = args[0][..., part] @ out_proj.weight[:, part].T        # [b, t, d]
+
+        def keep_resid(module, args, kwargs):
+            self.seen["resid"] = args[0] if args else kwargs["hidden_states"]
+
+        def keys(module, args, output):
+            x = reader.self_attn_layer_norm(self.seen["resid"] - self.seen["out"])
+            output = output.clone()
+            output[..., hr * d_head:(hr + 1) * d_head] = torch.nn.functional.linear(x, module.weight, module.bias)[..., hr * d_head:(hr + 1) * d_head]
+            return output
+        self.handles = [out_proj.register_forward_pre_hook(keep_source),
+                        reader.register_forward_pre_hook(keep_resid, with_kwargs=True),
+                        reader.self_attn.k_proj.register_forward_hook(keys)]
         return self
 
     def __exit__(self, *exc):
@@ -230,6 +275,17 @@ def measure_heads(model: OPTForCausalLM, tokenizer) -> dict:
             with HeadAblation(model, [(l, h)]):
                 earlier[head_label(l, h)] = round(prefix_matching_scores(attentions(model, two), two, 1 + SPAN)[top].item(), 3)
     feeds = {head_label(l, h): earlier[head_label(l, h)] for l, h in prev_heads if l < top[0]}
+    composition, key_edges = {}, []
+    for i in ind_heads if model.config.do_layer_norm_before else []:
+        drops = {}
+        for p in [(l, h) for l in range(i[0]) for h in range(n_heads)]:
+            with KeyPathRemoval(model, p, i):
+                score = prefix_matching_scores(attentions(model, two), two, 1 + SPAN)[i].item()
+            composition[f"{head_label(*p)}->{head_label(*i)}.k"] = round(score, 3)
+            drops[p] = induction2[i].item() - score
+        control = max((d for p, d in drops.items() if p not in prev_heads), default=0.0)
+        key_edges += [f"{head_label(*p)}->{head_label(*i)}.k" for p in prev_heads
+                      if p in drops and drops[p] >= max(KEY_EDGE_MIN_DROP, 2 * control)]
     clean = repeated_half_loss(model, two)
     claimed = ind_heads or [top]
     with HeadAblation(model, claimed):
@@ -269,6 +325,8 @@ def measure_heads(model: OPTForCausalLM, tokenizer) -> dict:
         "max_induction_score_four_copies": round(induction4.max().item(), 3),
         "top_induction_score_with_previous_token_head_ablated": feeds,
         "top_induction_score_with_earlier_head_ablated": earlier,
+        "induction_score_with_key_path_removed": composition,
+        "key_composition_edges": key_edges,
         "repeated_half_loss": round(clean, 4),
         "repeated_half_loss_induction_ablated": round(ablated, 4),
         "repeated_half_loss_random_heads_ablated_mean": round(sum(control) / len(control), 4) if control else None,

@@ -37,7 +37,7 @@ class TrainConfig:
     """Model shape, optimiser and run length. Defaults are the shipped organism's."""
 
     seed: int = 0
-    steps: int = 2000
+    steps: int = 8000
     batch_size: int = 32
     seq_len: int = 128
     layers: int = 4
