@@ -19,10 +19,10 @@ from microscope.workbench.experiments import find_spec, load_spec
 GROUND_TRUTH = Path(microscope.__file__).parent / "models" / "organism" / "ground_truth.json"
 
 
-def spec_circuit(name: str):
+def spec_circuit(name: str, **overrides):
     """The spec's circuit step on the organism, with one random-init control (the spec runs five)."""
     torch.set_num_threads(1)
-    params = load_spec(find_spec(name)).params["circuit"]
+    params = load_spec(find_spec(name)).params["circuit"] | overrides
     return run_circuit(microscope.load("organism"), **params, control_seeds=[0])
 
 
@@ -33,7 +33,9 @@ def repetition():
 
 @pytest.fixture(scope="module")
 def toxicity():
-    return spec_circuit("circuit_toxicity")
+    """Without exact patching of every edge (96 pairs x 479 edges: a minute here); the spec's run
+    compares EAP-IG with it (docs/circuits.md: Spearman 0.93)."""
+    return spec_circuit("circuit_toxicity", exact=False)
 
 
 def test_eap_ig_agrees_with_exact_edge_patching(repetition):
@@ -84,7 +86,6 @@ def test_toxicity_circuit_joins_the_heads_that_patching_names(toxicity):
     intervention), moves the insult-vs-praise log-odds by > 10% of the gap all send or receive
     along an edge of the circuit; the circuit recovers the metric far beyond random init."""
     summary = toxicity.summary()
-    assert summary["spearman_eap_ig"] >= 0.9 and summary["top20_overlap_eap_ig"] >= 0.8   # one softmax per path
     assert summary["patched_heads"], summary
     assert summary["patched_heads_in_circuit"], (summary["patched_heads"], summary["circuit_heads"])
     assert summary["faithfulness"] >= summary["target"]
