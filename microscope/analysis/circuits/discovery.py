@@ -77,13 +77,13 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "c
     graph = CircuitGraph.of(scope.model)
     ks = sorted({*edge_grid(graph.n_edges), budget_edges(graph.n_edges, budget)})
 
-    def scored(model_scope) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def scored(model_scope) -> dict[str, torch.Tensor]:
         scores = {"eap_ig": eap_scores(model_scope, graph, task, steps=steps, ablation=ablation)}
         if exact:
             scores["exact"] = exact_edge_effects(model_scope, graph, task, ablation=ablation)
-        return scores[rank_by], scores
+        return scores
 
-    ranking, scores = scored(scope)
+    scores = scored(scope)
     curves = {name: faithfulness_curve(scope, graph, task, values, ks=ks, ablation=ablation)
               for name, values in scores.items()}
     curve = curves.pop(rank_by)
@@ -91,7 +91,7 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "c
     eap = eap_scores(scope, graph, task, steps=1, ablation=ablation) if exact else None
     control_scores, controls = [], []
     for control in random_init_scopes(scope, control_seeds):
-        control_scores.append(scored(control)[0])
+        control_scores.append(scored(control)[rank_by])
         controls.append(faithfulness_curve(control, graph, task, control_scores[-1], ks=ks, ablation=ablation))
     return CircuitResult(
         task=task.name, graph=graph, eap_ig=scores["eap_ig"], curve=curve, controls=controls,

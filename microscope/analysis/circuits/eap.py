@@ -124,7 +124,7 @@ def _backward_gradients(scope, graph: CircuitGraph, task: CircuitTask, shift: to
         logits = scope.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=last_token).logits
         metric = task.log_odds(logits[:, 0]).mean()
         got = dict(zip(outputs, torch.autograd.grad(metric, list(outputs.values()))))
-    return router and router.senders(), _pre_ln_groups(scope, graph, resid, got)
+    return None if router is None else router.senders(), _pre_ln_groups(scope, graph, resid, got)
 
 
 def _pre_ln_groups(scope, graph: CircuitGraph, resid: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
@@ -133,10 +133,10 @@ def _pre_ln_groups(scope, graph: CircuitGraph, resid: dict[str, torch.Tensor], g
     (the norm's weight folded into the receivers' projection slices)."""
     yield ("logits", graph.n_layers), got[act_name("resid_post", graph.n_layers - 1)].reshape(1, 1, -1)
     h, d = graph.n_heads, scope.config.hidden_size
+    some = next(iter(got.values()))
     for l, block in enumerate(anatomy.layers(scope.model)):
         attn, norm = block.self_attn, block.self_attn_layer_norm
-        grad = next(iter(got.values()))
-        per_head = grad.new_empty(3 * h, grad.shape[0] * grad.shape[1], d)          # [q heads, k heads, v heads, b*p, d]
+        per_head = some.new_empty(3 * h, some.shape[0] * some.shape[1], d)          # [q heads, k heads, v heads, b*p, d]
         for i, which in enumerate("qkv"):
             torch.bmm(got[act_name(which, l)].flatten(0, 1).transpose(0, 1),      # [h, b*p, d_head]
                       (getattr(attn, f"{which}_proj").weight * norm.weight).view(h, -1, d), out=per_head[i * h:(i + 1) * h])

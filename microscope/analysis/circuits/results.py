@@ -115,10 +115,11 @@ class CircuitResult(Result):
             "metric_gap_control_max": round(max(abs(c.clean - c.corrupt) for c in self.controls), 4)
             if self.controls else None,
             "circuit_heads": self.circuit_heads(),
-            **{k: v for method in ("patched", "zeroed") for k, v in (
-                (f"{method}_heads", self.ablation_heads(method)),
-                (f"{method}_heads_in_circuit", all(h in self.circuit_heads() for h in self.ablation_heads(method))))},
         })
+        for method in ("patched", "zeroed"):
+            heads = self.ablation_heads(method)
+            out[f"{method}_heads"] = heads
+            out[f"{method}_heads_in_circuit"] = set(heads) <= set(self.circuit_heads())
         if self.controls:
             out.update({k: (round(v, 4) if isinstance(v, float) else v)
                         for k, v in self.recovered().headline("recovered_metric").items()})
