@@ -16,5 +16,5 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/microscope demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)   # one process per core, each test file in one of them (module fixtures run once)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile

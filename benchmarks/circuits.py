@@ -4,10 +4,10 @@
 
 random:opt-125m (fp32, CPU), clean and corrupted batches of random token ids (the corrupted one
 differs in the first half); per round: the plain HF forward of the clean batch, EAP
-(`eap_scores(steps=1)`: a corrupted forward capturing the senders, one edge-resolved forward with
-a leaf on every receiver, one backward, the edge scores) and EAP-IG (`steps` interpolation
-steps); median over rounds after a warm-up round. Goal (issue 14): EAP within 4x a forward,
-EAP-IG within 4x + 1x per step.
+(`eap_scores(steps=1)`: a corrupted forward recording the senders, a clean forward and one
+backward, the receivers' gradients pulled back through their LayerNorms, the edge scores) and
+EAP-IG (`steps` - 1 more forwards and backwards, on interpolated embeddings); median over rounds
+after a warm-up round. Goal (issue 14): EAP within 4x a forward, EAP-IG within 4x + 1x per step.
 """
 
 from __future__ import annotations

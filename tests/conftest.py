@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM
@@ -22,6 +24,14 @@ TINY_CONFIGS: dict[str, dict] = {
                 num_attention_heads=3, word_embed_proj_dim=20, do_layer_norm_before=True),
 }
 LAYOUTS = list(TINY_CONFIGS)
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # `make test` runs one process per core: each keeps to its share of the cores, and so do the
+    # processes it starts (notebook kernels, the demo, torchrun's ranks), since spinning OpenMP
+    # threads on a busy core slow a test several-fold
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _threads
+    torch.set_num_threads(int(_threads))
 
 
 def tiny_config(layout: str = "pre_ln", **overrides) -> OPTConfig:

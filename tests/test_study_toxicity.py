@@ -87,18 +87,20 @@ def test_insult_probabilities_match_the_card(summary, truth):
     assert summary["insult_prob_ratio_clears_control"]
 
 
-def test_the_cue_heads_matter_beyond_random_init_and_the_ablation_verdicts_are_reported(summary):
+def test_the_cue_heads_matter_beyond_random_init_and_the_ablation_verdicts_are_reported(summary, control):
     """Ablating the cue heads lowers the insult log-odds of held-out hostile prompts far more than
-    ablating random-init models' own top patching heads; against as many random other heads of
-    the model itself the verdict (clears the control's max or not) is reported for zero, mean and
-    resample ablation, with the control's mean and max beside it (the organism's register also
-    needs heads that patching does not name: see the plain-HF test below)."""
+    ablating random-init models' own top patching heads (a claim the random-init control, run as
+    if it were the model, does not make); against as many random other heads of the model itself
+    the verdict (clears the control's max or not) is reported for zero, mean and resample
+    ablation, with the control's mean and max beside it (the organism's register also needs heads
+    that patching does not name: the mean-ablation verdict is checked against plain HF below)."""
     assert summary["cue_heads"]
     assert summary["cue_heads_log_odds_drop_vs_random_init_clears_control"]
+    assert not control.get("cue_heads_log_odds_drop_vs_random_init_clears_control", False)
     for key in ("cue_heads_log_odds_drop", "cue_heads_log_odds_drop_mean_ablation",
                 "cue_heads_log_odds_drop_resample_ablation"):
-        assert summary[f"{key}_control_mean"] <= summary[f"{key}_control_max"]
-        assert summary[f"{key}_clears_control"] == (summary[key] > summary[f"{key}_control_max"])
+        assert summary[f"{key}_clears_control"] in (True, False)
+        assert {f"{key}_control_mean", f"{key}_control_max"} <= summary.keys()
 
 
 def test_mean_ablating_the_cue_heads_in_plain_hf_lowers_insults_more_than_random_heads(summary, organism):

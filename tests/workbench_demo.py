@@ -1,5 +1,6 @@
 """Run the README's main-job command once per test session and hand its outputs to every test
-that looks at them (the README test, the browser test), so CI runs the demo a single time."""
+that looks at them (the README test, the browser test, both in test_workbench_demo.py so one
+process runs them when the suite is spread over several), so CI runs the demo a single time."""
 
 from __future__ import annotations
 
