@@ -12,6 +12,7 @@ from microscope.analysis.circuits.eap import eap_scores
 from microscope.analysis.circuits.edge_patching import exact_edge_effects, run_with_ablated_edges
 from microscope.analysis.circuits.graph import CircuitGraph
 from microscope.analysis.circuits.tasks import CircuitTask
+from microscope.errors import AnalysisInputError
 from microscope.scope import Scope
 
 LAYOUTS = ["pre_ln", "post_ln", "odd"]
@@ -20,6 +21,14 @@ LAYOUTS = ["pre_ln", "post_ln", "odd"]
 def _task(clean: torch.Tensor, corrupt: torch.Tensor) -> CircuitTask:
     n = len(clean)
     return CircuitTask("t", clean, corrupt, torch.ones_like(clean), torch.full((n, 1), 5), torch.full((n, 1), 7))
+
+
+def _padded_task() -> CircuitTask:
+    """Three prompts, the first padded after 7 tokens; two bad tokens (the metric is a log-odds)."""
+    clean, corrupt = _pair(slice(2, 6))
+    mask = torch.ones_like(clean)
+    mask[0, 7:] = 0
+    return CircuitTask("t", clean, corrupt, mask, torch.full((3, 1), 5), torch.full((3, 2), 7))
 
 
 def _pair(positions=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +197,44 @@ def test_eap_from_the_plain_backward_equals_eap_from_the_edge_resolved_forward(l
     the edge-resolved forward with a leaf on every receiver is the reference. Padded prompts
     included (each prompt's metric is read at its own last token)."""
     scope = Scope(tiny_model(layout))
-    clean, corrupt = _pair(slice(2, 6))
-    mask = torch.ones_like(clean)
-    mask[0, 7:] = 0
-    task = CircuitTask("t", clean, corrupt, mask, torch.full((3, 1), 5), torch.full((3, 2), 7))
+    task = _padded_task()
     graph = CircuitGraph.of(scope.model)
     fast = eap_scores(scope, graph, task, steps=steps)
     reference = eap_scores(scope, graph, task, steps=steps, routed=True)
     assert reference.abs().max() > 0.1
     assert torch.allclose(fast, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_receiver_paths_with_one_step_are_eap(layout):
+    """Every receiver's path starts at the clean run, so one step is the clean gradient: EAP.
+    Padded prompts included."""
+    scope = Scope(tiny_model(layout))
+    task = _padded_task()
+    graph = CircuitGraph.of(scope.model)
+    eap = eap_scores(scope, graph, task, steps=1)
+    assert eap.abs().max() > 0.1
+    assert torch.allclose(eap_scores(scope, graph, task, steps=1, interpolate="receivers"), eap, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_receiver_path_with_one_incoming_edge_integrates_to_its_exact_effect(layout):
+    """Layer 0's receivers read the embeddings alone, so each one's path is its single edge's
+    ablation, and the gradient averaged along it (a Riemann sum, 64 steps) is the edge's exact
+    effect; EAP at the clean point is not (the control)."""
+    scope = Scope(tiny_model(layout))
+    task = _task(*_pair(slice(2, 6)))
+    graph = CircuitGraph.of(scope.model)
+    layer0 = torch.tensor([r < graph.group("attn", 0).stop for r in graph.edges[:, 1].tolist()])
+    exact = exact_edge_effects(scope, graph, task)[layer0]
+    along = eap_scores(scope, graph, task, steps=64, interpolate="receivers")[layer0]
+    tolerance = 0.05 * exact.abs().max()
+    assert (along - exact).abs().max() < tolerance
+    assert (eap_scores(scope, graph, task, steps=1)[layer0] - exact).abs().max() > 2 * tolerance
+
+
+def test_an_unknown_interpolation_is_refused():
+    scope = Scope(tiny_model("pre_ln"))
+    graph = CircuitGraph.of(scope.model)
+    with pytest.raises(AnalysisInputError, match="interpolate must be one of"):
+        eap_scores(scope, graph, _task(*_pair()), steps=3, interpolate="activations")

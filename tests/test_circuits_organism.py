@@ -1,5 +1,6 @@
-"""Circuits on the model organism, run as the shipped specs run them: EAP-IG against exact edge
-patching, the repetition circuit against the key-composition edges the card names (read here from
+"""Circuits on the model organism, run as the shipped specs run them: EAP-IG (the repetition
+spec: along each receiver's own path, the inputs' path beside it) against exact edge patching,
+the repetition circuit against the key-composition edges the card names (read here from
 ground_truth.json, measured by the organism's own plain-torch code, never by the library), the
 toxicity circuit against the heads that patching names, and random-init models as the control."""
 
@@ -42,25 +43,25 @@ def toxicity():
 
 
 def test_eap_ig_agrees_with_exact_edge_patching(repetition):
+    """The spec's EAP-IG (each receiver's own path) ranks the edges whose exact effect exceeds 1%
+    of the gap as exact patching does; EAP-IG on the inputs' path, reported beside it, does not on
+    this task (next test: why)."""
     summary = repetition.summary()
-    assert summary["edges_compared"] >= 20
-    target_met = summary["spearman_eap_ig"] >= 0.9 and summary["top20_overlap_eap_ig"] >= 0.8
-    if not target_met:
-        pytest.xfail(f"EAP-IG vs exact: Spearman {summary['spearman_eap_ig']:.2f} (goal 0.9), top-20 overlap "
-                     f"{summary['top20_overlap_eap_ig']:.2f}: the organism's induction is a chain of necessary links, "
-                     "each of which exact patching credits in full, and its previous-token head matches by "
-                     "content, a query/key mismatch only single-edge patching makes (next test; docs/circuits.md)")
+    assert summary["eap_ig_interpolate"] == "receivers" and summary["edges_compared"] >= 20
+    assert summary["spearman_eap_ig"] >= 0.9 and summary["top20_overlap_eap_ig"] >= 0.8
+    assert summary["spearman_eap_ig_inputs"] < 0.9 and summary["spearman_eap"] < 0.9
 
 
-def test_why_they_part_the_previous_token_head_matches_the_previous_token_by_content(repetition):
-    """The cause of the miss above, measured with plain HF code. The card's layer-1 previous-token
+def test_why_the_paths_part_the_previous_token_head_matches_the_previous_token_by_content(repetition):
+    """Why the inputs' path misses, measured with plain HF code. The card's layer-1 previous-token
     head (the sender of its key-composition edges) finds the previous token by content: with its
     keys (or queries) computed from the corrupted prompts and the rest from the clean ones, which is
     what patching one edge into its key does, it stops attending to the previous token, while in the
     clean and the corrupted run alike it attends there. The control is the layer-0 previous-token
     head, which can only go by position: its pattern does not move. Interpolating the embeddings
-    moves query and key together and never visits that mismatch, so EAP-IG scores MLP0 -> the
-    head's key near zero where its exact effect removes most of the gap."""
+    moves query and key together and never visits that mismatch, so EAP-IG on inputs scores MLP0 ->
+    the head's key near zero where its exact effect removes most of the gap; the receiver's own
+    path moves the key alone and finds it."""
     heads = json.loads(GROUND_TRUTH.read_text())["heads"]
     matcher = tuple(int(x) for x in heads["key_composition_edges"][0].split("->")[0][1:].split("H"))
     positional = next((l, h) for l, h, _ in heads["previous_token_heads"] if l == 0)
@@ -99,7 +100,8 @@ def test_why_they_part_the_previous_token_head_matches_the_previous_token_by_con
         assert previous_token_attention(*positional, task.clean, swapped) > 0.8
     edge = repetition.graph.edge_index(f"MLP0->L{matcher[0]}H{matcher[1]}.k")
     gap = repetition.curve.clean - repetition.curve.corrupt
-    assert repetition.exact[edge] < -0.5 * gap and abs(repetition.eap_ig[edge]) < 0.05 * gap
+    assert repetition.exact[edge] < -0.5 * gap
+    assert abs(repetition.eap_ig_inputs[edge]) < 0.05 * gap and repetition.eap_ig[edge] < -0.5 * gap
 
 
 def test_eap_ig_beats_eap_and_a_shuffled_ranking(repetition):

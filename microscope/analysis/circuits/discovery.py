@@ -1,7 +1,7 @@
 """Find a task's circuit: exact edge effects, EAP and EAP-IG scores, the faithfulness curve of the
 EAP-IG ranking, and the same curve on random-init models of the same shape as the control.
 
-    result = find_circuit(scope, repetition_task(scope), steps=5)
+    result = find_circuit(scope, repetition_task(scope), steps=5, interpolate="receivers")
     result.summary()["spearman_eap_ig"], result.summary()["faithfulness"]
     run_circuit(scope, task="repetition")          # the workbench step (`microscope run ...`)
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from scipy.stats import spearmanr
 
-from microscope.analysis.circuits.eap import eap_scores
+from microscope.analysis.circuits.eap import INTERPOLATIONS, eap_scores
 from microscope.analysis.circuits.edge_patching import exact_edge_effects
 from microscope.analysis.circuits.extraction import edge_grid, faithfulness_curve, minimal_circuit
 from microscope.analysis.circuits.graph import CircuitGraph
@@ -62,23 +62,27 @@ def head_ablation(scope, task: CircuitTask) -> dict[str, torch.Tensor]:
 
 
 def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "corrupt", target: float = 0.8,
-                 budget: float = 0.1, exact: bool = True, rank_by: str = "eap_ig",
+                 budget: float = 0.1, exact: bool = True, rank_by: str = "eap_ig", interpolate: str = "inputs",
                  control_seeds: Sequence[int] = DEFAULT_SEEDS) -> CircuitResult:
-    """Score every edge (EAP-IG with `steps`; EAP and exact patching beside it when `exact`),
-    extract the circuit (faithfulness curve of the ranking by |`rank_by`|: "eap_ig", or "exact"
-    where one forward per edge is affordable, the EAP-IG ranking's curve then shown beside it;
-    `budget`: the share of edges the headline circuit keeps; `target`: the faithfulness the
-    minimal circuit must reach), and run the same extraction on random-init models
-    (`control_seeds`)."""
+    """Score every edge (EAP-IG with `steps` along the `interpolate` path, "inputs" or
+    "receivers" (`eap.py`); EAP and exact patching beside it when `exact`, and then EAP-IG on
+    inputs too if the path is another), extract the circuit (faithfulness curve of the ranking
+    by |`rank_by`|: "eap_ig", or "exact" where one forward per edge is affordable, the EAP-IG
+    ranking's curve then shown beside it; `budget`: the share of edges the headline circuit
+    keeps; `target`: the faithfulness the minimal circuit must reach), and run the same
+    extraction on random-init models (`control_seeds`)."""
     if rank_by not in RANKINGS:
         raise AnalysisInputError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
+    if interpolate not in INTERPOLATIONS:
+        raise AnalysisInputError(f"interpolate must be one of {INTERPOLATIONS}, got {interpolate!r}")
     if rank_by == "exact" and not exact:
         raise AnalysisInputError("rank_by = 'exact' needs exact = true (the exact effect of every edge)")
     graph = CircuitGraph.of(scope.model)
     ks = sorted({*edge_grid(graph.n_edges), budget_edges(graph.n_edges, budget)})
 
     def scored(model_scope) -> dict[str, torch.Tensor]:
-        scores = {"eap_ig": eap_scores(model_scope, graph, task, steps=steps, ablation=ablation)}
+        scores = {"eap_ig": eap_scores(model_scope, graph, task, steps=steps, ablation=ablation,
+                                       interpolate=interpolate)}
         if exact:
             scores["exact"] = exact_edge_effects(model_scope, graph, task, ablation=ablation)
         return scores
@@ -89,6 +93,8 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "c
     curve = curves.pop(rank_by)
     gap = curve.clean - curve.corrupt
     eap = eap_scores(scope, graph, task, steps=1, ablation=ablation) if exact else None
+    on_inputs = (eap_scores(scope, graph, task, steps=steps, ablation=ablation)
+                 if exact and interpolate != "inputs" else None)
     control_scores, controls = [], []
     for control in random_init_scopes(scope, control_seeds):
         control_scores.append(scored(control)[rank_by])
@@ -96,17 +102,18 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "c
     return CircuitResult(
         task=task.name, graph=graph, eap_ig=scores["eap_ig"], curve=curve, controls=controls,
         control_scores=control_scores, head_ablation=head_ablation(scope, task), target=target, budget=budget,
-        minimal=minimal_circuit(curve, target), steps=steps, rank_by=rank_by, other_curves=curves,
-        exact=scores.get("exact"), eap=eap,
+        minimal=minimal_circuit(curve, target), steps=steps, rank_by=rank_by, interpolate=interpolate,
+        other_curves=curves, exact=scores.get("exact"), eap=eap, eap_ig_inputs=on_inputs,
         agreement_eap_ig=agreement(scores["exact"], scores["eap_ig"], gap) if exact else None,
-        agreement_eap=agreement(scores["exact"], eap, gap) if exact else None)
+        agreement_eap=agreement(scores["exact"], eap, gap) if exact else None,
+        agreement_eap_ig_inputs=None if on_inputs is None else agreement(scores["exact"], on_inputs, gap))
 
 
 def run_circuit(scope, task: str = "repetition", *, n_prompts: int = 32, span: int = 10, shown: int = 5,
                 words: Sequence[str] | None = None, prompts: str = "toxicity", good: Sequence[str] = (),
                 bad: Sequence[str] = (), seed: int = 0, steps: int = 5, ablation: str = "corrupt",
                 target: float = 0.8, budget: float = 0.1, exact: bool = True, rank_by: str = "eap_ig",
-                control_seeds: Sequence[int] = DEFAULT_SEEDS) -> CircuitResult:
+                interpolate: str = "inputs", control_seeds: Sequence[int] = DEFAULT_SEEDS) -> CircuitResult:
     """The workbench step: build the named task from its parameters (repetition: n_prompts, span,
     shown, words, seed; toxicity: prompts, good, bad) and `find_circuit` on it."""
     if task == "repetition":
@@ -118,4 +125,4 @@ def run_circuit(scope, task: str = "repetition", *, n_prompts: int = 32, span: i
     else:
         raise AnalysisInputError(f"task must be one of {TASKS}, got {task!r}")
     return find_circuit(scope, built, steps=steps, ablation=ablation, target=target, budget=budget, exact=exact,
-                        rank_by=rank_by, control_seeds=control_seeds)
+                        rank_by=rank_by, interpolate=interpolate, control_seeds=control_seeds)

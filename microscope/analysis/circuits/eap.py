@@ -18,12 +18,24 @@ Where the gradients come from:
   added to every receiver's input, and its backward. Slower (each head's q/k/v is recomputed from
   its own copy of the residual), and the reference the fast path is tested against.
 
-EAP-IG averages the gradients over `steps` runs whose token embeddings are interpolated from the
-ablation value of the embeddings (the corrupted prompts' for "corrupt") to the clean prompts',
-``e_a = e_ablated + a (e_clean - e_ablated)`` for a = 1/steps, 2/steps, ..., 1 (the a = 1 run
-is the clean one, so EAP is EAP-IG with one step).
+EAP-IG averages the gradients over `steps` points of a path from the clean run toward the
+ablated one (steps=1 is EAP: the clean point alone). Which path (`interpolate`):
 
-    scores = eap_scores(scope, graph, task, steps=5)     # [n_edges], same order as graph.edges
+- ``"inputs"`` (Hanna et al. 2024): the token embeddings, ``e_a = e_ablated + a (e_clean -
+  e_ablated)`` for a = 1/steps, ..., 1 (the a = 1 run is the clean one); every receiver's
+  gradient comes from the same `steps` runs. Query and key, and every link of a chain, move
+  together along this path.
+- ``"receivers"``: one path per receiver. Receiver r's input alone moves from the clean run toward
+  every one of its incoming edges ablated, ``input_r + a * sum_s (value_s - clean_s)`` for
+  a = 0, 1/steps, ..., (steps-1)/steps, the rest of the model clean; r's gradient is averaged
+  along its own path. This is the regime single-edge patching probes (one receiver moved, the
+  model otherwise clean), so it follows a receiver's own nonlinearity (a query/key mismatch, a
+  saturated softmax downstream); for a receiver with one incoming edge it is that edge's exact
+  effect, up to the Riemann sum. Cost: `steps` forwards and backwards per receiver, batched
+  (between EAP-IG on inputs and exact patching's one forward per edge).
+
+    scores = eap_scores(scope, graph, task, steps=5)                            # [n_edges]
+    scores = eap_scores(scope, graph, task, steps=5, interpolate="receivers")   # same order
 """
 
 from __future__ import annotations
@@ -34,23 +46,32 @@ from contextlib import contextmanager
 import torch
 from torch.nn import functional as F
 
-from microscope.analysis.circuits.edge_patching import ablation_values
+from microscope.analysis.circuits.edge_patching import ablation_values, sender_outputs
 from microscope.analysis.circuits.graph import CircuitGraph
 from microscope.analysis.circuits.routing import EdgeRouter
 from microscope.analysis.circuits.tasks import CircuitTask
 from microscope.analysis.inputs import last_positions
+from microscope.errors import AnalysisInputError
 from microscope.models import anatomy
 from microscope.names import act_name
 
 # ((kind, layer), d metric / d input of each receiver of the group [R_group, n_entries, batch * pos * d_model])
 Gradients = Iterator[tuple[tuple[str, int], torch.Tensor]]
+INTERPOLATIONS = ("inputs", "receivers")
 
 
 def eap_scores(scope, graph: CircuitGraph, task: CircuitTask, *, steps: int = 1,
-               ablation: str = "corrupt", routed: bool = False) -> torch.Tensor:
-    """[n_edges] EAP (steps=1) or EAP-IG (steps > 1) scores, in the metric's units. `routed`:
-    take the gradients from the edge-resolved forward even in pre-LN (see module doc)."""
+               ablation: str = "corrupt", routed: bool = False, interpolate: str = "inputs") -> torch.Tensor:
+    """[n_edges] EAP (steps=1) or EAP-IG (steps > 1) scores, in the metric's units; `interpolate`:
+    the path, "inputs" or "receivers" (see module doc). `routed`: take the gradients of the
+    "inputs" path from the edge-resolved forward even in pre-LN."""
+    if interpolate not in INTERPOLATIONS:
+        raise AnalysisInputError(f"interpolate must be one of {INTERPOLATIONS}, got {interpolate!r}")
+    if steps < 1:
+        raise AnalysisInputError(f"steps must be at least 1, got {steps}")
     values = ablation_values(scope, graph, task, ablation)                     # [b, p, S, d]
+    if interpolate == "receivers":
+        return _receiver_path_scores(scope, graph, task, values, steps)
     receiver_gradients = _routed_gradients if routed or not graph.pre_ln else _backward_gradients
     scores = torch.zeros(graph.n_senders, graph.n_receivers)
     embed_diff = diff = None
@@ -68,6 +89,61 @@ def eap_scores(scope, graph: CircuitGraph, task: CircuitTask, *, steps: int = 1,
                 entry = graph.entry[:upstream, None, None].expand(-1, r, 1).to(per_entry.device)
                 scores[:upstream, graph.group(kind, layer)] += per_entry.gather(2, entry)[:, :, 0].cpu()
     return scores[graph.edges[:, 0], graph.edges[:, 1]] / steps
+
+
+def _receiver_path_scores(scope, graph: CircuitGraph, task: CircuitTask, values: torch.Tensor, steps: int,
+                          max_batch: int = 256) -> torch.Tensor:
+    """[n_edges] EAP-IG along each receiver's own path (module doc), several receivers per forward
+    (each `steps` copies of the batch; about `max_batch` sequences a forward)."""
+    diff = values - sender_outputs(scope, graph, task.clean, task.mask).to(values)     # [b, p, S, d]
+    receivers = [(kind, layer, i) for kind, layer in graph.groups for i in range(_width(graph, kind))]
+    per_run = max(1, max_batch // (len(task) * steps))
+    scores = torch.zeros(graph.n_senders, graph.n_receivers)
+    with _frozen(scope.model):
+        for start in range(0, len(receivers), per_run):
+            chunk = receivers[start:start + per_run]
+            for (kind, layer, i), grad in zip(chunk, _receiver_path_gradients(scope, graph, task, values, chunk, steps)):
+                upstream, r = graph.upstream_senders(kind, layer), graph.group(kind, layer).start + i
+                entry = graph.entry[:upstream]
+                for e in range(len(grad)):           # the senders entering at e read the gradient there
+                    chosen = (entry == e).nonzero()[:, 0]
+                    scores[chosen, r] = torch.einsum("bpsd,bpd->s", diff[:, :, chosen.to(diff.device)], grad[e]).cpu()
+    return scores[graph.edges[:, 0], graph.edges[:, 1]]
+
+
+def _receiver_path_gradients(scope, graph: CircuitGraph, task: CircuitTask, values: torch.Tensor,
+                             chunk: list[tuple[str, int, int]], steps: int) -> list[torch.Tensor]:
+    """For each receiver (kind, layer, index in its group) of `chunk`, d metric / d its input
+    [n_entries, b, p, d] averaged over the `steps` points of its own path; one edge-resolved run
+    of len(chunk) x steps copies of the batch (copy j * steps + k: receiver j at a = k / steps)."""
+    b, copies = len(task), len(chunk) * steps
+    share = (torch.arange(steps, device=values.device, dtype=values.dtype) / steps).repeat_interleave(b)
+    leaves: dict[int, torch.Tensor] = {}
+
+    def delta(kind: str, layer: int, senders) -> torch.Tensor | None:
+        here = [j for j, (k, l, _) in enumerate(chunk) if (k, l) == (kind, layer)]
+        if not here:
+            return None
+        current = senders()                                                      # [copies * b, p, S', d]
+        upstream, n_entries = current.shape[2], graph.n_entries((kind, layer))
+        entry = F.one_hot(graph.entry[:upstream], n_entries).to(current)          # [S', E]
+        out = current.new_zeros(*current.shape[:2], _width(graph, kind), n_entries, current.shape[-1])
+        for j in here:
+            rows = slice(j * steps * b, (j + 1) * steps * b)
+            moved = values[:, :, :upstream].to(current).repeat(steps, 1, 1, 1) - current[rows]
+            moved = torch.einsum("npsd,se->nped", moved, entry) * share[:, None, None, None]
+            leaves[j] = torch.zeros_like(moved, requires_grad=True)
+            out[rows, :, chunk[j][2]] = moved + leaves[j]
+        return out
+
+    ids, mask = task.clean.repeat(copies, 1).to(scope.device), task.mask.repeat(copies, 1).to(scope.device)
+    router = EdgeRouter(scope.model, graph, delta)
+    with torch.enable_grad(), scope.hooks(router.hooks()):
+        last = last_positions(mask).to(scope.device)[:, None]
+        logits = scope.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=last).logits
+        metric = sum(task.log_odds(part).mean() for part in logits[:, 0].split(b)) / steps
+        got = torch.autograd.grad(metric, [leaves[j] for j in range(len(chunk))])
+    return [grad.view(steps, b, *grad.shape[1:]).sum(0).permute(2, 0, 1, 3) for grad in got]
 
 
 def _routed_gradients(scope, graph: CircuitGraph, task: CircuitTask, shift: torch.Tensor | None

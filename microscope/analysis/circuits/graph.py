@@ -110,6 +110,11 @@ class CircuitGraph:
             return slice(self.mlp_receiver(layer), self.mlp_receiver(layer) + 1)
         return slice(self.logits_receiver, self.logits_receiver + 1)
 
+    @cached_property
+    def groups(self) -> list[tuple[str, int]]:
+        """Every receiver group in receiver order: ("attn", 0), ("mlp", 0), ..., ("logits", n_layers)."""
+        return [(kind, l) for l in range(self.n_layers) for kind in ("attn", "mlp")] + [("logits", self.n_layers)]
+
     def upstream_senders(self, kind: str, layer: int) -> int:
         """How many senders (a prefix of the sender order) lie upstream of a receiver group."""
         if kind == "logits":

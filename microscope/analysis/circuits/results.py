@@ -32,7 +32,8 @@ class Agreement:
 @dataclass(repr=False)
 class CircuitResult(Result):
     """eap_ig / eap / exact: [n_edges] scores in `graph.edges` order (exact: metric change when the
-    edge alone is ablated); rank_by: the scores the circuit is extracted by ("eap_ig" or
+    edge alone is ablated; eap_ig along the `interpolate` path, and eap_ig_inputs the same on the
+    inputs' path when that is another, reported beside it); rank_by: the scores the circuit is extracted by ("eap_ig" or
     "exact"); curve: faithfulness of that ranking; other_curves: {scores: curve} of the other
     rankings computed; controls / control_scores: the extraction on random-init models;
     head_ablation: {"zeroed" | "patched": [layer, head]} metric drop when the head's output is
@@ -51,11 +52,14 @@ class CircuitResult(Result):
     minimal: int | None
     steps: int
     rank_by: str = "eap_ig"
+    interpolate: str = "inputs"
     other_curves: dict[str, FaithfulnessCurve] = field(default_factory=dict)
     exact: torch.Tensor | None = None
     eap: torch.Tensor | None = None
+    eap_ig_inputs: torch.Tensor | None = None
     agreement_eap_ig: Agreement | None = None
     agreement_eap: Agreement | None = None
+    agreement_eap_ig_inputs: Agreement | None = None
 
     @property
     def title(self) -> str:
@@ -95,8 +99,10 @@ class CircuitResult(Result):
 
     def summary(self) -> dict:
         out = {"task": self.task, "edges": self.graph.n_edges, "eap_ig_steps": self.steps,
+               "eap_ig_interpolate": self.interpolate,
                "metric_clean": round(self.curve.clean, 4), "metric_corrupt": round(self.curve.corrupt, 4)}
-        for name, agreement in (("eap_ig", self.agreement_eap_ig), ("eap", self.agreement_eap)):
+        for name, agreement in (("eap_ig", self.agreement_eap_ig), ("eap", self.agreement_eap),
+                                ("eap_ig_inputs", self.agreement_eap_ig_inputs)):
             if agreement is not None:
                 out[f"spearman_{name}"] = round(agreement.spearman, 4)
                 out[f"spearman_{name}_signed"] = round(agreement.spearman_signed, 4)
@@ -135,6 +141,8 @@ class CircuitResult(Result):
         if self.exact is not None:
             frame["exact"] = self.exact.tolist()
             frame["eap"] = self.eap.tolist()
+        if self.eap_ig_inputs is not None:
+            frame["eap_ig_inputs"] = self.eap_ig_inputs.tolist()
         return frame.sort_values("rank").reset_index(drop=True)
 
     def figures(self) -> list[go.Figure]:
@@ -165,12 +173,15 @@ class CircuitResult(Result):
 
     def _agreement_figure(self) -> go.Figure:
         fig = go.Figure(go.Scatter(x=self.exact.numpy(), y=self.eap_ig.numpy(), mode="markers",
-                                   text=self.graph.edge_labels, name="EAP-IG"))
+                                   text=self.graph.edge_labels, name=f"EAP-IG ({self.interpolate})"))
+        if self.eap_ig_inputs is not None:
+            fig.add_trace(go.Scatter(x=self.exact.numpy(), y=self.eap_ig_inputs.numpy(), mode="markers",
+                                     text=self.graph.edge_labels, name="EAP-IG (inputs)", marker=dict(symbol="diamond")))
         fig.add_trace(go.Scatter(x=self.exact.numpy(), y=self.eap.numpy(), mode="markers",
                                  text=self.graph.edge_labels, name="EAP", marker=dict(symbol="x")))
         a = self.agreement_eap_ig
-        fig.update_layout(title=f"{self.title}: EAP-IG vs exact edge patching (Spearman |.| {a.spearman:.2f}, "
-                                f"top-{a.top} overlap {a.top_overlap:.0%})",
+        fig.update_layout(title=f"{self.title}: EAP-IG ({self.interpolate}) vs exact edge patching "
+                                f"(Spearman |.| {a.spearman:.2f}, top-{a.top} overlap {a.top_overlap:.0%})",
                           xaxis_title="exact effect of ablating the edge", yaxis_title="estimate")
         return fig
 
