@@ -60,13 +60,15 @@ def main() -> None:
         with torch.no_grad():
             scope.run(task.clean, attention_mask=task.mask)
 
-    variants = {"forward": forward, "EAP": lambda: eap_scores(scope, graph, task, steps=1),
-                f"EAP-IG ({args.steps} steps)": lambda: eap_scores(scope, graph, task, steps=args.steps)}
+    def eap_ig(interpolate: str = "inputs"):
+        return lambda: eap_scores(scope, graph, task, steps=args.steps, interpolate=interpolate)
+
     if args.organism:
         variants = {"forward": forward, "exact patching": lambda: exact_edge_effects(scope, graph, task),
-                    f"EAP-IG inputs ({args.steps})": variants[f"EAP-IG ({args.steps} steps)"],
-                    f"EAP-IG receivers ({args.steps})": lambda: eap_scores(scope, graph, task, steps=args.steps,
-                                                                          interpolate="receivers")}
+                    f"EAP-IG inputs ({args.steps})": eap_ig(), f"EAP-IG receivers ({args.steps})": eap_ig("receivers")}
+    else:
+        variants = {"forward": forward, "EAP": lambda: eap_scores(scope, graph, task, steps=1),
+                    f"EAP-IG ({args.steps} steps)": eap_ig()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(args.runs + 1):
         for name, fn in variants.items():

@@ -193,7 +193,6 @@ def test_shipped_organism_meets_the_general_induction_target(organism):
     assert prefix_matching(model, whole_vocabulary_repeats(tokenizer, 4, n=16))[top] >= 0.5
 
 
-
 class removed_from_keys:
     """Remove head `source`'s output from head `reader`'s key input only (pre-LN): the reader's
     slice of k_proj's output recomputed from self_attn_layer_norm(resid_pre - source's output)."""
@@ -248,6 +247,7 @@ def test_key_composition_edges_carry_induction_beyond_other_heads(any_organism):
         others = [drop((l, h)) for l in range(i[0]) for h in range(model.config.num_attention_heads)
                   if label(l, h) not in previous]
         assert drop(p) >= max(0.1, 2 * max(others)), (edge, drop(p), max(others))
+
 
 def test_a_previous_token_head_feeds_the_top_induction_head(any_organism):
     model, tokenizer, truth = any_organism

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from scipy.stats import spearmanr
 
-from microscope.analysis.circuits.eap import INTERPOLATIONS, eap_scores
+from microscope.analysis.circuits.eap import eap_scores
 from microscope.analysis.circuits.edge_patching import exact_edge_effects
 from microscope.analysis.circuits.extraction import edge_grid, faithfulness_curve, minimal_circuit
 from microscope.analysis.circuits.graph import CircuitGraph
@@ -73,8 +73,6 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "c
     extraction on random-init models (`control_seeds`)."""
     if rank_by not in RANKINGS:
         raise AnalysisInputError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
-    if interpolate not in INTERPOLATIONS:
-        raise AnalysisInputError(f"interpolate must be one of {INTERPOLATIONS}, got {interpolate!r}")
     if rank_by == "exact" and not exact:
         raise AnalysisInputError("rank_by = 'exact' needs exact = true (the exact effect of every edge)")
     graph = CircuitGraph.of(scope.model)

@@ -33,8 +33,8 @@ class Agreement:
 class CircuitResult(Result):
     """eap_ig / eap / exact: [n_edges] scores in `graph.edges` order (exact: metric change when the
     edge alone is ablated; eap_ig along the `interpolate` path, and eap_ig_inputs the same on the
-    inputs' path when that is another, reported beside it); rank_by: the scores the circuit is extracted by ("eap_ig" or
-    "exact"); curve: faithfulness of that ranking; other_curves: {scores: curve} of the other
+    inputs' path when that is another, reported beside it); rank_by: the scores the circuit is
+    extracted by ("eap_ig" or "exact"); curve: faithfulness of that ranking; other_curves: {scores: curve} of the other
     rankings computed; controls / control_scores: the extraction on random-init models;
     head_ablation: {"zeroed" | "patched": [layer, head]} metric drop when the head's output is
     zeroed or patched from the corrupted run; budget: share of edges the headline circuit keeps;

@@ -152,4 +152,3 @@ def kl_figure(claims: dict[str, LayerClaim]):
     return line_plot({claim.lens.replace("_", " "): claim.kl.tolist() for claim in claims.values()},
                      x=first.layers, x_title="layer", y_title="KL(output || lens), nats",
                      title="how far each lens is from the output, by layer (last token)")
-

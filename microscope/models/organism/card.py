@@ -9,7 +9,7 @@ import torch
 
 from microscope.models.organism import corpus, evaluate, prompt_sets
 from microscope.models.organism.corpus import CorpusConfig
-from microscope.names import head_label
+from microscope.names import head_label, parse_head_label
 
 
 def _table(rows: list[tuple]) -> str:
@@ -74,7 +74,8 @@ def ground_truth_rows(truth: dict) -> list[tuple]:
             into = {edge.split("->")[0]: v for edge, v in removed.items() if edge.endswith("->" + reader)}
             prev = [p for p in into if p in heads["previous_token_head_labels"]]
             others = [v for p, v in into.items() if p not in prev]
-            clean_i = heads["induction_scores"][int(reader[1:reader.index("H")])][int(reader[reader.index("H") + 1:-2])]
+            layer, head = parse_head_label(reader.removesuffix(".k"))
+            clean_i = heads["induction_scores"][layer][head]
             rows.append((f"prefix matching of {reader[:-2]} with a previous-token head removed from its keys only",
                          ", ".join(f"{p}: {clean_i:.3f} -> {into[p]:.3f}" for p in prev),
                          f"any other earlier head removed: lowest {min(others):.3f}" if others else "", ""))

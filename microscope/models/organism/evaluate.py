@@ -70,7 +70,7 @@ from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedTok
 
 from microscope.models.organism.corpus import FILLER_WORDS, HELD_OUT_PAIRS, INSULTS, whole_vocabulary_words
 from microscope.models.organism.prompt_sets import arithmetic_text, load_prompt_set
-from microscope.names import head_label, parse_head_label
+from microscope.names import head_label
 
 HEAD_THRESHOLD = 0.4
 KEY_EDGE_MIN_DROP = 0.1
