@@ -21,7 +21,7 @@ import nnsight
 import torch
 
 import microscope
-from microscope.hooks.interop import to_nnsight, to_transformer_lens
+from microscope.interop import to_nnsight, to_transformer_lens
 from microscope.scope import Scope
 
 

@@ -180,7 +180,7 @@ def load_transformer_lens(scope, dtype: torch.dtype):
     """TransformerLens 4.x wraps the HF model in a TransformerBridge (HookedTransformer is gone);
     `to_transformer_lens` hands it the same weights (the model is already in `dtype`). The bridge
     switches the model to eager attention, so this variant runs last."""
-    from microscope.hooks.interop import to_transformer_lens
+    from microscope.interop import to_transformer_lens
 
     return to_transformer_lens(scope)
 

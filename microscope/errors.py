@@ -7,6 +7,10 @@ class MicroscopeError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+class UnknownSettingError(MicroscopeError, TypeError):
+    """A keyword that names no setting of a dump or training job (the message lists the settings)."""
+
+
 # --- models (loading, family registry) ---
 
 class ModelNotFoundError(MicroscopeError, FileNotFoundError):
@@ -21,10 +25,18 @@ class UnsupportedModelError(MicroscopeError, ValueError):
     """A checkpoint or object that is not an OPT model, or a source/option combination not supported."""
 
 
+class CheckpointCorruptError(MicroscopeError, ValueError):
+    """A weights file that is truncated or unreadable, or a shard its index names that is missing."""
+
+
 # --- activation store and dump job ---
 
 class StoreError(MicroscopeError, ValueError):
-    """An activation store that cannot be created, opened or read as asked."""
+    """An activation store that cannot be created, written, opened or read as asked."""
+
+
+class StoreIndexError(StoreError, IndexError):
+    """A prompt or row index outside the store (the message gives the store's size)."""
 
 
 class StoreMismatchError(StoreError):
@@ -51,6 +63,10 @@ class PromptError(MicroscopeError, ValueError):
     """A prompt file or prompt that cannot be used (empty, too long, malformed)."""
 
 
+class PromptSetNotFoundError(PromptError, FileNotFoundError):
+    """A named prompt set that has no file (the message lists the known sets)."""
+
+
 # --- hooks (hook points, run_with_cache, interventions, generation) ---
 
 class UnknownHookError(MicroscopeError, KeyError):
@@ -61,7 +77,8 @@ class UnknownHookError(MicroscopeError, KeyError):
 
 
 class HookError(MicroscopeError, ValueError):
-    """A hook function that returned something the model cannot use (wrong shape or type)."""
+    """A hook function that returned something the model cannot use (wrong shape or type), or a
+    cache asked for what it cannot compute."""
 
 
 class TokenizerMissingError(MicroscopeError, ValueError):
@@ -70,10 +87,17 @@ class TokenizerMissingError(MicroscopeError, ValueError):
 
 # --- scale (converter, planner) ---
 
+class BudgetInputError(MicroscopeError, ValueError):
+    """Inputs a dump budget cannot be estimated from (dtype, positions, counts, GPU memory)."""
+
 
 class MetaseqCheckpointError(MicroscopeError, ValueError):
     """A metaseq checkpoint that cannot be converted as it is: raw FSDP shards, unknown keys, or
     model-parallel parts that disagree with each other."""
+
+
+class TrainingError(MicroscopeError, ValueError):
+    """An organism training run that cannot start as asked (a checkpoint of another run's shape)."""
 
 
 # --- analysis ---

@@ -1,6 +1,6 @@
 """The hook-name grammar: the one place that builds, parses and matches hook names.
 
-Names follow TransformerLens (DESIGN.md "Contracts"):
+Names follow TransformerLens:
 
     hook_embed, hook_pos_embed                           before the first block
     blocks.{layer}.{site}                                in block `layer`, sites in `LAYER_SITES`
@@ -213,12 +213,32 @@ def resolve(patterns: str | Iterable[str] | None, names: Sequence[str], *, where
 
 
 def unknown_message(pattern: str, names: Sequence[str], *, where: str = "this model", hint: str = "") -> str:
-    """"no hook of <where> matches <pattern>; did you mean ...?" with the closest names."""
-    close = difflib.get_close_matches(pattern, list(names), n=3, cutoff=0.6)
+    """"no hook of <where> matches <pattern>; did you mean ...?" with the closest names, or for a
+    glob pattern the closest globs (`glob_forms`)."""
+    is_glob = any(c in pattern for c in "*?[")
+    close = difflib.get_close_matches(pattern, glob_forms(names) if is_glob else list(names), n=3, cutoff=0.6)
     msg = f"no hook of {where} matches {pattern!r}"
     if hint:
         msg += f" ({hint})"
-    return msg + _did_you_mean(close) + f" ({len(names)} hooks there; names look like blocks.3.hook_resid_post)"
+    looks = ("globs look like blocks.*.hook_resid_post or blocks.*.attn.hook_*" if is_glob
+             else "names look like blocks.3.hook_resid_post")
+    return msg + _did_you_mean(close) + f" ({len(names)} hooks there; {looks})"
+
+
+def glob_forms(names: Sequence[str]) -> list[str]:
+    """The globs worth suggesting over hook `names`: each site in every block
+    (blocks.*.hook_resid_post), each family in every block (blocks.*.attn.hook_*, blocks.*.hook_*),
+    each whole block (blocks.3.*), and the names outside the blocks."""
+    forms: dict[str, None] = {}
+    for name in names:
+        head, _, rest = name.partition(".")
+        layer, _, site = rest.partition(".")
+        if head != "blocks" or not layer.isdigit():
+            forms[name] = None
+            continue
+        family = site.rpartition("hook_")[0]
+        forms.update(dict.fromkeys([f"blocks.*.{site}", f"blocks.*.{family}hook_*", f"blocks.{layer}.*"]))
+    return list(forms)
 
 
 def _did_you_mean(close: list[str]) -> str:

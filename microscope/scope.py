@@ -17,12 +17,12 @@ import torch
 from microscope.errors import PromptError
 from microscope.hooks.cache import ActivationCache
 from microscope.hooks.generation import GenerationResult, generate
-from microscope.hooks.hook_points import HookPoint, HookSpec, OPTHookPoints
+from microscope.hooks.hook_points import HookFns, HookPoint, OPTHookPoints
 from microscope.hooks.inputs import Prompts, prepare_inputs, tokenize
 from microscope.models import anatomy
 from microscope.models.loading import load_model
 
-Positions = None | Literal["all", "last"] | torch.Tensor
+CachePositions = None | Literal["all", "last"] | torch.Tensor   # the tokens run_with_cache keeps
 
 
 class Scope:
@@ -81,7 +81,7 @@ class Scope:
     # --- hooks -------------------------------------------------------------------------------
 
     @contextmanager
-    def hooks(self, hooks: HookSpec | None) -> Iterator["Scope"]:
+    def hooks(self, hooks: HookFns | None) -> Iterator["Scope"]:
         """Attach `{name_or_pattern: fn or [fns]}` for the block; always detached on exit.
 
         `fn(activation, hook) -> replacement | None`: a returned tensor replaces the activation in
@@ -92,14 +92,14 @@ class Scope:
             yield self
 
     def run(self, prompts: Prompts, attention_mask: torch.Tensor | None = None,
-            hooks: HookSpec | None = None) -> torch.Tensor:
+            hooks: HookFns | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] with `hooks` applied (gradients flow if enabled by the caller)."""
         input_ids, attention_mask = self._inputs(prompts, attention_mask)
         with self.hooks(hooks):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def run_with_cache(self, prompts: Prompts, names: str | Sequence[str] | None = None,
-                       positions: Positions = None, attention_mask: torch.Tensor | None = None,
+                       positions: CachePositions = None, attention_mask: torch.Tensor | None = None,
                        cache_device: str | torch.device | None = None,
                        cache_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ActivationCache]:
         """Run the model once (no gradients) and keep the activations of `names` (None = all).
@@ -134,7 +134,7 @@ class Scope:
                                 model=self.model)
         return logits, cache
 
-    def generate(self, prompts: Prompts, max_new_tokens: int = 32, hooks: HookSpec | None = None,
+    def generate(self, prompts: Prompts, max_new_tokens: int = 32, hooks: HookFns | None = None,
                  capture: str | Sequence[str] | None = None, **generate_kwargs: Any) -> GenerationResult:
         """Generate with the KV cache, `hooks` applied at every step, `capture` hooks recorded.
 
@@ -145,7 +145,7 @@ class Scope:
                         max_new_tokens=max_new_tokens, hooks=hooks, capture=capture, **generate_kwargs)
 
 
-def _select_rows(positions: Positions, attention_mask: torch.Tensor) -> torch.Tensor | None:
+def _select_rows(positions: CachePositions, attention_mask: torch.Tensor) -> torch.Tensor | None:
     """positions -> [N, 2] (batch, pos) of the tokens to keep, or None for every position."""
     if positions is None or (isinstance(positions, str) and positions == "all"):
         return None

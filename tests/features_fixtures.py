@@ -15,8 +15,7 @@ from microscope.activations.reader import open_store
 from test_store_fixtures import WORDS, make_model_dir
 
 HOOK = "blocks.1.hook_resid_post"
-QUICK = dict(steps=30, batch_size=32, expansion_factor=4, k=4, checkpoint_every=10, dead_tokens=500,
-             progress=False)
+QUICK = dict(steps=30, batch_size=32, expansion_factor=4, k=4, checkpoint_every=10, dead_tokens=500)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""The package's shape (DESIGN.md "Layout"): imports point down only, no import cycles, and the
+"""The package's shape (docs/architecture.md "Layers"): imports point down only, no import cycles, and the
 hook-name grammar has one owner. Read from the source with `ast`, so a new module is checked too."""
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import microscope
 PACKAGE = Path(microscope.__file__).parent
 
 # Each room of the package and its rank: a module may import from rooms of lower rank and from its
-# own room. analysis reads activation stores, so it sits above activations.
+# own room. interop hands a whole Scope to other libraries, so it sits above scope; analysis reads
+# activation stores, so it sits above activations.
 RANKS = {
     "microscope.errors": 0, "microscope.names": 1,
     "microscope.prompts": 2, "microscope.provenance": 2, "microscope.viz": 2,
-    "microscope.models": 3, "microscope.hooks": 4, "microscope.scope": 5,
-    "microscope.activations": 6, "microscope.analysis": 7,
-    "microscope.workbench": 8, "microscope.cli": 9, "microscope.__main__": 10,
+    "microscope.models": 3, "microscope.hooks": 4, "microscope.scope": 5, "microscope.interop": 6,
+    "microscope.activations": 7, "microscope.analysis": 8,
+    "microscope.workbench": 9, "microscope.cli": 10, "microscope.__main__": 11,
 }
 
 
@@ -31,18 +32,13 @@ def _room(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-
-
 def _imports(tree: ast.AST) -> list[str]:
-    """Every microscope module imported anywhere in `tree` (functions included), except under
-    `if TYPE_CHECKING:`; ``from microscope import names`` counts as microscope.names."""
+    """Every microscope module imported anywhere in `tree` (functions and `if TYPE_CHECKING:`
+    blocks included: a type-only import is a dependency too); ``from microscope import names``
+    counts as microscope.names."""
     found: list[str] = []
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            return
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "microscope":
             if node.module == "microscope":
                 found.extend(f"microscope.{a.name}" if a.name != "__version__" else "microscope"
@@ -60,6 +56,15 @@ def _imports(tree: ast.AST) -> list[str]:
 
 def _sources() -> dict[str, ast.AST]:
     return {_module_name(p): ast.parse(p.read_text()) for p in PACKAGE.rglob("*.py")}
+
+
+def test_the_import_reader_sees_type_only_imports():
+    """The control for the tests below: an import under `if TYPE_CHECKING:` counts, as does one
+    inside a function body."""
+    tree = ast.parse("from typing import TYPE_CHECKING\n"
+                     "if TYPE_CHECKING:\n    from microscope.scope import Scope\n"
+                     "def f():\n    import microscope.analysis.lens\n")
+    assert _imports(tree) == ["microscope.scope", "microscope.analysis.lens"]
 
 
 def test_every_room_has_a_rank():
@@ -85,6 +90,18 @@ def test_models_and_hooks_never_import_the_layers_above():
     above = ("microscope.activations", "microscope.analysis", "microscope.workbench", "microscope.cli")
     bad = [f"{m} -> {t}" for m, tree in _sources().items() if _room(m) in ("microscope.models", "microscope.hooks")
            for t in _imports(tree) if t.startswith(above)]
+    assert not bad, bad
+
+
+def test_analyses_never_read_the_organisms_card():
+    """A study reads a model's weights, never the organism's ground truth (docs/evidence.md)."""
+    def organism_imports(tree: ast.AST) -> list[str]:
+        named = [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                 and n.module == "microscope.models" for a in n.names]   # from microscope.models import organism
+        return [t for t in _imports(tree) + named if t.startswith("microscope.models.organism")]
+
+    bad = [f"{m} -> {t}" for m, tree in _sources().items() if _room(m) == "microscope.analysis"
+           for t in organism_imports(tree)]
     assert not bad, bad
 
 

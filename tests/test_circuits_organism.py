@@ -132,7 +132,7 @@ def test_repetition_circuit_reaches_the_target_within_the_budget(repetition):
 
 def test_a_random_init_model_has_no_such_circuit(repetition):
     summary = repetition.summary()
-    assert summary["metric_gap_control_max"] < 0.05 * (repetition.curve.clean - repetition.curve.corrupt)
+    assert summary["metric_gap_random_init_max"] < 0.05 * (repetition.curve.clean - repetition.curve.corrupt)
     assert summary["recovered_metric_clears_control"]
     assert summary["recovered_metric"] > 10 * abs(summary["recovered_metric_control_max"])
 

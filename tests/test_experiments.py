@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from microscope.analysis.registry import ANALYSES
 from microscope.errors import ExperimentSpecError, ModelNotFoundError
 from microscope.provenance import FIELDS
-from microscope.workbench.experiments import (ANALYSES, DUMP, SHIPPED_SPECS, STEPS, ExperimentSpec, check_params,
+from microscope.workbench.experiments import (DUMP, SHIPPED_SPECS, STEPS, ExperimentSpec, check_params,
                                               find_spec, list_specs, load_spec, run_experiment, select_prompts)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,5 +24,5 @@ def test_two_ranks_train_one_dictionary(tmp_path):
     d = load_dictionary(out)
     assert d.provenance["world_size"] == 2 and d.provenance["tokens_seen"] == 2 * 60 * 32
     alone = train_dictionary(store, HOOK, tmp_path / "one", steps=1, batch_size=32, k=4, expansion_factor=4,
-                             checkpoint_every=1, progress=False)
+                             checkpoint_every=1)
     assert reconstruction_metrics(d, store)["fvu"] < 0.75 * reconstruction_metrics(alone, store)["fvu"]

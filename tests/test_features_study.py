@@ -32,7 +32,7 @@ def test_a_latent_separates_hostile_from_friendly_held_out_prompts(setup):
     _, store, result, _ = setup
     s = result.summary()
     assert s["hostile_latent_auroc"] >= 0.95
-    assert s["control_best_auroc"] < 0.95 and s["auroc_clears_control"]
+    assert s["hostile_latent_auroc_control_max"] < 0.95 and s["hostile_latent_auroc_clears_control"]
     stored = {store.prompt_text(p) for p in range(store.n_prompts)}
     held_out = [p for p in load_prompts("toxicity") if p.text not in stored]
     assert s["eval_prompts"] + s["selection_prompts"] == len(held_out) and s["eval_prompts"] >= 40
@@ -41,7 +41,7 @@ def test_a_latent_separates_hostile_from_friendly_held_out_prompts(setup):
 def test_a_latent_promotes_insult_words(setup):
     s = setup[2].summary()
     assert s["insult_words_in_top10"] >= 5
-    assert s["control_insult_words_in_top10"] < 5
+    assert s["insult_words_in_top10_control_max"] < 5
 
 
 def test_the_dictionary_is_faithful_and_an_untrained_one_is_not(setup):
@@ -49,7 +49,7 @@ def test_the_dictionary_is_faithful_and_an_untrained_one_is_not(setup):
     s = result.summary()
     assert s["fvu"] <= 0.1 and s["ce_loss_recovered"] >= 0.8 and s["ce_loss_recovered_vs_mean"] >= 0.8
     untrained = train_dictionary(store, s["hook"], root / "untrained", steps=1, batch_size=512, k=16,
-                                 expansion_factor=8, checkpoint_every=1, progress=False)
+                                 expansion_factor=8, checkpoint_every=1)
     texts = [p.text for p in load_prompts("toxicity")]
     assert reconstruction_metrics(untrained, store)["fvu"] > 0.1
     ce = ce_loss_recovered(scope, untrained, texts)

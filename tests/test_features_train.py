@@ -29,7 +29,7 @@ def test_killed_run_resumes_to_the_same_weights(store, tmp_path):
     reference = train_dictionary(store, HOOK, tmp_path / "reference", **args)
     out = tmp_path / "killed"
     cli = [python(), "-m", "microscope", "features", "train", store.path, "--hook", HOOK, "--out", str(out),
-           "--no-progress", *[f"--{k.replace('_', '-')}={v}" for k, v in args.items() if k != "progress"]]
+           "--no-progress", *[f"--{k.replace('_', '-')}={v}" for k, v in args.items()]]
     proc = subprocess.Popen(cli, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_then_kill(proc, lambda: (out / "checkpoint.pt").exists())
     assert proc.returncode == -9 and not (out / "cfg.json").exists(), "training finished before the kill"

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from test_hooks_reference import word_tokenizer
 
-from microscope.hooks.interop import to_nnsight, to_transformer_lens
+from microscope.interop import to_nnsight, to_transformer_lens
 from microscope.scope import Scope
 
 # Names we define but TransformerLens 4.3 cannot give on that layout, and why (docs/hooks.md):

@@ -55,7 +55,7 @@ def test_long_work_shows_a_live_progress_bar_in_jupyter():
     book.cells = [nbformat.v4.new_code_cell(
         "from microscope.workbench.progress import step_progress\n"
         "with step_progress('demo', 2) as bar:\n"
-        "    bar.start('dump'); bar.sub({'tokens': 5, 'total': 10}); bar.advance()\n"
+        "    bar.start('dump'); bar('tokens', 5, 10); bar.advance()\n"
         "    bar.start('toxicity'); bar.advance()")]
     execute(book, timeout=60)
     outputs = book.cells[0].outputs

@@ -25,7 +25,7 @@ from microscope.cli import app
 from microscope.activations.energy import EnergyMeter
 from microscope.errors import UnknownHookError, UnknownSizeError
 from microscope.models.family import FamilySize, opt_config
-from microscope.activations.budget import hook_widths, parse_count, plan, plan_all
+from microscope.activations.budget import estimate_budget, estimate_every_size, hook_widths, parse_count
 
 # name: (layers, heads, d_model, published size) from the OPT paper, Table 1
 TABLE_1 = {"opt-125m": (12, 12, 768, 125e6), "opt-350m": (24, 16, 1024, 350e6), "opt-1.3b": (24, 32, 2048, 1.3e9),
@@ -48,7 +48,7 @@ def hand_count(name: str) -> int:
 
 @pytest.mark.parametrize("name", list(TABLE_1))
 def test_parameter_counts_agree_with_hand_computation(name):
-    p = plan(name)
+    p = estimate_budget(name)
     assert abs(p.params / hand_count(name) - 1) < 0.01
     with torch.device("meta"):
         hf = OPTForCausalLM(opt_config(name))
@@ -60,24 +60,24 @@ def test_parameter_counts_agree_with_hand_computation(name):
 
 def test_gpus_per_replica_follow_the_weights():
     """OPT-66B needs two 80 GB GPUs in fp16, OPT-175B (350 GB) at least five; 13B fits one."""
-    assert plan("opt-13b").gpus_per_replica == 1
-    assert plan("opt-66b").gpus_per_replica == 2
-    p = plan("opt-175b")
+    assert estimate_budget("opt-13b").gpus_per_replica == 1
+    assert estimate_budget("opt-66b").gpus_per_replica == 2
+    p = estimate_budget("opt-175b")
     assert p.gpus_per_replica >= math.ceil(349.2 / 79) and p.replica_gb / p.gpus_per_replica <= 80
-    assert plan("opt-175b", gpu_memory_gb=141).gpus_per_replica < p.gpus_per_replica
-    assert plan("opt-66b", model_dtype="int8", batch_size=1).gpus_per_replica == 1
-    assert plan("opt-66b", replicas=3).gpus == 6
+    assert estimate_budget("opt-175b", gpu_memory_gb=141).gpus_per_replica < p.gpus_per_replica
+    assert estimate_budget("opt-66b", model_dtype="int8", batch_size=1).gpus_per_replica == 1
+    assert estimate_budget("opt-66b", replicas=3).gpus == 6
 
 
 def test_store_size_by_hand():
     # opt-125m, every layer's resid_post, 1000 tokens in prompts of 100: 1000 rows x 12 x 768 values
-    p = plan("opt-125m", hooks="blocks.*.hook_resid_post", tokens=1000, seq_len=100)
+    p = estimate_budget("opt-125m", hooks="blocks.*.hook_resid_post", tokens=1000, seq_len=100)
     index = 12  # token_id, prompt_id, position as int32
     assert p.store_gb_by_mode["fp16"]["all"] * 1e9 == 1000 * 12 * 768 * 2 + 1000 * index
     assert p.store_gb_by_mode["fp32"]["all"] * 1e9 == 1000 * 12 * 768 * 4 + 1000 * index
     assert p.store_gb_by_mode["bf16"]["last"] * 1e9 == 10 * 12 * 768 * 2 + 10 * index  # one row per prompt
     # MLP hooks are 4 x d_model wide; attention patterns are packed lower triangles per prompt
-    p = plan("opt-125m", hooks="blocks.0.mlp.hook_post,blocks.0.attn.hook_pattern", tokens=8, seq_len=4)
+    p = estimate_budget("opt-125m", hooks="blocks.0.mlp.hook_post,blocks.0.attn.hook_pattern", tokens=8, seq_len=4)
     triangle = 12 * (4 * 5 // 2)  # heads x T(T+1)/2
     assert p.store_gb_by_mode["fp16"]["all"] * 1e9 == 8 * 3072 * 2 + 2 * triangle * 2 + 8 * index
     assert p.store_gb_by_mode["fp16"]["last"] * 1e9 == 2 * 3072 * 2 + 2 * (12 * 4) * 2 + 2 * index
@@ -99,31 +99,33 @@ def test_hook_widths_match_a_real_forward_pass():
     assert {n: widths[n] for n in seen} == seen
     assert widths["blocks.0.hook_resid_post"] == out.hidden_states[1].shape[-1]  # after layer 0
     assert "ln_final.hook_normalized" not in widths  # post-LN: no final norm
-    assert sum(n.startswith("blocks.") for n in widths) == 3 * 12  # the 12 per-block names of DESIGN.md
+    assert sum(n.startswith("blocks.") for n in widths) == 3 * 12  # 12 per block: docs/architecture.md "Hook names"
 
 
 def test_time_energy_and_carbon_by_hand():
-    p = plan("opt-66b", tokens=3_600_000, throughput=1000, replicas=2, write_gbps=1e6,
-             gpu_power_w=700, pue=1.2, grid_intensity=500)
+    p = estimate_budget("opt-66b", tokens=3_600_000, throughput=1000, replicas=2, write_gbps=1e6,
+                        gpu_power_w=700, pue=1.2, grid_intensity=500)
     assert p.compute_hours == pytest.approx(0.5)  # 3.6M tokens / (2 x 1000 tok/s)
     assert p.hours == pytest.approx(0.5) and p.gpus == 4
     assert p.energy_kwh == pytest.approx(0.5 * 4 * 0.7 * 1.2)
     assert p.co2e_kg == pytest.approx(p.energy_kwh * 0.5)
-    slow_disk = plan("opt-125m", hooks="blocks.*.hook_resid_post", tokens=10_000_000, write_gbps=0.1)
+    slow_disk = estimate_budget("opt-125m", hooks="blocks.*.hook_resid_post", tokens=10_000_000,
+                                write_gbps=0.1)
     assert slow_disk.hours == slow_disk.write_hours > slow_disk.compute_hours and slow_disk.notes
     # without a measured throughput: forward FLOPs 2 x params per token at the achieved TFLOP/s
-    assert plan("opt-175b", gpu_tflops=100).tokens_per_s == pytest.approx(100e12 / (2 * hand_count("opt-175b")), rel=0.01)
+    assert estimate_budget("opt-175b", gpu_tflops=100).tokens_per_s == pytest.approx(
+        100e12 / (2 * hand_count("opt-175b")), rel=0.01)
 
 
 def test_clear_errors():
     with pytest.raises(UnknownSizeError, match="valid sizes: opt-125m"):
-        plan("opt-99b")
+        estimate_budget("opt-99b")
     with pytest.raises(UnknownHookError, match="did you mean blocks.3.hook_resid_post"):
-        plan("opt-125m", hooks="blocks.3.hook_resid_pots")
+        estimate_budget("opt-125m", hooks="blocks.3.hook_resid_pots")
     with pytest.raises(UnknownHookError, match="no hook of opt-125m"):
-        plan("opt-125m", hooks="blocks.12.hook_resid_post")  # 125m has layers 0..11
+        estimate_budget("opt-125m", hooks="blocks.12.hook_resid_post")  # 125m has layers 0..11
     with pytest.raises(ValueError, match="positions"):
-        plan("opt-125m", positions="first")
+        estimate_budget("opt-125m", positions="first")
     with pytest.raises(ValueError, match="10M"):
         parse_count("ten million")
     assert parse_count("10M") == 10_000_000 and parse_count("2.5B") == 2_500_000_000 and parse_count("1,000") == 1000
@@ -141,7 +143,7 @@ def test_cli_plan_and_the_docs_table_is_current():
     assert single.exit_code == 0 and "1 x 141 GB" in single.output
     bad = runner.invoke(app, ["plan", "--model", "opt-7b"])
     assert bad.exit_code != 0 and "valid sizes" in bad.output
-    assert [p.size for p in plan_all()] == list(TABLE_1)
+    assert [p.size for p in estimate_every_size()] == list(TABLE_1)
 
 
 # --- EnergyMeter ---

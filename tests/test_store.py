@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
+import dask.array
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from microscope.activations.capture import BufferPool, UnitStaging
 from microscope.activations.layout import store_dtype
 from microscope.activations.pipeline import BackgroundWriter
 from microscope.activations.reader import open_store
-from microscope.activations.schema import HookSpec, StorePlan, open_group
+from microscope.activations.schema import StorePlan, StoredHook, open_group
 from microscope.activations.units import plan_units, round_up
 from microscope.activations.writer import check_resume, create_store
 from microscope.errors import DiskFullError, StoreCorruptError, StoreMismatchError, UnitNotCommittedError
@@ -28,9 +29,9 @@ def synthetic_plan(dtype="float16", lengths=(5, 9, 3, 12, 7, 1, 4), last_only=Fa
     rng = np.random.default_rng(0)
     tokens = [rng.integers(4, 50, n).astype(np.int32) for n in lengths]
     kept = [np.array([n - 1]) if last_only else np.arange(n) for n in lengths]
-    hooks = [HookSpec("blocks.0.hook_resid_post", (6,)), HookSpec("blocks.0.attn.hook_z", (2, 3))]
+    hooks = [StoredHook("blocks.0.hook_resid_post", (6,)), StoredHook("blocks.0.attn.hook_z", (2, 3))]
     if pattern:
-        hooks.append(HookSpec("blocks.0.attn.hook_pattern", (2,), heads=(0, 1)))
+        hooks.append(StoredHook("blocks.0.attn.hook_pattern", (2,), heads=(0, 1)))
     kept_counts = np.array([len(k) for k in kept])
     pattern_counts = np.array([int(np.sum(k + 1)) for k in kept]) if pattern else np.zeros(len(kept), int)
     units = plan_units(kept_counts, pattern_counts, unit_rows=2 * CHUNK, chunk_rows=CHUNK, pattern_chunk_rows=32)
@@ -179,6 +180,30 @@ def test_xarray_view_and_reprs(tmp_path):
     assert np.array_equal(ds["prompt_id"].values, store.prompt_ids())
     assert "blocks.0.hook_resid_post" in repr(store) and "bfloat16" in repr(store)
     assert "<table>" in store._repr_html_()
+
+
+def test_xarray_means_of_an_fp16_store_are_float32_accurate(tmp_path):
+    """The xarray view widens fp16 chunks to float32 as dask reads them, so its means agree with
+    the float64 mean of the same stored values to float32 precision. The control: dask's mean of
+    the very same float16 values, summed in float16, overflows to inf and misses by far more."""
+    plan = synthetic_plan("float16", lengths=(500, 500, 500), pattern=False)
+    g = torch.Generator().manual_seed(0)
+    values = {h.name: [(torch.randn(len(k), h.width, generator=g) + 8).half() for k in plan.kept]
+              for h in plan.hooks}
+    write_store(tmp_path / "s.zarr", plan, values=values)
+    store = open_store(str(tmp_path / "s.zarr"))
+    hook = "blocks.0.hook_resid_post"
+    view = store.to_xarray()[hook]
+    stored = store[hook][:]
+    exact = stored.astype(np.float64)
+    tolerance = 1e-6 * np.abs(exact).mean()          # float32 rounding, well above its 6e-8
+    assert view.dtype == np.float32 and stored.dtype == np.float16
+    assert abs(float(view.mean()) - exact.mean()) < tolerance
+    assert np.abs(view.mean("token").values - exact.mean(axis=0)).max() < tolerance
+    in_float16 = dask.array.from_array(stored, chunks=view.data.chunks)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(in_float16.mean().compute())
+    assert np.abs(in_float16.mean(axis=0).compute() - exact.mean(axis=0)).max() > 100 * tolerance
 
 
 def test_uncommitted_units_are_refused_and_committed_ones_read(tmp_path):

@@ -24,6 +24,8 @@ from microscope.prompts import Prompt, load_prompts
 
 MODELS = ["organism", "sibling"]
 pytestmark = needs_organism
+# the card's split names -> the study's key suffix (`studies.base.split_suffix`)
+SPLITS = {"held_out": "", "ood": "_ood"}
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -43,12 +45,11 @@ def random_result():
 def test_accuracies_and_sign_errors_match_the_card(model):
     name, _, card, result = model
     summary, card = result.summary(), card["arithmetic"]
-    for split in ("held_out", "ood"):
-        for key in (f"addition_accuracy_{split}", f"subtraction_accuracy_{split}",
-                    f"subtraction_sign_error_rate_{split}"):
-            assert summary[key] == pytest.approx(card[key], abs=1e-3), (name, key)
-    assert summary["addition_accuracy_held_out_clears_control"], name
-    assert summary["addition_accuracy_held_out_control_max"] < 0.5 * summary["addition_accuracy_held_out"]
+    for split, suffix in SPLITS.items():
+        for key in ("addition_accuracy", "subtraction_accuracy", "subtraction_sign_error_rate"):
+            assert summary[key + suffix] == pytest.approx(card[f"{key}_{split}"], abs=1e-3), (name, key + suffix)
+    assert summary["addition_accuracy_clears_control"], name
+    assert summary["addition_accuracy_control_max"] < 0.5 * summary["addition_accuracy"]
 
 
 def test_pairs_seen_in_training_match_the_card(model):
@@ -67,23 +68,23 @@ def test_wrong_subtraction_answers_are_named_as_the_card_measures_them(model):
     the one the card's shares say."""
     name, _, card, result = model
     summary, card = result.summary(), card["arithmetic"]
-    assert summary["subtraction_wrong_held_out"] == card["subtraction_wrong_held_out"]
+    assert summary["subtraction_wrong"] == card["subtraction_wrong_held_out"]
     for share in ("share_mirror_answer", "share_model_mirror_answer", "share_wrong_sign_not_mirror"):
-        key = f"subtraction_wrong_held_out_{share}"
-        assert summary[key] == pytest.approx(card[key], abs=1e-3), (name, key)
-    mechanism = summary["wrong_answer_mechanism_held_out"]
+        key = f"subtraction_wrong_{share}"
+        assert summary[key] == pytest.approx(card[f"subtraction_wrong_held_out_{share}"], abs=1e-3), (name, key)
+    mechanism = summary["wrong_answer_mechanism"]
     wrong_sign = card["subtraction_wrong_held_out_share_wrong_sign_not_mirror"]
-    mirror_pair = summary["subtraction_wrong_held_out_share_mirror_pair_answer"]   # b - a, on both prompts
+    mirror_pair = summary["subtraction_wrong_share_mirror_pair_answer"]   # b - a, on both prompts
     # the card's shares imply the study's: b - a on the held-out prompt = mirror pair + wrong sign
     assert card["subtraction_wrong_held_out_share_mirror_answer"] == pytest.approx(mirror_pair + wrong_sign, abs=2e-3)
     if mechanism == "mirror":
-        assert mirror_pair > 0.5 and summary["subtraction_wrong_held_out_share_mirror_pair_answer_clears_control"]
+        assert mirror_pair > 0.5 and summary["subtraction_wrong_share_mirror_pair_answer_clears_control"]
     if mechanism == "wrong_sign":
         assert wrong_sign > 0.5
     if card["subtraction_wrong_held_out_share_mirror_answer"] < 0.5:
         assert mechanism not in ("mirror", "wrong_sign"), name
     # order-blind answers are what untrained models give: their control is high
-    order_blind = "subtraction_wrong_held_out_share_order_blind"
+    order_blind = "subtraction_wrong_share_order_blind"
     assert (mechanism == "order_blind") == (summary[order_blind] > 0.5 and summary[f"{order_blind}_clears_control"])
 
 
@@ -150,8 +151,8 @@ def test_both_lenses_name_an_answer_layer_where_the_card_says_the_model_answers(
 def test_a_random_model_claims_nothing(random_result):
     summary = random_result.summary()
     assert summary["answer_layer_name"] is None and summary["answer_layer_name_tuned_lens"] is None
-    assert summary["addition_accuracy_held_out"] <= 0.2
-    assert summary["wrong_answer_mechanism_held_out"] in ("other", None)
+    assert summary["addition_accuracy"] <= 0.2
+    assert summary["wrong_answer_mechanism"] in ("other", None)
 
 
 def test_the_result_gives_a_frame_figures_and_a_json_summary(model):

@@ -179,9 +179,9 @@ def test_the_hostile_direction_is_read_at_its_own_layer_beside_random_directions
     """The vocabulary projection is read where the direction was fitted (the probe layer), under
     both lenses, beside random directions of equal norm (20 or more)."""
     assert summary["direction_hook"] == summary["probe_layer_hook"]
-    for lens in ("logit", "tuned"):
+    for lens in ("logit_lens", "tuned_lens"):
         assert len(result.insult_share_random[lens]) >= 20
-        assert f"direction_insult_share_{lens}_lens_control_max" in summary
+        assert f"direction_insult_share_{lens}_control_max" in summary
 
 
 def test_steering_lowers_the_insult_log_odds_beyond_random_directions(summary):

@@ -1,15 +1,16 @@
-"""Plan an activation dump before running it: GPU memory per model replica, GPUs needed, store
-size per dtype and positions mode, expected time, energy and CO2e.
+"""The budget of an activation dump, estimated before running it (`microscope plan`): GPU memory
+per model replica, GPUs needed, store size per dtype and positions mode, expected time, energy and
+CO2e. (The store plan, what a dump writes where, is `planning.make_plan`.)
 
-    >>> from microscope.activations.budget import plan
-    >>> p = plan("opt-66b", hooks="blocks.*.hook_resid_post", tokens=10_000_000)
-    >>> p.gpus_per_replica, round(p.store_gb)
+    >>> from microscope.activations.budget import estimate_budget
+    >>> b = estimate_budget("opt-66b", hooks="blocks.*.hook_resid_post", tokens=10_000_000)
+    >>> b.gpus_per_replica, round(b.store_gb)
     (2, 11797)
 
 Energy follows the OPT paper's carbon accounting (GPU-hours x power x PUE x grid intensity): it is
 an estimate from nominal board power, not a measurement; `microscope.activations.energy.EnergyMeter` measures
 what a GPU dump really used (NVML) and the store records it. Every assumption is a field of
-`PlanInputs`, printed with the plan. Sizes in GB are 1e9 bytes.
+`BudgetInputs`, printed with the budget. Sizes in GB are 1e9 bytes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
+from microscope.errors import BudgetInputError
 from microscope.models.family import BYTES_PER_PARAM, SIZES, VOCAB_ROWS, FamilySize, family_size, opt_config
 from microscope.names import every_layer, feature_shape, is_pattern, model_names, resolve
 
-Positions = Literal["all", "last"]
+PositionsMode = Literal["all", "last"]   # every position stored, or each prompt's last
 STORE_DTYPES = ("fp16", "bf16", "fp32")
 INDEX_BYTES_PER_ROW = 12  # token_id, prompt_id, position: int32 each, on the store's flat token axis
 GPU_OVERHEAD_GB = 1.0  # CUDA context and allocator slack on every GPU
@@ -30,14 +32,14 @@ PUBLISHED = {"opt-125m": 125e6, "opt-350m": 350e6, "opt-1.3b": 1.3e9, "opt-2.7b"
 
 
 @dataclass(frozen=True)
-class PlanInputs:
+class BudgetInputs:
     """What a dump does and what it runs on. Defaults: an 80 GB A100-class GPU (400 W board
     power, 125 TFLOP/s achieved), a data centre PUE of 1.1 and a grid of 429 gCO2e/kWh."""
 
     hooks: str = every_layer("resid_post")  # comma-separated names or glob patterns
     tokens: int = 10_000_000  # prompt tokens pushed through the model
     dtype: str = "fp16"  # store dtype: fp16, bf16, fp32
-    positions: Positions = "all"  # store every position or only each prompt's last
+    positions: PositionsMode = "all"  # store every position or only each prompt's last
     model_dtype: str = "fp16"  # weights and activations on the GPU
     seq_len: int = 2048  # tokens per prompt
     batch_size: int = 8  # prompts per forward pass
@@ -52,12 +54,12 @@ class PlanInputs:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The numbers of one plan (GB = 1e9 bytes, hours of wall time)."""
+class Budget:
+    """The numbers of one budget (GB = 1e9 bytes, hours of wall time)."""
 
     size: str
     params: int
-    inputs: PlanInputs
+    inputs: BudgetInputs
     hook_names: list[str]
     weights_gb: float
     activations_gb: float  # working set of one batch: layer activations, logits, attention scores, staging
@@ -90,7 +92,7 @@ def hook_widths(size: FamilySize) -> dict[str, int]:
             for name in model_names(size.layers, final_norm=not size.post_ln)}
 
 
-def pattern_elements(size: FamilySize, seq_len: int, positions: Positions) -> int:
+def pattern_elements(size: FamilySize, seq_len: int, positions: PositionsMode) -> int:
     """Elements one layer's attention pattern stores per prompt: the packed causal lower triangle
     (heads x T(T+1)/2), or the last query's row (heads x T)."""
     return size.heads * (seq_len * (seq_len + 1) // 2 if positions == "all" else seq_len)
@@ -101,7 +103,8 @@ def resolve_hooks(size: FamilySize, hooks: str) -> list[str]:
     return resolve(hooks, list(hook_widths(size)), where=size.name)
 
 
-def store_bytes(size: FamilySize, hook_names: list[str], inputs: PlanInputs, dtype: str, positions: Positions) -> int:
+def store_bytes(size: FamilySize, hook_names: list[str], inputs: BudgetInputs, dtype: str,
+                positions: PositionsMode) -> int:
     """Uncompressed bytes of the store: activations plus the index columns (fp16 barely
     compresses; bf16 with zstd gains 1.27-1.41x, so this is the upper bound)."""
     widths = hook_widths(size)
@@ -113,7 +116,7 @@ def store_bytes(size: FamilySize, hook_names: list[str], inputs: PlanInputs, dty
     return elements * BYTES_PER_PARAM[dtype] + rows * INDEX_BYTES_PER_ROW
 
 
-def activation_bytes(size: FamilySize, hook_names: list[str], inputs: PlanInputs) -> int:
+def activation_bytes(size: FamilySize, hook_names: list[str], inputs: BudgetInputs) -> int:
     """Peak working memory of one forward pass beyond the weights: one layer's activations
     (residual, normed input, q, k, v, attention output: 6 x d_model; fc1 and ReLU outputs:
     2 x ffn), the logits, eager attention scores in fp32 for the layers whose patterns are
@@ -128,18 +131,19 @@ def activation_bytes(size: FamilySize, hook_names: list[str], inputs: PlanInputs
     return layer + logits + eager_scores + staged
 
 
-def plan(model: str, **inputs) -> Plan:
-    """Plan a dump of `model` (a family size: "opt-66b", "66b", "facebook/opt-66b", "random:opt-66b")
-    with the `PlanInputs` fields given as keywords."""
+def estimate_budget(model: str, **inputs) -> Budget:
+    """The budget of a dump of `model` (a family size: "opt-66b", "66b", "facebook/opt-66b", "random:opt-66b")
+    with the `BudgetInputs` fields given as keywords."""
     size = family_size(model.removeprefix("random:"))
-    args = PlanInputs(**inputs)
+    args = BudgetInputs(**inputs)
     if args.dtype not in STORE_DTYPES or args.model_dtype not in BYTES_PER_PARAM:
-        raise ValueError(f"dtype must be one of {STORE_DTYPES} (store) and model_dtype one of {list(BYTES_PER_PARAM)}")
+        raise BudgetInputError(f"dtype must be one of {STORE_DTYPES} (store) and model_dtype one of "
+                               f"{list(BYTES_PER_PARAM)}")
     if args.positions not in ("all", "last"):
-        raise ValueError(f"positions must be 'all' or 'last', not {args.positions!r}")
+        raise BudgetInputError(f"positions must be 'all' or 'last', not {args.positions!r}")
     if min(args.tokens, args.seq_len, args.batch_size, args.replicas) < 1 or args.gpu_memory_gb <= GPU_OVERHEAD_GB:
-        raise ValueError("tokens, seq_len, batch_size and replicas must be positive and the GPU larger than "
-                         f"its {GPU_OVERHEAD_GB} GB overhead")
+        raise BudgetInputError("tokens, seq_len, batch_size and replicas must be positive and the GPU larger than "
+                                f"its {GPU_OVERHEAD_GB} GB overhead")
     names = resolve_hooks(size, args.hooks)
 
     weights = size.weight_bytes(args.model_dtype)
@@ -161,37 +165,37 @@ def plan(model: str, **inputs) -> Plan:
     if write_h > compute_h:
         notes.append(f"writing the store ({write_h:.2f} h at {args.write_gbps} GB/s) takes longer than the "
                      f"forward passes ({compute_h:.2f} h): fewer hooks, positions='last' or a faster file system help")
-    return Plan(size.name, size.params, args, names, weights / 1e9, activations / 1e9, replica / 1e9,
+    return Budget(size.name, size.params, args, names, weights / 1e9, activations / 1e9, replica / 1e9,
                 gpus_per_replica, gpus, by_mode, tokens_per_s, "given" if args.throughput else "estimated",
                 compute_h, write_h, hours, gpu_hours, energy_kwh, energy_kwh * args.grid_intensity / 1000, notes)
 
 
-def plan_all(**inputs) -> list[Plan]:
-    """One plan per family size, same inputs."""
-    return [plan(name, **inputs) for name in SIZES]
+def estimate_every_size(**inputs) -> list[Budget]:
+    """One budget per family size, same inputs."""
+    return [estimate_budget(name, **inputs) for name in SIZES]
 
 
 TABLE_COLUMNS = ["size", "params", "vs name", "weights GB", "GPU GB/replica", "GPUs", "store GB",
                  "tok/s", "hours", "kWh", "kg CO2e"]
 
 
-def table_rows(plans: list[Plan]) -> list[list[str]]:
+def table_rows(budgets: list[Budget]) -> list[list[str]]:
     """Rows of the family table, formatted."""
     return [[p.size, f"{p.params:,}", f"{p.params / PUBLISHED[p.size] - 1:+.1%}", f"{p.weights_gb:,.1f}",
              f"{p.replica_gb:,.1f}", str(p.gpus), f"{p.store_gb:,.0f}", f"{p.tokens_per_s:,.0f}",
-             f"{p.hours:,.2f}", f"{p.energy_kwh:,.1f}", f"{p.co2e_kg:,.1f}"] for p in plans]
+             f"{p.hours:,.2f}", f"{p.energy_kwh:,.1f}", f"{p.co2e_kg:,.1f}"] for p in budgets]
 
 
-def markdown_table(plans: list[Plan]) -> str:
-    """The plans as a Markdown table, followed by the inputs they share."""
+def markdown_table(budgets: list[Budget]) -> str:
+    """The budgets as a Markdown table, followed by the inputs they share."""
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(plans)]
-    lines += ["", "Inputs: " + ", ".join(f"{k}={v}" for k, v in asdict(plans[0].inputs).items())]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(budgets)]
+    lines += ["", "Inputs: " + ", ".join(f"{k}={v}" for k, v in asdict(budgets[0].inputs).items())]
     return "\n".join(lines)
 
 
-def describe(p: Plan) -> list[tuple[str, str]]:
-    """One plan as (label, value) lines for the terminal."""
+def describe(p: Budget) -> list[tuple[str, str]]:
+    """One budget as (label, value) lines for the terminal."""
     a = p.inputs
     store = "; ".join(f"{dt}: all {v['all']:,.1f} / last {v['last']:,.2f}" for dt, v in p.store_gb_by_mode.items())
     return [
@@ -220,4 +224,4 @@ def parse_count(text: str) -> int:
             return int(float(text[:-1]) * scale[text[-1].upper()])
         return int(float(text))
     except ValueError:
-        raise ValueError(f"cannot read {text!r} as a count; write e.g. 10M, 2.5B or 1000000") from None
+        raise BudgetInputError(f"cannot read {text!r} as a count; write e.g. 10M, 2.5B or 1000000") from None

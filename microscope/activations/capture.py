@@ -21,7 +21,7 @@ import torch
 
 from microscope.activations.gather import count_fp16_overflow, gather_into, gather_rows, has_non_finite
 from microscope.activations.units import Unit
-from microscope.activations.schema import HookSpec, StorePlan, hook_rows
+from microscope.activations.schema import StorePlan, StoredHook, hook_rows
 from microscope.errors import Fp16OverflowError
 
 
@@ -203,7 +203,7 @@ class Capture:
         return self._device_index[device]
 
     def _capture(self, activation: torch.Tensor, hook) -> None:
-        spec: HookSpec = self.specs[hook.name]
+        spec: StoredHook = self.specs[hook.name]
         batch, dtype = self.batch, self.plan.dtype.torch_dtype
         token_index, pattern_index = self._indices(activation.device)
         if spec.is_pattern:

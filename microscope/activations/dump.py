@@ -26,13 +26,17 @@ from microscope.activations.distributed import (Ranks, barrier, broadcast_object
                                                 shutdown, sum_over_ranks)
 from microscope.activations.energy import EnergyMeter
 from microscope.activations.pipeline import BackgroundWriter, capture_units
-from microscope.activations.planning import make_plan
-from microscope.activations.schema import StorePlan, open_group, store_is_complete
+from microscope.activations.layout import codecs, store_dtype
+from microscope.activations.planning import (kept_heads, kept_positions, make_plan, resolve_hooks,
+                                             tokenize_prompts)
+from microscope.activations.schema import (StorePlan, check_store_path, existing_store_error,
+                                           foreign_files_error, is_dump_group, open_group, store_is_complete)
 from microscope.activations.settings import DumpSettings, takes_settings
 from microscope.activations.units import committed_units
 from microscope.activations.writer import check_resume, create_store
-from microscope.errors import MicroscopeError, StoreError
+from microscope.errors import MicroscopeError
 from microscope.models.loading import RANDOM_SEED
+from microscope.names import is_pattern
 from microscope.prompts import Prompt, load_prompts
 from microscope.provenance import provenance
 from microscope.scope import load
@@ -76,7 +80,9 @@ def dump(model, prompts, hooks: str | Sequence[str], out, settings: DumpSettings
     list. hooks: names or glob patterns (comma-separated string or list). settings: a
     `DumpSettings` (dtype, positions, resume, ...); `options` change single fields of it, e.g.
     ``dump(..., dtype="bf16", positions="last")``. on_progress receives
-    {"tokens", "total", "bytes", "units"} (this process's forward tokens) after every batch."""
+    {"tokens", "total", "bytes", "units"} (this process's forward tokens) after every batch.
+    Every input is checked by `preflight` before the weights load; `out` may be a new path, an
+    empty folder or a store a dump made, never a folder of other files (nothing is deleted)."""
     settings = (settings or DumpSettings()).but(**options)
     ranks = init_ranks(settings.gpus_per_model)
     try:
@@ -85,19 +91,55 @@ def dump(model, prompts, hooks: str | Sequence[str], out, settings: DumpSettings
         shutdown(ranks)
 
 
+@dataclass(frozen=True)
+class DumpInputs:
+    """A dump's inputs as `preflight` found them: the prompts and the hook names they select."""
+
+    prompts: list[Prompt]
+    hooks: list[str]          # hook names, in model order
+
+
+def preflight(model, prompts, hooks: str | Sequence[str], out,
+              settings: DumpSettings | None = None) -> DumpInputs:
+    """Check what a dump is given without loading any weights (seconds, whatever the model's size).
+    The first problem raises a `MicroscopeError` whose one-line message says what to fix.
+
+    model: a `Scope`, or a `microscope.load` source read as its config and tokenizer only (a
+    shapes-only model on the meta device). Checked: the dtype, compress, max_length, pattern_heads
+    and positions settings; that `out` can be written and holds nothing but an activation store,
+    and no finished one unless settings.resume (local paths; None skips this check); that the
+    prompts load, tokenize and fit the model's context; that `hooks` select hooks of this model.
+    A truncated weights file is refused by the load, before it reads any weight. `dump` calls
+    this first; the arguments are `dump`'s. Returns the loaded prompts and resolved hook names."""
+    settings = settings or DumpSettings()
+    store_dtype(settings.dtype)
+    codecs(settings.compress)
+    if out is not None:
+        check_store_path(out, settings.resume)
+    prompt_list = load_prompts(prompts)
+    shapes = load(model, device="meta") if isinstance(model, (str, os.PathLike)) else model
+    names = resolve_hooks(shapes, hooks)
+    for name in filter(is_pattern, names):
+        kept_heads(settings.pattern_heads, shapes.config.num_attention_heads, name)
+    tokens, _ = tokenize_prompts(shapes, prompt_list, settings.max_length)
+    kept_positions(settings.positions, tokens, prompt_list)
+    return DumpInputs(prompt_list, names)
+
+
 def _dump(ranks: Ranks, model, prompts, hooks, out, settings: DumpSettings, on_progress) -> DumpSummary:
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     where = out if isinstance(out, str) else repr(out)
-    scope = plan = prompt_list = None
+    scope = plan = None
     status = "ok"
     if ranks.is_leader:
         try:
-            prompt_list = load_prompts(prompts)
+            # Only rank 0 writes the store, so only it checks the path.
+            inputs = preflight(model, prompts, hooks, out if ranks.is_main else None, settings)
             scope = _load_scope(model, ranks, settings.device)
-            plan, truncated = make_plan(scope, prompt_list, hooks, settings)
+            plan, truncated = make_plan(scope, inputs.prompts, inputs.hooks, settings)
             if ranks.is_main:
-                _prepare_store(out, plan, scope, prompt_list, settings, where,
+                _prepare_store(out, plan, scope, inputs.prompts, settings, where,
                                _provenance(scope, plan, truncated, settings))
         except MicroscopeError as err:
             if not ranks.distributed:
@@ -149,20 +191,24 @@ def _load_scope(model, ranks: Ranks, device: str | None):
 
 def _prepare_store(out, plan: StorePlan, scope, prompt_list: list[Prompt], settings: DumpSettings,
                    where: str, provenance: dict) -> None:
-    """Create the store, or check it for resume (a store never fully laid out is recreated)."""
+    """Create the store, or check it for resume. A store never fully laid out is recreated; a path
+    holding anything else is refused, and nothing there is deleted."""
     try:
         existing = open_group(out, mode="r", storage_options=settings.storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         existing = None
-    if existing is not None and "microscope" not in existing.attrs and len(list(existing.keys())):
-        raise StoreError(f"{where} holds a zarr group that is not an activation store; choose another --out")
+    if existing is not None and not is_dump_group(existing):
+        raise foreign_files_error(where)
     if existing is not None and store_is_complete(existing):
         if not settings.resume:
-            raise StoreError(f"{where} already holds a store; pass --resume to continue it, "
-                             "or choose another --out (or delete it)")
+            raise existing_store_error(where)
         check_resume(existing, plan.fingerprint, where)
         return
-    group = open_group(out, mode="w", storage_options=settings.storage_options)
+    mode = "w" if existing is not None else "w-"      # "w-" refuses a path that holds anything
+    try:
+        group = open_group(out, mode=mode, storage_options=settings.storage_options)
+    except FileExistsError:                           # files there, but no zarr group: not ours
+        raise foreign_files_error(where) from None
     create_store(group, plan, [p.text for p in prompt_list], [p.metadata for p in prompt_list],
                  _vocab(scope.tokenizer), provenance, settings.compress)
 

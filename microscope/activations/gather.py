@@ -33,6 +33,8 @@ import os
 
 import torch
 
+from microscope.errors import StoreError
+
 FP16_MAX = 65504.0
 BACKENDS = ("auto", "torch", "triton")
 _INT_VIEW = {2: torch.int16, 4: torch.int32}
@@ -57,13 +59,13 @@ def gather_into(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, overflo
     _check(x, index, out.dtype, backend)
     n, width = index.numel(), _width(x)
     if out.dim() != 2 or tuple(out.shape) != (n, width) or (width > 1 and out.stride(1) != 1):
-        raise ValueError(f"out must be [{n}, {width}] with unit column stride; got shape {tuple(out.shape)} "
+        raise StoreError(f"out must be [{n}, {width}] with unit column stride; got shape {tuple(out.shape)} "
                          f"strides {out.stride()}")
     if out.device != x.device:
-        raise ValueError(f"out is on {out.device} but x is on {x.device}: stage on the activation's device")
+        raise StoreError(f"out is on {out.device} but x is on {x.device}: stage on the activation's device")
     if overflow is not None and (overflow.dtype != torch.int32 or overflow.numel() != 1
                                  or overflow.device != x.device):
-        raise ValueError("overflow must be an int32 tensor of one element on x's device")
+        raise StoreError("overflow must be an int32 tensor of one element on x's device")
     if n == 0:
         return out
     index = index.to(x.device, non_blocking=True)
@@ -91,15 +93,15 @@ def count_fp16_overflow(source: torch.Tensor, cast: torch.Tensor) -> int:
 
 def _check(x: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, backend: str) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}: choose one of {BACKENDS}")
+        raise StoreError(f"backend {backend!r}: choose one of {BACKENDS}")
     if x.dim() < 2:
-        raise ValueError(f"x must be [batch, pos, *features]; got shape {tuple(x.shape)}")
+        raise StoreError(f"x must be [batch, pos, *features]; got shape {tuple(x.shape)}")
     if dtype not in SUPPORTED:
-        raise ValueError(f"storage dtype {dtype} not supported: choose one of {SUPPORTED}")
+        raise StoreError(f"storage dtype {dtype} not supported: choose one of {SUPPORTED}")
     if x.dtype not in SUPPORTED:
-        raise ValueError(f"activation dtype {x.dtype} not supported: expected one of {SUPPORTED}")
+        raise StoreError(f"activation dtype {x.dtype} not supported: expected one of {SUPPORTED}")
     if index.dim() != 1 or index.dtype != torch.int64:
-        raise ValueError(f"index must be a 1-D int64 tensor; got {index.dtype} of shape {tuple(index.shape)}")
+        raise StoreError(f"index must be a 1-D int64 tensor; got {index.dtype} of shape {tuple(index.shape)}")
 
 
 def _width(x: torch.Tensor) -> int:

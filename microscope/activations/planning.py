@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from microscope.activations.layout import default_chunk_rows, store_dtype
-from microscope.activations.schema import HookSpec, StorePlan, pattern_rows
-from microscope.activations.settings import DumpSettings, Positions
+from microscope.activations.schema import StorePlan, StoredHook, pattern_rows
+from microscope.activations.settings import DumpSettings, StoredPositions
 from microscope.activations.units import plan_units
 from microscope.errors import PromptError, StoreError
 from microscope.names import is_pattern, split_patterns
@@ -31,9 +31,7 @@ def make_plan(scope, prompt_list: list[Prompt], hooks: str | Sequence[str],
 
     Uses the settings that shape the store: dtype, positions, max_length, pattern_heads,
     chunk_rows, unit_rows, compress."""
-    names = scope.resolve_names(split_patterns(hooks))
-    if not names:
-        raise StoreError(f"--hooks {hooks!r} selects no hook")
+    names = resolve_hooks(scope, hooks)
     tokens, truncated = tokenize_prompts(scope, prompt_list, settings.max_length)
     kept, positions_key = kept_positions(settings.positions, tokens, prompt_list)
     specs = probe_hooks(scope, names, tokens[0], settings.pattern_heads)
@@ -66,6 +64,14 @@ def make_plan(scope, prompt_list: list[Prompt], hooks: str | Sequence[str],
     return plan, truncated
 
 
+def resolve_hooks(scope, hooks: str | Sequence[str]) -> list[str]:
+    """The hook names `hooks` (names or globs) select in `scope`, in model order; at least one."""
+    names = scope.resolve_names(split_patterns(hooks))
+    if not names:
+        raise StoreError(f"--hooks {hooks!r} selects no hook")
+    return names
+
+
 def tokenize_prompts(scope, prompt_list: list[Prompt], max_length: int | None) -> tuple[list[np.ndarray], int]:
     """Token ids of every prompt as `scope.tokenize` makes them, padding stripped, truncated to
     `max_length` (the documented behaviour: the first max_length tokens are kept)."""
@@ -91,7 +97,7 @@ def tokenize_prompts(scope, prompt_list: list[Prompt], max_length: int | None) -
     return tokens, truncated
 
 
-def kept_positions(positions: Positions, tokens: list[np.ndarray],
+def kept_positions(positions: StoredPositions, tokens: list[np.ndarray],
                    prompt_list: list[Prompt]) -> tuple[list[np.ndarray], str]:
     """Sorted positions to store per prompt, and the key a resume must match."""
     if positions == "all":
@@ -127,7 +133,7 @@ def kept_positions(positions: Positions, tokens: list[np.ndarray],
 
 
 def probe_hooks(scope, names: list[str], first_prompt: np.ndarray,
-                pattern_heads: Sequence[int] | None) -> list[HookSpec]:
+                pattern_heads: Sequence[int] | None) -> list[StoredHook]:
     """Feature shapes of every hook, from one short forward pass."""
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -141,11 +147,16 @@ def probe_hooks(scope, names: list[str], first_prompt: np.ndarray,
     for name in names:
         shape = shapes[name]
         if is_pattern(name):
-            heads = tuple(range(shape[1])) if pattern_heads is None else tuple(pattern_heads)
-            if any(not 0 <= h < shape[1] for h in heads):
-                raise StoreError(f"--pattern-heads {list(heads)}: {name} has heads 0..{shape[1] - 1}")
-            specs.append(HookSpec(name, (shape[1],), heads))
+            specs.append(StoredHook(name, (shape[1],), kept_heads(pattern_heads, shape[1], name)))
         else:
-            specs.append(HookSpec(name, shape[2:]))
+            specs.append(StoredHook(name, shape[2:]))
     return specs
+
+
+def kept_heads(pattern_heads: Sequence[int] | None, n_heads: int, name: str) -> tuple[int, ...]:
+    """The heads the attention pattern `name` keeps: all of its `n_heads` when None."""
+    heads = tuple(range(n_heads)) if pattern_heads is None else tuple(pattern_heads)
+    if any(not 0 <= h < n_heads for h in heads):
+        raise StoreError(f"--pattern-heads {list(heads)}: {name} has heads 0..{n_heads - 1}")
+    return heads
 

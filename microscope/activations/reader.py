@@ -29,7 +29,8 @@ import zarr
 from microscope.activations.layout import StoreDtype, store_dtype
 from microscope.activations.schema import HOOKS_GROUP, open_group, store_is_complete
 from microscope.activations.units import Unit, committed_units, units_from_array
-from microscope.errors import StoreCorruptError, StoreError, UnitNotCommittedError
+from microscope.errors import (StoreCorruptError, StoreError, StoreIndexError, UnitNotCommittedError,
+                               UnknownHookError)
 from microscope.names import feature_dim_names
 
 
@@ -94,7 +95,7 @@ class ActivationStore:
 
     def __getitem__(self, hook: str) -> HookArray:
         if hook not in self.hooks:
-            raise KeyError(f"{hook!r} is not in this store; it holds: {', '.join(self.hooks)}")
+            raise UnknownHookError(f"{hook!r} is not in this store; it holds: {', '.join(self.hooks)}")
         array = self.group[f"{HOOKS_GROUP}/{hook}"]
         cls = PatternArray if array.attrs["kind"] == "pattern" else HookArray
         return cls(self, hook, array)
@@ -112,7 +113,7 @@ class ActivationStore:
     def prompt_range(self, prompt: int) -> slice:
         """Prompt's kept tokens on the flat token axis."""
         if not -self.n_prompts <= prompt < self.n_prompts:
-            raise IndexError(f"prompt {prompt} out of range: the store has {self.n_prompts} prompts")
+            raise StoreIndexError(f"prompt {prompt} out of range: the store has {self.n_prompts} prompts")
         prompt %= self.n_prompts
         return slice(int(self.prompt_offsets[prompt]), int(self.prompt_offsets[prompt + 1]))
 
@@ -219,7 +220,12 @@ class ActivationStore:
     # --- xarray ---
     def to_xarray(self, hooks: Sequence[str] | None = None):
         """An `xarray.Dataset` of dask arrays: one variable per hook on a `token` dimension (patterns
-        on `pattern_row`), coordinates token_id, prompt_id, position. bf16 reads as float32 (exact)."""
+        on `pattern_row`), coordinates token_id, prompt_id, position.
+
+        Every variable is float32, whatever the stored dtype: fp16 and bf16 chunks are widened
+        exactly as dask reads them, so ``ds[hook].mean()`` and other reductions accumulate in
+        float32 (as numpy's mean of float16 does) rather than in float16, which loses most digits
+        and overflows to inf past 65504. ``store[hook][a:b]`` still reads the stored dtype."""
         import dask.array as da
         import xarray as xr
 
@@ -345,15 +351,16 @@ class HookArray:
         return TorchView(self)
 
     def to_dask(self):
-        """Dask array over the kept rows (unit tail rows dropped), numpy dtype (bf16 -> float32)."""
+        """Dask array over the kept rows (unit tail rows dropped), always float32: fp16 and bf16
+        chunks are widened (exactly) as they are read, so sums and means accumulate in float32."""
         import dask.array as da
 
         raw = da.from_zarr(self.array)
         parts = [raw[self._unit_first_row(u):self._unit_first_row(u) + self._unit_len(u)]
                  for u in self.store.units if self._unit_len(u)]
         flat = da.concatenate(parts) if parts else raw[:0]
-        if self.store.dtype.name == "bfloat16":
-            flat = flat.map_blocks(self.store.dtype.to_numpy, dtype=np.float32)
+        if self.store.dtype.name != "float32":
+            flat = flat.map_blocks(_as_float32, self.store.dtype, dtype=np.float32)
         return flat.reshape(flat.shape[0], *self.feature_shape) if self.kind == "tokens" else flat
 
 
@@ -420,6 +427,11 @@ class TorchView:
         return self[self.hook.store.prompt_range(prompt)]
 
 
+def _as_float32(stored: np.ndarray, dtype: StoreDtype) -> np.ndarray:
+    """One chunk's stored values as float32 (exact for float16 and bfloat16)."""
+    return dtype.to_numpy(stored).astype(np.float32, copy=False)
+
+
 def _storage_view(x: torch.Tensor, dtype: StoreDtype) -> np.ndarray:
     return dtype.to_storage(x.contiguous())
 
@@ -432,7 +444,7 @@ def _slice_bounds(key, n: int) -> tuple[int, int]:
     if isinstance(key, (int, np.integer)):
         index = int(key) + n if key < 0 else int(key)
         if not 0 <= index < n:
-            raise IndexError(f"row {key} out of range for {n} rows")
+            raise StoreIndexError(f"row {key} out of range for {n} rows")
         return index, index + 1
     if isinstance(key, slice):
         start, stop, step = key.indices(n)

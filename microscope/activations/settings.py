@@ -11,9 +11,11 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
+from microscope.errors import UnknownSettingError
+
 # "all", "last", "field:NAME" (a prompt metadata field listing positions or a 0/1 mask), or one
 # list of positions (or a 0/1 mask) per prompt.
-Positions = str | Sequence[Sequence[int]]
+StoredPositions = str | Sequence[Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class DumpSettings:
     """Every setting of a dump; the defaults are the CLI's. Sizes in rows (tokens) or bytes."""
 
     dtype: str = "fp16"                         # stored dtype: fp32, fp16 or bf16
-    positions: Positions = "all"                # tokens kept per prompt (see `Positions`)
+    positions: StoredPositions = "all"          # tokens kept per prompt (see `StoredPositions`)
     batch_tokens: int = 4096                    # padded tokens per forward batch
     max_length: int | None = None               # truncate prompts to their first N tokens
     resume: bool = False                        # continue a store: recompute uncommitted units only
@@ -38,11 +40,11 @@ class DumpSettings:
     command_line: str | None = None             # recorded in the store's provenance
 
     def but(self, **changes) -> DumpSettings:
-        """A copy with `changes`; an unknown name is a TypeError listing the settings."""
+        """A copy with `changes`; an unknown name is an `UnknownSettingError` listing the settings."""
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
-            raise TypeError(f"unknown dump setting(s) {', '.join(unknown)}; the settings are "
-                            f"{', '.join(f.name for f in fields(self))}")
+            raise UnknownSettingError(f"unknown dump setting(s) {', '.join(unknown)}; the settings are "
+                                      f"{', '.join(f.name for f in fields(self))}")
         return replace(self, **changes)
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
+from microscope.errors import StoreError
+
 UNIT_COLUMNS = ("prompt_start", "prompt_stop", "token_start", "token_stop", "row_start",
                 "pattern_start", "pattern_stop", "pattern_row_start")
 
@@ -54,7 +56,7 @@ def plan_units(kept_tokens: np.ndarray, pattern_rows: np.ndarray, unit_rows: int
     """Pack prompts, in order, into units of at most `unit_rows` kept tokens (a longer prompt gets a
     unit of its own). `kept_tokens[p]`/`pattern_rows[p]` are prompt p's rows on the two axes."""
     if unit_rows % chunk_rows:
-        raise ValueError(f"unit_rows ({unit_rows}) must be a multiple of chunk_rows ({chunk_rows})")
+        raise StoreError(f"unit_rows ({unit_rows}) must be a multiple of chunk_rows ({chunk_rows})")
     units: list[Unit] = []
     start = token = row = pattern = pattern_row = 0
     n_prompts = len(kept_tokens)

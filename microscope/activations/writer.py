@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 
 from microscope.activations.layout import create_array
-from microscope.activations.schema import FORMAT_VERSION, HookSpec, StorePlan
+from microscope.activations.schema import FORMAT_VERSION, StorePlan, StoredHook
 from microscope.activations.units import Unit, row_extent, units_to_array
 from microscope.errors import StoreError, StoreMismatchError
 
@@ -100,7 +100,7 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def write_hook(array: zarr.Array, spec: HookSpec, unit: Unit, rows: slice, data: np.ndarray) -> None:
+def write_hook(array: zarr.Array, spec: StoredHook, unit: Unit, rows: slice, data: np.ndarray) -> None:
     """Write one hook's whole-chunk block for a unit into its array (data rows == rows' length)."""
     if data.shape[0] != rows.stop - rows.start:
         raise StoreError(f"{spec.name}: unit {unit.index} block has {data.shape[0]} rows, "

@@ -10,7 +10,8 @@
     an.pattern_head_scores(scope); an.copying_scores(scope)          # head_scores.py
     an.mean_difference_vector(...); an.steer_generate(...)           # steering.py
 
-Names are imported on first use so that importing the package stays cheap.
+Names are imported on first use so that importing the package stays cheap. The studies and the
+other analyses that run as experiment steps are listed in `microscope.analysis.registry`.
 """
 
 from __future__ import annotations

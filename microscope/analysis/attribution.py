@@ -34,7 +34,7 @@ import plotly.graph_objects as go
 import torch
 from einops import einsum, rearrange
 
-from microscope.analysis.inputs import Prompts, Tokens, select_position, token_batch, token_ids
+from microscope.analysis.inputs import TextsOrIds, Tokens, select_position, token_batch, token_ids
 from microscope.analysis.results import Result
 from microscope.models.anatomy import decoder, final_norm, is_pre_ln
 from microscope.names import act_name, head_label
@@ -129,7 +129,7 @@ def _needed_hooks(n_layers: int) -> list[str]:
 
 
 @torch.no_grad()
-def direct_logit_attribution(scope, prompts: Prompts, target: Tokens, *, baseline: Tokens | None = None,
+def direct_logit_attribution(scope, prompts: TextsOrIds, target: Tokens, *, baseline: Tokens | None = None,
                              position: int | str = "last",
                              attention_mask: torch.Tensor | None = None) -> AttributionResult:
     """Decompose logit[target] (minus logit[baseline] if given) at one position per prompt.

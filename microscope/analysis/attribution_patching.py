@@ -20,13 +20,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from microscope.analysis.inputs import Prompts, Tokens, decode_token
+from microscope.analysis.inputs import TextsOrIds, Tokens, decode_token
 from microscope.analysis.patching import PatchingResult, logit_diff, patching_inputs
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
 
 
-def attribution_patching(scope, clean: Prompts, corrupted: Prompts | None = None, *, answer: Tokens,
+def attribution_patching(scope, clean: TextsOrIds, corrupted: TextsOrIds | None = None, *, answer: Tokens,
                          wrong: Tokens, site: str = "resid_pre", mode: str = "denoising",
                          attention_mask: torch.Tensor | None = None) -> PatchingResult:
     """Gradient x difference estimate of `activation_patching` with the same arguments; returns a

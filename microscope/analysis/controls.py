@@ -1,12 +1,15 @@
 """Controls: the measurements that could make a claim false, computed in the same run and reported
-beside it (DESIGN.md "Evidence standards").
+beside it (docs/evidence.md "Controls").
 
     null = random_init_null(scope, lambda s: top_induction(s), seeds=range(5))
     claim = Controlled(value=top_induction(scope), null=null, control="random init x5")
     claim.clears          # value above every control value
     claim.headline("top_induction_score")
-    # {"top_induction_score": 0.91, "top_induction_score_control_mean": 0.08,
-    #  "top_induction_score_control_max": 0.11, "top_induction_score_clears_control": True}
+    # {"top_induction_score": 0.91, "top_induction_score_control": "random init x5",
+    #  "top_induction_score_control_mean": 0.08, "top_induction_score_control_max": 0.11,
+    #  "top_induction_score_clears_control": True}
+    split_controls(claim.headline("top_induction_score"))     # the reader of those keys
+    # [("top_induction_score", 0.91, "random init x5: mean 0.08, max 0.11 · clears")]
 
 Nulls available here: random-initialisation models of the same architecture (`random_init_scopes`,
 `random_init_null`), shuffled labels (`shuffled`), random heads other than the claimed ones
@@ -16,16 +19,20 @@ Nulls available here: random-initialisation models of the same architecture (`ra
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import OPTForCausalLM
 
+from microscope.analysis.progress import Progress, counted
 from microscope.errors import AnalysisInputError
 
 DEFAULT_SEEDS = tuple(range(5))
+# what `Controlled.headline` appends to a number's key; `split_controls` reads them back
+CONTROL, CONTROL_MEAN, CLEARS = "_control", "_control_mean", "_clears_control"
+CONTROL_EXTREME = {True: "_control_max", False: "_control_min"}   # by higher_is_claim
 
 
 @dataclass(frozen=True)
@@ -59,27 +66,52 @@ class Controlled:
         return self.value > self.extreme if self.higher_is_claim else self.value < self.extreme
 
     def headline(self, key: str) -> dict[str, float | bool | str]:
-        """The value with its control, as flat keys for a study's `summary()`."""
-        side = "max" if self.higher_is_claim else "min"
-        return {key: self.value, f"{key}_control": self.control, f"{key}_control_mean": self.mean,
-                f"{key}_control_{side}": self.extreme, f"{key}_clears_control": self.clears}
+        """The value with its control, as flat keys for a study's `summary()` (read back by
+        `split_controls`)."""
+        return {key: self.value, key + CONTROL: self.control, key + CONTROL_MEAN: self.mean,
+                key + CONTROL_EXTREME[self.higher_is_claim]: self.extreme, key + CLEARS: self.clears}
 
 
-def random_init_scopes(scope, seeds: Sequence[int] = DEFAULT_SEEDS) -> Iterator:
+def split_controls(numbers: Mapping[str, object]) -> list[tuple[str, object, str]]:
+    """(key, value, control) rows of a summary: a number written by `Controlled.headline` gets one
+    row with its control described beside it ("random init x5: mean 0.08, max 0.11 · clears");
+    the control's own keys get no rows; any other number has control ""."""
+    claims = [k for k in numbers if k + CONTROL in numbers]
+    hidden = {k + suffix for k in claims for suffix in (CONTROL, CONTROL_MEAN, CLEARS, *CONTROL_EXTREME.values())}
+    return [(key, value, _describe(numbers, key) if key in claims else "")
+            for key, value in numbers.items() if key not in hidden]
+
+
+def _describe(numbers: Mapping[str, object], key: str) -> str:
+    higher = key + CONTROL_EXTREME[True] in numbers
+    side, clears = ("max" if higher else "min"), numbers.get(key + CLEARS)
+    verdict = "" if clears is None else " · clears" if clears else " · does NOT clear"
+    return (f"{numbers[key + CONTROL]}: mean {_number(numbers.get(key + CONTROL_MEAN))}, "
+            f"{side} {_number(numbers.get(key + CONTROL_EXTREME[higher]))}{verdict}")
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def random_init_scopes(scope, seeds: Sequence[int] = DEFAULT_SEEDS, *, progress: Progress | None = None,
+                       step: str = "random-init controls") -> Iterator:
     """Scopes over freshly initialised models of `scope`'s config (HF init, `torch.manual_seed(seed)`),
-    same tokenizer and device, one per seed; each is built when the iterator reaches it."""
+    same tokenizer and device, one per seed; each is built when the iterator reaches it.
+    `progress` hears ``(step, models done, len(seeds))`` as the loop goes."""
     from microscope.scope import Scope
     config = scope.model.config
     device, dtype = scope.model.lm_head.weight.device, scope.model.lm_head.weight.dtype
-    for seed in seeds:
+    for seed in counted(seeds, len(seeds), step, progress):
         torch.manual_seed(seed)
         model = OPTForCausalLM(config).to(device=device, dtype=dtype).eval()
         yield Scope(model, scope.tokenizer, source=f"random init (seed {seed}) of {scope.source}")
 
 
-def random_init_null(scope, measure: Callable, seeds: Sequence[int] = DEFAULT_SEEDS) -> list:
+def random_init_null(scope, measure: Callable, seeds: Sequence[int] = DEFAULT_SEEDS, *,
+                     progress: Progress | None = None) -> list:
     """`measure(random_scope)` for a random-init model of `scope`'s shape per seed."""
-    return [measure(s) for s in random_init_scopes(scope, seeds)]
+    return [measure(s) for s in random_init_scopes(scope, seeds, progress=progress)]
 
 
 def shuffled(labels: Sequence, seed: int = 0) -> list:

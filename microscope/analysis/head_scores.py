@@ -20,20 +20,24 @@ Chance is k / vocab.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 from einops import rearrange
 
-from microscope.analysis.inputs import Prompts, token_batch
+from microscope.analysis.inputs import TextsOrIds, token_batch
 from microscope.analysis.results import Result
+from microscope.errors import AnalysisInputError
 from microscope.models.anatomy import decoder, is_pre_ln, unembed
 from microscope.names import every_layer, head_label, layer_names
 from microscope.viz.figures import head_grid
 
-PATTERN_KINDS = ("previous_token", "duplicate_token", "induction")
+PatternKind = Literal["previous_token", "duplicate_token", "induction"]
+PATTERN_KINDS: tuple[str, ...] = get_args(PatternKind)
 
 
 @dataclass(repr=False)
@@ -101,7 +105,7 @@ def pattern_targets(ids: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.T
         targets[:, :, 1:] = earlier[:, :, :-1]  # ... so the key after it is k + 1,
         targets &= (k < q)  # which must be strictly before q
     else:
-        raise ValueError(f"kind must be one of {PATTERN_KINDS}, got {kind!r}")
+        raise AnalysisInputError(f"kind must be one of {PATTERN_KINDS}, got {kind!r}")
     return targets & real
 
 
@@ -109,7 +113,7 @@ def _score(patterns: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
     """patterns [layer, batch, head, q, k], targets [batch, q, k] -> scores [layer, head], chance."""
     has = targets.any(-1)  # [batch, q]: queries with something to find
     if not has.any():
-        raise ValueError("these prompts give no query a target for this score (e.g. no repeated tokens)")
+        raise AnalysisInputError("these prompts give no query a target for this score (e.g. no repeated tokens)")
     mass = (patterns * targets[None, :, None].to(patterns.dtype)).sum(-1)  # [layer, batch, head, q]
     scores = (mass * has[None, :, None]).sum((1, 3)) / has.sum()
     visible = torch.arange(targets.shape[1]).add(1).float()  # q + 1 keys visible to query q
@@ -118,7 +122,7 @@ def _score(patterns: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def pattern_head_scores(scope, prompts: Prompts | None = None, *, kinds=PATTERN_KINDS,
+def pattern_head_scores(scope, prompts: TextsOrIds | None = None, *, kinds: Sequence[PatternKind] = PATTERN_KINDS,
                         attention_mask: torch.Tensor | None = None) -> dict[str, HeadScores]:
     """Previous-token, duplicate-token and induction scores from one run (see module docstring).
 
@@ -135,17 +139,17 @@ def pattern_head_scores(scope, prompts: Prompts | None = None, *, kinds=PATTERN_
     return out
 
 
-def previous_token_scores(scope, prompts: Prompts | None = None, **kw) -> HeadScores:
+def previous_token_scores(scope, prompts: TextsOrIds | None = None, **kw) -> HeadScores:
     """[layer, head] attention to the previous token (see `pattern_head_scores`)."""
     return pattern_head_scores(scope, prompts, kinds=["previous_token"], **kw)["previous_token"]
 
 
-def duplicate_token_scores(scope, prompts: Prompts | None = None, **kw) -> HeadScores:
+def duplicate_token_scores(scope, prompts: TextsOrIds | None = None, **kw) -> HeadScores:
     """[layer, head] attention to earlier copies of the current token."""
     return pattern_head_scores(scope, prompts, kinds=["duplicate_token"], **kw)["duplicate_token"]
 
 
-def induction_scores(scope, prompts: Prompts | None = None, **kw) -> HeadScores:
+def induction_scores(scope, prompts: TextsOrIds | None = None, **kw) -> HeadScores:
     """[layer, head] attention to the token after an earlier copy of the current token."""
     return pattern_head_scores(scope, prompts, kinds=["induction"], **kw)["induction"]
 

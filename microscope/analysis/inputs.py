@@ -18,11 +18,11 @@ import torch
 
 from microscope.errors import AnalysisInputError
 
-Prompts = Sequence[str] | torch.Tensor
+TextsOrIds = Sequence[str] | torch.Tensor   # texts, or ids [batch, pos]: what `token_batch` takes
 Tokens = int | str | Sequence[int] | Sequence[str] | torch.Tensor
 
 
-def token_batch(scope, prompts: Prompts, attention_mask: torch.Tensor | None = None
+def token_batch(scope, prompts: TextsOrIds, attention_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids [batch, pos], attention_mask [batch, pos]) for texts or ids, on the CPU."""
     if isinstance(prompts, torch.Tensor):

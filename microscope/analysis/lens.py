@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from microscope.analysis.inputs import Prompts, Tokens, decode_token, select_position, token_batch
+from microscope.analysis.inputs import TextsOrIds, Tokens, decode_token, select_position, token_batch
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
 from microscope.models.anatomy import unembed, unembed_direction
@@ -163,8 +164,8 @@ class LensResult(Result):
 
 
 @torch.no_grad()
-def logit_lens(scope, prompts: Prompts, *, points: Sequence[str] | None = None,
-               position: int | str = "all", attention_mask: torch.Tensor | None = None,
+def logit_lens(scope, prompts: TextsOrIds, *, points: Sequence[str] | None = None,
+               position: int | Literal["all", "last"] = "all", attention_mask: torch.Tensor | None = None,
                translate: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> LensResult:
     """Read residual-stream points through the final path (`anatomy.unembed`) at every position.
 

@@ -28,7 +28,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from microscope.analysis.inputs import Prompts, Tokens, decode_token, last_positions, token_batch, token_ids
+from microscope.analysis.inputs import TextsOrIds, Tokens, decode_token, last_positions, token_batch, token_ids
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import patch_from
@@ -149,7 +149,7 @@ class PatchingInputs(NamedTuple):
     last: torch.Tensor
 
 
-def patching_inputs(scope, clean: Prompts, corrupted: Prompts | None, answer: Tokens, wrong: Tokens,
+def patching_inputs(scope, clean: TextsOrIds, corrupted: TextsOrIds | None, answer: Tokens, wrong: Tokens,
                     attention_mask: torch.Tensor | None = None, *, mode: str, site: str) -> PatchingInputs:
     """Check and tokenise a patching run's inputs (clean and corrupted of equal token lengths)."""
     if mode not in MODES:
@@ -195,7 +195,7 @@ def _variant_mask(n_variants: int, acts: torch.Tensor, per_head: bool) -> torch.
 
 
 @torch.no_grad()
-def activation_patching(scope, clean: Prompts, corrupted: Prompts | None = None, *, answer: Tokens,
+def activation_patching(scope, clean: TextsOrIds, corrupted: TextsOrIds | None = None, *, answer: Tokens,
                         wrong: Tokens, site: str = "resid_pre", mode: str = "denoising",
                         attention_mask: torch.Tensor | None = None, max_rows: int = 256) -> PatchingResult:
     """Patch one site at a time (each layer x position, or each layer x head) between clean and

@@ -31,7 +31,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from microscope.activations.reader import ActivationStore
-from microscope.analysis.inputs import Prompts, last_positions, token_batch
+from microscope.analysis.inputs import TextsOrIds, last_positions, token_batch
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError, UnknownHookError
 from microscope.names import every_layer, parse, resolve
@@ -133,7 +133,7 @@ def train_probes(features: dict[str, np.ndarray | torch.Tensor], labels: Sequenc
 
 
 @torch.no_grad()
-def live_features(scope, prompts: Prompts, hooks: str | Sequence[str] = DEFAULT_HOOKS, *,
+def live_features(scope, prompts: TextsOrIds, hooks: str | Sequence[str] = DEFAULT_HOOKS, *,
                   position: str = "last", attention_mask: torch.Tensor | None = None,
                   batch_size: int = 32) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """({hook: [N, d]}, prompt index [N]) from running prompts through the scope."""
@@ -188,7 +188,7 @@ def store_features(store, hooks: str | Sequence[str] = DEFAULT_HOOKS, *, positio
     return features, (prompt_of_row if position == "all" else present)
 
 
-def layer_probes(source, prompts: Prompts | None = None, labels: Sequence | str | None = None, *,
+def layer_probes(source, prompts: TextsOrIds | None = None, labels: Sequence | str | None = None, *,
                  hooks: str | Sequence[str] = DEFAULT_HOOKS, position: str = "last",
                  test_fraction: float = 0.25, seed: int = 0, C: float = 1.0) -> ProbeResult:
     """Probe every matching hook for `labels`, from a live scope or an activation store.

@@ -6,6 +6,9 @@ holding tensors) with
 - ``.summary()`` -> a flat dict of headline numbers (JSON-ready: numbers, strings, lists, None);
 - ``.figures()`` -> a list of `plotly.graph_objects.Figure`, the standard pictures of that result;
 - ``.to_frame()`` -> `pandas.DataFrame`, one row per measured thing (tidy, ready for groupby/plots);
+- ``.title`` -> one line naming what was measured (the note under its section of a report);
+- ``.report_html()`` -> HTML of its own for the experiment report, shown after its figures
+  ("" unless a result has more to show, e.g. the feature dashboards);
 - ``_repr_html_`` so that a result shown in JupyterLab prints its title, its scalar headline
   numbers and the first rows of its frame (not its tensors).
 """
@@ -13,6 +16,7 @@ holding tensors) with
 from __future__ import annotations
 
 import html
+from abc import ABC, abstractmethod
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -22,19 +26,27 @@ HTML_ROWS = 8  # rows of the frame shown by _repr_html_
 Summary = dict[str, float | int | str | list | None]
 
 
-class Result:
-    """Base of analysis results. Subclasses set `title` and implement `summary`, `figures`, `to_frame`."""
+class Result(ABC):
+    """Base of analysis results. Subclasses set `title` and implement `summary`, `figures`, `to_frame`
+    (and `report_html` when they have HTML of their own). The workbench reads nothing else."""
 
     title: str = "result"
 
+    @abstractmethod
     def summary(self) -> Summary:
-        raise NotImplementedError(f"{type(self).__name__} must implement summary()")
+        """The headline numbers, flat and JSON-ready."""
 
+    @abstractmethod
     def figures(self) -> list[go.Figure]:
-        raise NotImplementedError(f"{type(self).__name__} must implement figures()")
+        """The standard pictures of this result."""
 
+    @abstractmethod
     def to_frame(self) -> pd.DataFrame:
-        raise NotImplementedError(f"{type(self).__name__} must implement to_frame()")
+        """One row per measured thing."""
+
+    def report_html(self) -> str:
+        """HTML shown after the figures in an experiment report ("": none)."""
+        return ""
 
     def summary_line(self) -> str:
         """The headline numbers on one line (scalars only)."""

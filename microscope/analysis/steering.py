@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from microscope.analysis.inputs import Prompts, last_positions, token_batch
+from microscope.analysis.inputs import TextsOrIds, last_positions, token_batch
 from microscope.analysis.lens import vocab_projection
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
@@ -96,7 +96,7 @@ def _hook_name(scope, layer: int | None, hook: str | None) -> str:
 
 
 @torch.no_grad()
-def mean_difference_vector(scope, positive: Prompts, negative: Prompts, *, layer: int | None = None,
+def mean_difference_vector(scope, positive: TextsOrIds, negative: TextsOrIds, *, layer: int | None = None,
                            hook: str | None = None, position: str = "last") -> SteeringVector:
     """mean act(positive) - mean act(negative) [d_model] at one hook; position "last" or "mean"."""
     name = _hook_name(scope, layer, hook)
@@ -131,7 +131,7 @@ def actadd_vector(scope, plus: str | torch.Tensor, minus: str | torch.Tensor, *,
     return SteeringVector(hook=name, vector=act[0] - act[1], kind="actadd", title=f"ActAdd at {name}")
 
 
-def steer_generate(scope, prompts: Prompts, vector: SteeringVector, coefficient: float = 1.0,
+def steer_generate(scope, prompts: TextsOrIds, vector: SteeringVector, coefficient: float = 1.0,
                    **generate_kwargs):
     """``scope.generate`` with the vector added (returns its `GenerationResult`). A fresh hook per
     call; for ActAdd the add lands on each prompt's first k real tokens of the left-padded batch."""

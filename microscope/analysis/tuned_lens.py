@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from microscope import names
-from microscope.analysis.inputs import Prompts, token_batch
+from microscope.analysis.inputs import TextsOrIds, token_batch
 from microscope.analysis.lens import residual_points
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
@@ -82,7 +82,7 @@ def _kl(target_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (target_logprobs.exp() * (target_logprobs - lens)).sum(-1)
 
 
-def _live_rows(scope, prompts: Prompts, points: list[str], batch_size: int) -> dict[str, torch.Tensor]:
+def _live_rows(scope, prompts: TextsOrIds, points: list[str], batch_size: int) -> dict[str, torch.Tensor]:
     """{point: [tokens, d_model]} of every real (unpadded) token of `prompts`."""
     ids, mask = token_batch(scope, prompts)
     rows: dict[str, list[torch.Tensor]] = {p: [] for p in points}
@@ -114,7 +114,7 @@ def _batches(scope, prompts, store, points, batch_tokens: int, seed: int) -> Ite
             yield {p: v[order[start:start + batch_tokens]] for p, v in rows.items()}
 
 
-def fit_tuned_lens(scope, prompts: Prompts | None = None, *, store=None, steps: int = 300,
+def fit_tuned_lens(scope, prompts: TextsOrIds | None = None, *, store=None, steps: int = 300,
                    lr: float = 1e-3, batch_tokens: int = 1024, seed: int = 0) -> TunedLens:
     """Train a tuned lens on `prompts` (live runs) or on `store` (an `ActivationStore` holding
     ``blocks.0.hook_resid_pre`` and every ``blocks.*.hook_resid_post``).
@@ -176,7 +176,7 @@ class LensComparison(Result):
 
 
 @torch.no_grad()
-def compare_lenses(scope, prompts: Prompts, lens: TunedLens) -> LensComparison:
+def compare_lenses(scope, prompts: TextsOrIds, lens: TunedLens) -> LensComparison:
     """KL to the output at every point under both lenses, over every real token of `prompts`."""
     rows = _live_rows(scope, prompts, lens.points, batch_size=32)
     target = unembed(scope.model, rows[lens.points[-1]]).log_softmax(-1)

@@ -5,9 +5,12 @@ The dump's options become one `DumpSettings`; errors are reported by `microscope
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 import typer
 
+from microscope.cli.errors import OptionError
 from microscope.cli.invocation import command_line
 
 
@@ -37,53 +40,42 @@ def dump_command(
 
     from microscope.activations.dump import dump
     from microscope.activations.settings import DumpSettings
+    from microscope.workbench.progress import step_progress
 
     rank = int(os.environ.get("RANK", "0"))
     settings = DumpSettings(
         dtype=dtype, positions=positions, batch_tokens=batch_tokens, max_length=max_length, resume=resume,
-        pattern_heads=[int(h) for h in pattern_heads.split(",")] if pattern_heads else None,
+        pattern_heads=_head_list(pattern_heads) if pattern_heads else None,
         chunk_rows=chunk_rows, unit_rows=unit_rows, compress=compress, gpus_per_model=gpus_per_model,
         max_pending_bytes=max_pending_mb << 20, writer_threads=writer_threads, seed=seed,
         command_line=command_line())
-    with _DumpProgress(enabled=rank == 0, console=Console(stderr=True)) as progress:
-        summary = dump(model, prompts, hooks, out, settings, on_progress=progress.update)
+    with step_progress("dump", enabled=rank == 0) as bar:
+        summary = dump(model, prompts, hooks, out, settings, on_progress=_with_rates(bar))
     if rank == 0:
         Console().print(_summary_table(summary))
 
 
-class _DumpProgress:
-    """A rich progress bar fed by the dump's on_progress callback: tokens/s, MB/s, ETA."""
+def _head_list(text: str) -> list[int]:
+    """--pattern-heads '0,3' as [0, 3]."""
+    try:
+        return [int(h) for h in text.split(",")]
+    except ValueError:
+        raise OptionError(f"--pattern-heads {text!r}: give head indices separated by commas, e.g. '0,3'") from None
 
-    def __init__(self, enabled: bool, console):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
 
-        self.enabled = enabled
-        self.progress = Progress(TextColumn("dump"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("tokens  {task.fields[rate]} tok/s  {task.fields[mbs]} MB/s"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=console, disable=not enabled)
-        self.task = None
-        self.started = None
+def _with_rates(bar: Callable[[str, int, int], None]) -> Callable[[dict], None]:
+    """The dump's on_progress state reported to `bar` as tokens done of all, with tokens/s and
+    MB/s since the first batch."""
+    started = None
 
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
+    def report(state: dict) -> None:
+        nonlocal started
+        started = started or time.perf_counter()
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        bar(f"tokens, {state['tokens'] / elapsed:,.0f} tok/s, {state['bytes'] / 1e6 / elapsed:,.1f} MB/s",
+            state["tokens"], state["total"])
 
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
-
-    def update(self, state: dict) -> None:
-        import time
-
-        if not self.enabled:
-            return
-        if self.task is None:
-            self.started = time.perf_counter()
-            self.task = self.progress.add_task("dump", total=state["total"], rate="-", mbs="-")
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.progress.update(self.task, completed=state["tokens"], rate=f"{state['tokens'] / elapsed:,.0f}",
-                             mbs=f"{state['bytes'] / 1e6 / elapsed:,.1f}")
+    return report
 
 
 def _summary_table(summary):

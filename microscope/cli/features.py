@@ -5,6 +5,7 @@ Heavy imports are deferred so that `--help` stays fast; errors are reported by `
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -51,16 +52,17 @@ def train_command(
 ) -> None:
     """Train a TopK SAE (or transcoder) on a hook of a store; resumable; data parallel under torchrun."""
     from microscope.analysis.features.train import train_dictionary
+    from microscope.workbench.progress import step_progress
 
     for name, value in {"--steps": steps, "--batch-size": batch_size, "--k": k,
                         "--expansion-factor": expansion_factor, "--checkpoint-every": checkpoint_every}.items():
         if value < 1:
             raise OptionError(f"{name} must be at least 1, got {value}")
-    d = train_dictionary(store, hook, out, transcode_to=transcode_to, resume=resume, progress=progress,
-                         storage_options=_storage_options(storage_options), steps=steps, batch_size=batch_size,
-                         k=k, expansion_factor=expansion_factor, lr=lr, dead_tokens=dead_tokens,
-                         checkpoint_every=checkpoint_every, seed=seed,
-                         command_line=command_line())
+    with step_progress("features train", enabled=progress and int(os.environ.get("RANK", "0")) == 0) as bar:
+        d = train_dictionary(store, hook, out, transcode_to=transcode_to, resume=resume, progress=bar,
+                             storage_options=_storage_options(storage_options), steps=steps, batch_size=batch_size,
+                             k=k, expansion_factor=expansion_factor, lr=lr, dead_tokens=dead_tokens,
+                             checkpoint_every=checkpoint_every, seed=seed, command_line=command_line())
     history = d.provenance.get("history") or [{}]
     typer.echo(f"{d!r} -> {out} (FVU {history[-1].get('fvu', float('nan')):.4f} at step "
                f"{d.provenance.get('steps_done')})")

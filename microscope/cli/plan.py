@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from microscope.cli.errors import OptionError
-from microscope.errors import MicroscopeError
 from microscope.names import every_layer
 
 
@@ -29,41 +28,45 @@ def plan_command(
     gpu_power_w: float = typer.Option(400.0, help="Board power of one GPU, W."),
     pue: float = typer.Option(1.1, help="Data-centre power usage effectiveness."),
     grid_intensity: float = typer.Option(429.0, help="Grid carbon intensity, gCO2e/kWh."),
-    all_sizes: bool = typer.Option(False, "--all", help="Plan every family size (a table)."),
+    all_sizes: bool = typer.Option(False, "--all", help="Budget every family size (a table)."),
     markdown: bool = typer.Option(False, help="Print a Markdown table (as in docs/scale.md)."),
 ) -> None:
-    """Plan a dump: GPU memory per replica, GPUs, store size, time, energy and CO2e."""
-    from accelerate.utils import convert_file_size_to_int
+    """A dump's budget, before running it: GPU memory per replica, GPUs, store size, time, energy, CO2e."""
     from rich.console import Console
     from rich.table import Table
 
-    from microscope.activations import budget as planning
+    from microscope.activations import budget
 
-    try:
-        inputs = dict(hooks=hooks, tokens=planning.parse_count(tokens), dtype=dtype, positions=positions,
-                      model_dtype=model_dtype, seq_len=seq_len, batch_size=batch_size,
-                      gpu_memory_gb=convert_file_size_to_int(gpu_memory) / 1e9, throughput=throughput,
-                      gpu_tflops=gpu_tflops, write_gbps=write_gbps, replicas=replicas, gpu_power_w=gpu_power_w,
-                      pue=pue, grid_intensity=grid_intensity)
-        plans = planning.plan_all(**inputs) if all_sizes else [planning.plan(model, **inputs)]
-    except MicroscopeError:
-        raise
-    except ValueError as exc:  # plain ValueError from the planner and accelerate's size parser
-        raise OptionError(str(exc)) from None
+    inputs = dict(hooks=hooks, tokens=budget.parse_count(tokens), dtype=dtype, positions=positions,
+                  model_dtype=model_dtype, seq_len=seq_len, batch_size=batch_size,
+                  gpu_memory_gb=gpu_memory_gb(gpu_memory), throughput=throughput,
+                  gpu_tflops=gpu_tflops, write_gbps=write_gbps, replicas=replicas, gpu_power_w=gpu_power_w,
+                  pue=pue, grid_intensity=grid_intensity)
+    budgets = budget.estimate_every_size(**inputs) if all_sizes else [budget.estimate_budget(model, **inputs)]
     if markdown:
-        typer.echo(planning.markdown_table(plans))
+        typer.echo(budget.markdown_table(budgets))
         return
     console = Console()
     if all_sizes:
-        table = Table(*planning.TABLE_COLUMNS, title=f"dump plan: {hooks}, {tokens} tokens")
-        for row in planning.table_rows(plans):
+        table = Table(*budget.TABLE_COLUMNS, title=f"dump budget: {hooks}, {tokens} tokens")
+        for row in budget.table_rows(budgets):
             table.add_row(*row)
         console.print(table)
         return
-    table = Table(show_header=False, title=f"dump plan for {plans[0].size}")
-    for label, value in planning.describe(plans[0]):
+    table = Table(show_header=False, title=f"dump budget for {budgets[0].size}")
+    for label, value in budget.describe(budgets[0]):
         table.add_row(label, value)
     console.print(table)
+
+
+def gpu_memory_gb(text: str) -> float:
+    """A --gpu-memory size ("80GB", "141GB", "24GiB") in GB of 1e9 bytes."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return convert_file_size_to_int(text) / 1e9
+    except ValueError:  # accelerate's size parser
+        raise OptionError(f"--gpu-memory {text!r} is not a size: write e.g. 80GB, 141GB or 24GiB") from None
 
 
 def convert_metaseq_command(

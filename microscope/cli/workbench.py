@@ -1,4 +1,4 @@
-"""`microscope demo`, `microscope run SPEC` and `microscope experiments list`.
+"""`microscope demo`, `microscope run SPEC`, `microscope experiments list` and `microscope experiments steps`.
 
 Heavy modules (torch, transformers, the studies) are imported inside the commands so that
 `microscope --help` stays fast.
@@ -77,4 +77,23 @@ def list_command(
     table.add_column("model", no_wrap=True)
     for spec in specs:
         table.add_row(spec.name, spec.purpose, spec.model)
+    Console().print(table)
+
+
+@experiments_app.command("steps")
+def steps_command() -> None:
+    """Show every step a spec's 'analysis' can list, with what it is for and its function."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from microscope.analysis.registry import ANALYSES
+    from microscope.workbench.experiments import DUMP, DUMP_FUNCTION, DUMP_PURPOSE
+
+    table = Table(title="steps", caption="set a step's arguments in [params.STEP]", box=None)
+    table.add_column("step", no_wrap=True, style="bold")
+    table.add_column("purpose")
+    table.add_column("function", no_wrap=True)
+    table.add_row(DUMP, DUMP_PURPOSE, DUMP_FUNCTION)
+    for analysis in ANALYSES.values():
+        table.add_row(analysis.name, analysis.purpose, analysis.function)
     Console().print(table)

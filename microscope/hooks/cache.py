@@ -9,7 +9,7 @@ import torch
 from einops import einsum, rearrange
 
 from microscope import names
-from microscope.errors import UnknownHookError
+from microscope.errors import HookError, UnknownHookError
 from microscope.models import anatomy
 
 
@@ -68,7 +68,8 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         out_proj's bias is `blocks.{layer}.hook_attn_out`.
         """
         if self.model is None:
-            raise ValueError("this cache has no model attached; per-head results need out_proj's weight")
+            raise HookError("this cache has no model attached; per-head results need out_proj's weight: "
+                            "use scope.run_with_cache, or pass model= to ActivationCache")
         z = self[names.act_name("z", layer)]
         out_proj = anatomy.layers(self.model)[layer].self_attn.out_proj
         w = rearrange(out_proj.weight, "d (h e) -> h e d", h=z.shape[-2]).to(z.device, z.dtype)

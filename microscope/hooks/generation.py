@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from microscope.hooks.hook_points import HookPoint, HookSpec, OPTHookPoints
+from microscope.hooks.hook_points import HookFns, HookPoint, OPTHookPoints
 from microscope.models import anatomy
 from microscope.names import is_pattern
 
@@ -56,7 +56,7 @@ def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int
 
 
 def generate(model: nn.Module, hook_points: OPTHookPoints, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             *, tokenizer: Any = None, max_new_tokens: int = 32, hooks: HookSpec | None = None,
+             *, tokenizer: Any = None, max_new_tokens: int = 32, hooks: HookFns | None = None,
              capture: str | Sequence[str] | None = None, **generate_kwargs: Any) -> GenerationResult:
     """Generate up to `max_new_tokens` per prompt with `hooks` active and `capture` hooks recorded.
 

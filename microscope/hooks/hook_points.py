@@ -47,7 +47,7 @@ from microscope.errors import HookError, UnknownHookError
 from microscope.models import anatomy
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
-HookSpec = Mapping[str, HookFn | Sequence[HookFn]]      # {name or glob pattern: fn or [fns]}
+HookFns = Mapping[str, HookFn | Sequence[HookFn]]       # {name or glob pattern: fn or [fns]} to attach
 
 # "output": forward hook, the module's output (or output[0] for a tuple);
 # "input": forward pre-hook, the module's first input;
@@ -207,7 +207,7 @@ class OPTHookPoints:
         return HookHandle(self, point, fn)
 
     @contextmanager
-    def attach(self, hooks: HookSpec | None) -> Iterator[None]:
+    def attach(self, hooks: HookFns | None) -> Iterator[None]:
         """Attach `{name_or_pattern: fn or [fns]}` for the block; always detached on exit, latest first."""
         handles = []
         try:

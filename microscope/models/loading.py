@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM, PreTrainedModel
 
-from microscope.errors import ModelNotFoundError, UnsupportedModelError
+from microscope.errors import CheckpointCorruptError, ModelNotFoundError, UnsupportedModelError
 from microscope.models.family import SIZES, FamilySize, family_size, opt_config
 from microscope.models.tokenizer import STANDIN_VOCAB_SIZE, standin_tokenizer
 
@@ -166,6 +167,40 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
 
 
+def _check_weight_files(folder: Path, files: list[Path]) -> None:
+    """Refuse, before any weight is read, a checkpoint with a shard missing or a safetensors file
+    truncated or garbled (seen from the shard index and each file's header alone)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        missing = sorted(set(json.loads(index.read_text())["weight_map"].values()) - {f.name for f in files})
+        if missing:
+            raise CheckpointCorruptError(f"{folder} lacks {', '.join(missing)}, named in {index.name}; "
+                                         "re-download the checkpoint or re-save it with save_pretrained")
+    for file in files:
+        problem = _safetensors_problem(file) if file.suffix == ".safetensors" else None
+        if problem:
+            raise CheckpointCorruptError(f"{file} is truncated or corrupt ({problem}); re-download the "
+                                         "checkpoint or re-save it with save_pretrained")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why `file` is not a whole safetensors file, or None. The format: an 8-byte little-endian
+    header length, a JSON header giving each tensor's byte range, then the tensors' bytes."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        if size < 8 or length > size - 8:
+            return f"its header claims {length:,} bytes but the file has {size:,}"
+        try:
+            header = json.loads(fh.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError):
+            return "its header is not a safetensors header"
+    if 8 + length + end > size:
+        return f"its tensors end at byte {8 + length + end:,} but the file has {size:,}"
+    return None
+
+
 def _hash_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for f in files:
@@ -202,6 +237,7 @@ def _from_folder(folder: Path, device, dtype, device_map, max_memory, offload_fo
     elif not files:
         raise ModelNotFoundError(f"{folder} has a config.json but no *.safetensors or *.bin weight files")
     else:
+        _check_weight_files(folder, files)
         try:
             model = OPTForCausalLM.from_pretrained(
                 folder, dtype=dtype or "auto", device_map=device_map if device_map is not None else device,
@@ -212,6 +248,10 @@ def _from_folder(folder: Path, device, dtype, device_map, max_memory, offload_fo
                 f"refused to read the .bin weights in {folder}: they hold objects other than tensors, "
                 "and pickles are only read with torch.load(weights_only=True). Convert the checkpoint "
                 "to safetensors on a machine where you trust its origin.") from err
+        except SafetensorError as err:   # what the header check cannot see: garbled tensor data
+            raise CheckpointCorruptError(
+                f"cannot read the weights in {folder} ({err}): a file is corrupt; re-download the "
+                "checkpoint or re-save it with save_pretrained") from err
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         tok, kind = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False), "checkpoint"
     else:

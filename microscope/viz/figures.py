@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from microscope.errors import AnalysisInputError
+
 
 def _numpy(values) -> np.ndarray:
     if hasattr(values, "detach"):
@@ -35,7 +37,7 @@ def heatmap(values, *, x_labels: Sequence[str] | None = None, y_labels: Sequence
     """A [rows, columns] heatmap; rows run top to bottom. `diverging` centres the colours on 0."""
     z = _numpy(values)
     if z.ndim != 2:
-        raise ValueError(f"heatmap needs a 2-D array, got shape {z.shape}")
+        raise AnalysisInputError(f"heatmap needs a 2-D array [rows, columns], got shape {z.shape}")
     extra = dict(colorscale="RdBu", zmid=0.0) if diverging else dict(colorscale="Viridis")
     trace = go.Heatmap(z=z, x=list(x_labels) if x_labels is not None else None,
                        y=list(y_labels) if y_labels is not None else None,

@@ -20,11 +20,14 @@ A spec (``<library>/<name>.toml``; the name is the file's stem)::
     report = true                       # write report.html
 
 Steps: ``dump`` (`microscope.activations.dump.dump` of prompts x hooks into outputs.store; later
-steps whose function takes a ``store`` argument receive the opened store) and the analyses in
-`ANALYSES`, each a function ``fn(scope, **params)`` returning an analysis `Result` (or a dict of
-them). A ``prompts`` parameter given as ``{ from = SET, where = { FIELD = VALUE } }`` becomes the
-list of that set's prompts whose metadata match (so the studies can run on exactly the prompts the
-dump stored). Relative paths are relative to the working directory.
+steps whose function takes a ``store`` argument receive the opened store) and the analyses of
+`microscope.analysis.registry.ANALYSES`, each a function ``fn(scope, **params)`` returning an
+analysis `Result` (or a dict of them); one that takes ``progress`` gets the run's progress display.
+Every parameter is checked before the model loads (`preflight`): its name against the function's
+signature, its value against the annotation (`workbench.params`). A ``prompts`` parameter given as
+``{ from = SET, where = { FIELD = VALUE } }`` becomes the list of that set's prompts whose metadata
+match (so the studies can run on exactly the prompts the dump stored). Relative paths are relative
+to the working directory.
 
 Libraries: the specs shipped in the package (``microscope/workbench/specs``, which the
 repository's top-level ``experiments/`` links to) plus a team's own folder, given by ``--dir``, by
@@ -34,13 +37,13 @@ team's spec shadows a shipped one of the same name. `find_spec` takes a path or 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import os
 import shutil
 import sys
 import time
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,22 +53,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from microscope.errors import ExperimentSpecError
+from microscope.analysis.registry import ANALYSES
+from microscope.errors import ExperimentSpecError, StoreError
+from microscope.workbench.params import value_problem
 
-# step name -> "module:function"; each function is called as fn(scope, **params)
-ANALYSES: dict[str, str] = {
-    "toxicity": "microscope.analysis.studies.toxicity:run_toxicity",
-    "repetition": "microscope.analysis.studies.repetition:run_repetition",
-    "instructions": "microscope.analysis.studies.instructions:run_instructions",
-    "arithmetic": "microscope.analysis.studies.arithmetic:run_arithmetic",
-    "head_scores": "microscope.analysis.head_scores:pattern_head_scores",
-    "logit_lens": "microscope.analysis.lens:logit_lens",
-    "induction_patterns": "microscope.analysis.induction_patterns:induction_patterns",
-    "circuit": "microscope.analysis.circuits.discovery:run_circuit",
-    "features": "microscope.analysis.features.study:run_features_study",
-}
 DUMP = "dump"
+DUMP_FUNCTION = "microscope.activations.dump:dump"
+DUMP_PURPOSE = "Activations of the spec's prompts x hooks into [outputs] store (later steps may read it)."
 STEPS = (DUMP, *ANALYSES)
+RUNNER_ARGS = ("store", "progress")   # analysis arguments the runner passes itself
 TOP_KEYS = {"purpose", "model", "device", "dtype", "seed", "prompts", "hooks", "analysis", "params", "outputs"}
 OUTPUT_KEYS = {"dir", "store", "report"}
 SHIPPED_SPECS = Path(__file__).resolve().parent / "specs"
@@ -214,11 +210,10 @@ def find_spec(spec: str | Path, directory: str | Path | None = None) -> Path:
 
 def resolve_analysis(step: str) -> Callable:
     """The function behind an analysis step name (imports its module)."""
-    module, _, name = ANALYSES[step].partition(":")
     try:
-        return getattr(importlib.import_module(module), name)
+        return ANALYSES[step].load()
     except (ImportError, AttributeError) as err:
-        raise ExperimentSpecError(f"analysis {step!r} needs {ANALYSES[step]}, which is not available "
+        raise ExperimentSpecError(f"analysis {step!r} needs {ANALYSES[step].function}, which is not available "
                                   f"in this installation ({err})") from None
 
 
@@ -226,18 +221,46 @@ def resolve_analysis(step: str) -> Callable:
 DUMP_OWN_ARGS = ("model", "prompts", "hooks", "out", "seed", "command_line", "on_progress")
 
 
-def check_params(spec: ExperimentSpec, step: str, fn: Callable, reserved: tuple[str, ...] = ()) -> None:
-    """Raise `ExperimentSpecError` when [params.<step>] names an argument `fn` does not take
-    (its first argument, the scope, and `reserved` ones are not settable)."""
+def check_params(spec: ExperimentSpec, step: str, fn: Callable, reserved: tuple[str, ...] = RUNNER_ARGS) -> None:
+    """Raise `ExperimentSpecError` when [params.<step>] names an argument `fn` does not take (its
+    first argument, the scope, and `reserved` ones are not settable) or gives a value its
+    annotation does not allow (`workbench.params.value_problem`)."""
     signature = inspect.signature(fn)
-    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        return
-    accepted = [n for n in list(signature.parameters)[1:] if n not in reserved]
-    for key in spec.params.get(step, {}):
-        if key not in accepted:
-            where = ANALYSES.get(step, "microscope.activations.dump:dump")
-            raise ExperimentSpecError(f"{spec.path}: [params.{step}] {key!r} is not an argument of "
-                                      f"{where}; it takes {accepted}")
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        accepted = [n for n in list(signature.parameters)[1:] if n not in reserved]
+        for key in spec.params.get(step, {}):
+            if key not in accepted:
+                where = ANALYSES[step].function if step in ANALYSES else DUMP_FUNCTION
+                raise ExperimentSpecError(f"{spec.path}: [params.{step}] {key!r} is not an argument of "
+                                          f"{where}; it takes {accepted}")
+    hints = typing.get_type_hints(fn)
+    for key, value in spec.params.get(step, {}).items():
+        problem = value_problem(value, hints[key]) if key in hints else None
+        if problem:
+            raise ExperimentSpecError(f"{spec.path}: [params.{step}] {key}: {problem}")
+
+
+def preflight(spec: ExperimentSpec) -> dict[str, Callable]:
+    """Every check that can fail before the weights load; returns each analysis step's function.
+    A spec that passes it fails later only for reasons no spec check can see."""
+    functions = {}
+    for step in spec.analysis:
+        if step == DUMP:
+            from microscope.activations.dump import dump
+            from microscope.activations.dump import preflight as dump_preflight
+            from microscope.activations.schema import check_store_path
+            from microscope.activations.settings import DumpSettings
+            check_params(spec, step, dump, reserved=DUMP_OWN_ARGS)
+            try:                                         # the run replaces only a store a dump made
+                check_store_path(spec.store, resume=True)
+            except StoreError as err:
+                raise ExperimentSpecError(f"{spec.path}: [outputs] store: {err}") from None
+            dump_preflight(spec.model, spec.prompts, list(spec.hooks), None,
+                           DumpSettings().but(**spec.params.get(DUMP, {})))
+        else:
+            functions[step] = resolve_analysis(step)
+            check_params(spec, step, functions[step])
+    return functions
 
 
 @dataclass
@@ -274,9 +297,9 @@ def run_experiment(spec: ExperimentSpec | str | Path, *, out_dir: str | Path | N
     `find_spec`) on its model and write results.json (+ CSVs, report.html).
 
     out_dir overrides [outputs] dir; library: the team's spec folder searched by name. command:
-    recorded in the provenance (default: this process's argv). progress: show a rich progress bar
-    (it renders in Jupyter too).
-    Model and argument problems raise `MicroscopeError`s before any long work starts."""
+    recorded in the provenance (default: this process's argv). progress: show the steps' progress
+    (`workbench.progress`: a live bar in a terminal or notebook, plain lines in a batch log).
+    Spec, argument and model problems raise `MicroscopeError`s before any long work starts."""
     import microscope
     from microscope.provenance import provenance
     from microscope.workbench.progress import step_progress
@@ -284,14 +307,7 @@ def run_experiment(spec: ExperimentSpec | str | Path, *, out_dir: str | Path | N
 
     if not isinstance(spec, ExperimentSpec):
         spec = load_spec(find_spec(spec, library))
-    functions = {}
-    for step in spec.analysis:
-        if step == DUMP:
-            from microscope.activations.dump import dump
-            check_params(spec, step, dump, reserved=DUMP_OWN_ARGS)
-        else:
-            functions[step] = resolve_analysis(step)
-            check_params(spec, step, functions[step])
+    functions = preflight(spec)
     out = Path(out_dir) if out_dir is not None else spec.out_dir
     started = time.perf_counter()
     _seed_everything(spec.seed)
@@ -305,15 +321,18 @@ def run_experiment(spec: ExperimentSpec | str | Path, *, out_dir: str | Path | N
             bar.start(step)
             _seed_everything(spec.seed)
             if step == DUMP:
-                store, section = _run_dump(spec, scope, record["command"], on_progress=bar.sub)
+                store, section = _run_dump(spec, scope, record["command"],
+                                           on_progress=lambda state: bar("tokens", state["tokens"], state["total"]))
                 results[step] = store
                 sections.append(section)
             else:
                 kwargs = {k: select_prompts(v) if k == "prompts" and isinstance(v, dict) else v
                           for k, v in spec.params.get(step, {}).items()}
                 accepted = inspect.signature(functions[step]).parameters
-                if store is not None and "store" in accepted and "store" not in kwargs:
+                if store is not None and "store" in accepted:
                     kwargs["store"] = store
+                if "progress" in accepted:
+                    kwargs["progress"] = bar
                 result = functions[step](scope, **kwargs)
                 results[step] = result
                 sections.extend(_sections(step, result))
@@ -366,12 +385,11 @@ def _run_dump(spec: ExperimentSpec, scope, command: str, on_progress):
     """Dump the spec's prompts x hooks into a fresh store; (opened store, report section)."""
     from microscope.activations.dump import dump
     from microscope.activations.reader import open_store
+    from microscope.activations.schema import check_store_path
     from microscope.workbench.report import Section
 
-    if spec.store.exists():  # a fresh dump each run, but only over an earlier store
-        if not (spec.store / "zarr.json").is_file():
-            raise ExperimentSpecError(f"{spec.path}: [outputs] store {spec.store} exists and is not a "
-                                      f"Zarr store; point it at a new path")
+    if spec.store.exists():  # a fresh dump each run, but only over a store a dump made
+        check_store_path(spec.store, resume=True)
         shutil.rmtree(spec.store)
     kwargs = dict(spec.params.get(DUMP, {}))
     summary = dump(scope, spec.prompts, list(spec.hooks), str(spec.store), seed=spec.seed,
@@ -391,9 +409,8 @@ def _sections(step: str, result) -> list:
 
     if isinstance(result, Mapping):
         return [s for key, item in result.items() for s in _sections(f"{step}: {key}", item)]
-    return [Section(step, figures=list(result.figures()), numbers=result.summary(),
-                    notes=getattr(result, "title", ""),
-                    html=result.report_html() if hasattr(result, "report_html") else "")]
+    return [Section(step, figures=list(result.figures()), numbers=result.summary(), notes=result.title,
+                    html=result.report_html())]
 
 
 def _frame(result):

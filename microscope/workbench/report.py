@@ -23,6 +23,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import plotly.offline
 
+from microscope.analysis.controls import split_controls
+
 FIGURE_HEIGHT = 460  # px, for figures that do not set their own height
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -139,38 +141,13 @@ def _scalars(numbers: Mapping) -> dict:
     return {k: v for k, v in jsonable(dict(numbers)).items() if not isinstance(v, (dict, list))}
 
 
-CONTROL_SUFFIXES = ("_control", "_control_mean", "_control_max", "_control_min", "_clears_control")
-
-
-def _with_controls(numbers: Mapping) -> list[tuple[str, object, str]]:
-    """(key, value, control text) rows: a value that has a control (`analysis.controls.Controlled`
-    headline keys) gets one row with its control beside it, e.g. "random init x5: mean 0.08,
-    max 0.11 · clears"; the control's own keys get no rows of their own."""
-    bases = [k.removesuffix("_control") for k in numbers
-             if k.endswith("_control") and k.removesuffix("_control") in numbers]
-    hidden = {b + sfx for b in bases for sfx in CONTROL_SUFFIXES}
-    rows = []
-    for key, value in numbers.items():
-        if key in hidden:
-            continue
-        control = ""
-        if key in bases:
-            side = "max" if f"{key}_control_max" in numbers else "min"
-            clears = numbers.get(f"{key}_clears_control")
-            control = (f"{numbers[f'{key}_control']}: mean {_format(numbers.get(f'{key}_control_mean'))}, "
-                       f"{side} {_format(numbers.get(f'{key}_control_{side}'))}"
-                       + ("" if clears is None else " · clears" if clears else " · does NOT clear"))
-        rows.append((key, value, control))
-    return rows
-
-
 def _headline_table(sections: Sequence[Section]) -> str:
     """One card per section with its scalar numbers, each beside its control where it has one."""
     cards = []
     for s in sections:
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{html.escape(_format(v))}</td>"
                        f"<td class='control'>{html.escape(c)}</td></tr>"
-                       for k, v, c in _with_controls(_scalars(s.numbers)))
+                       for k, v, c in split_controls(_scalars(s.numbers)))
         cards.append(f"<div class='card'><h3><a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a></h3>"
                      f"<table class='headline'>{rows}</table></div>")
     return f"<div class='cards'>{''.join(cards)}</div>"
@@ -182,7 +159,7 @@ def _numbers_list(numbers: Mapping) -> str:
         return ""
     return "<dl class='numbers'>" + "".join(
         f"<div><dt>{html.escape(k)}</dt><dd>{html.escape(_format(v) if not isinstance(v, dict) else json.dumps(v))}"
-        f"{f'<small>{html.escape(c)}</small>' if c else ''}</dd></div>" for k, v, c in _with_controls(items)) + "</dl>"
+        f"{f'<small>{html.escape(c)}</small>' if c else ''}</dd></div>" for k, v, c in split_controls(items)) + "</dl>"
 
 
 def _provenance_line(p: Mapping) -> str:

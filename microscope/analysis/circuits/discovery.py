@@ -9,23 +9,27 @@ EAP-IG ranking, and the same curve on random-init models of the same shape as th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from scipy.stats import spearmanr
 
-from microscope.analysis.circuits.eap import eap_scores
-from microscope.analysis.circuits.edge_patching import exact_edge_effects
+from microscope.analysis.circuits.eap import Interpolation, eap_scores
+from microscope.analysis.circuits.edge_patching import EdgeAblation, exact_edge_effects
 from microscope.analysis.circuits.extraction import edge_grid, faithfulness_curve, minimal_circuit
 from microscope.analysis.circuits.graph import CircuitGraph
 from microscope.analysis.circuits.results import Agreement, CircuitResult, budget_edges
 from microscope.analysis.circuits.tasks import CircuitTask, repetition_task, toxicity_task
 from microscope.analysis.controls import DEFAULT_SEEDS, random_init_scopes
+from microscope.analysis.progress import Progress, report
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ablate_heads, patch_from
 from microscope.names import act_name
 
-TASKS = ("repetition", "toxicity")
-RANKINGS = ("eap_ig", "exact")      # what the circuit is extracted by
+Task = Literal["repetition", "toxicity"]
+TASKS: tuple[str, ...] = get_args(Task)
+Ranking = Literal["eap_ig", "exact"]      # what the circuit is extracted by
+RANKINGS: tuple[str, ...] = get_args(Ranking)
 
 
 def agreement(exact: torch.Tensor, estimate: torch.Tensor, gap: float, *, share: float = 0.01,
@@ -61,16 +65,18 @@ def head_ablation(scope, task: CircuitTask) -> dict[str, torch.Tensor]:
                                       for h in range(c.num_attention_heads)] for l in range(c.num_hidden_layers)])}
 
 
-def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "corrupt", target: float = 0.8,
-                 budget: float = 0.1, exact: bool = True, rank_by: str = "eap_ig", interpolate: str = "inputs",
-                 control_seeds: Sequence[int] = DEFAULT_SEEDS) -> CircuitResult:
+def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: EdgeAblation = "corrupt",
+                 target: float = 0.8, budget: float = 0.1, exact: bool = True, rank_by: Ranking = "eap_ig",
+                 interpolate: Interpolation = "inputs", control_seeds: Sequence[int] = DEFAULT_SEEDS,
+                 progress: Progress | None = None) -> CircuitResult:
     """Score every edge (EAP-IG with `steps` along the `interpolate` path, "inputs" or
     "receivers" (`eap.py`); EAP and exact patching beside it when `exact`, and then EAP-IG on
     inputs too if the path is another), extract the circuit (faithfulness curve of the ranking
     by |`rank_by`|: "eap_ig", or "exact" where one forward per edge is affordable, the EAP-IG
     ranking's curve then shown beside it; `budget`: the share of edges the headline circuit
     keeps; `target`: the faithfulness the minimal circuit must reach), and run the same
-    extraction on random-init models (`control_seeds`)."""
+    extraction on random-init models (`control_seeds`). progress: hears each piece of work as it
+    finishes (`analysis.progress`)."""
     if rank_by not in RANKINGS:
         raise AnalysisInputError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
     if rank_by == "exact" and not exact:
@@ -86,15 +92,18 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "c
         return scores
 
     scores = scored(scope)
+    report(progress, "edge scores")
     curves = {name: faithfulness_curve(scope, graph, task, values, ks=ks, ablation=ablation)
               for name, values in scores.items()}
+    report(progress, "faithfulness curves")
     curve = curves.pop(rank_by)
     gap = curve.clean - curve.corrupt
     eap = eap_scores(scope, graph, task, steps=1, ablation=ablation) if exact else None
     on_inputs = (eap_scores(scope, graph, task, steps=steps, ablation=ablation)
                  if exact and interpolate != "inputs" else None)
+    report(progress, "estimates for comparison")
     control_scores, controls = [], []
-    for control in random_init_scopes(scope, control_seeds):
+    for control in random_init_scopes(scope, control_seeds, progress=progress):
         control_scores.append(scored(control)[rank_by])
         controls.append(faithfulness_curve(control, graph, task, control_scores[-1], ks=ks, ablation=ablation))
     return CircuitResult(
@@ -107,11 +116,12 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: str = "c
         agreement_eap_ig_inputs=None if on_inputs is None else agreement(scores["exact"], on_inputs, gap))
 
 
-def run_circuit(scope, task: str = "repetition", *, n_prompts: int = 32, span: int = 10, shown: int = 5,
+def run_circuit(scope, task: Task = "repetition", *, n_prompts: int = 32, span: int = 10, shown: int = 5,
                 words: Sequence[str] | None = None, prompts: str = "toxicity", good: Sequence[str] = (),
-                bad: Sequence[str] = (), seed: int = 0, steps: int = 5, ablation: str = "corrupt",
-                target: float = 0.8, budget: float = 0.1, exact: bool = True, rank_by: str = "eap_ig",
-                interpolate: str = "inputs", control_seeds: Sequence[int] = DEFAULT_SEEDS) -> CircuitResult:
+                bad: Sequence[str] = (), seed: int = 0, steps: int = 5, ablation: EdgeAblation = "corrupt",
+                target: float = 0.8, budget: float = 0.1, exact: bool = True, rank_by: Ranking = "eap_ig",
+                interpolate: Interpolation = "inputs", control_seeds: Sequence[int] = DEFAULT_SEEDS,
+                progress: Progress | None = None) -> CircuitResult:
     """The workbench step: build the named task from its parameters (repetition: n_prompts, span,
     shown, words, seed; toxicity: prompts, good, bad) and `find_circuit` on it."""
     if task == "repetition":
@@ -123,4 +133,4 @@ def run_circuit(scope, task: str = "repetition", *, n_prompts: int = 32, span: i
     else:
         raise AnalysisInputError(f"task must be one of {TASKS}, got {task!r}")
     return find_circuit(scope, built, steps=steps, ablation=ablation, target=target, budget=budget, exact=exact,
-                        rank_by=rank_by, interpolate=interpolate, control_seeds=control_seeds)
+                        rank_by=rank_by, interpolate=interpolate, control_seeds=control_seeds, progress=progress)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Literal, get_args
 
 import torch
 from torch.nn import functional as F
@@ -57,7 +58,8 @@ from microscope.names import act_name
 
 # ((kind, layer), d metric / d input of each receiver of the group [R_group, n_entries, batch * pos * d_model])
 Gradients = Iterator[tuple[tuple[str, int], torch.Tensor]]
-INTERPOLATIONS = ("inputs", "receivers")
+Interpolation = Literal["inputs", "receivers"]
+INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
 
 
 def eap_scores(scope, graph: CircuitGraph, task: CircuitTask, *, steps: int = 1,

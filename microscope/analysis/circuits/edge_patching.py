@@ -1,7 +1,7 @@
 """Exact edge patching: run the model with chosen edges ablated (path patching of edges).
 
 An ablated edge (s, r) feeds receiver r the ablation value of sender s instead of the value s
-has in this run; every other receiver still reads s as it is. Ablation values (`ABLATIONS`):
+has in this run; every other receiver still reads s as it is. Ablation values (`EDGE_ABLATIONS`):
 
 - ``"corrupt"``: s's output on the task's corrupted prompts (resample ablation: the corruption
   is the resample);
@@ -13,6 +13,8 @@ has in this run; every other receiver still reads s as it is. Ablation values (`
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from microscope.analysis.circuits.graph import CircuitGraph
@@ -20,7 +22,8 @@ from microscope.analysis.circuits.routing import EdgeRouter
 from microscope.analysis.circuits.tasks import CircuitTask
 from microscope.errors import AnalysisInputError
 
-ABLATIONS = ("corrupt", "mean")
+EdgeAblation = Literal["corrupt", "mean"]
+EDGE_ABLATIONS: tuple[str, ...] = get_args(EdgeAblation)
 
 
 @torch.no_grad()
@@ -35,8 +38,8 @@ def sender_outputs(scope, graph: CircuitGraph, ids: torch.Tensor, mask: torch.Te
 
 def ablation_values(scope, graph: CircuitGraph, task: CircuitTask, ablation: str = "corrupt") -> torch.Tensor:
     """[batch, pos, S, d_model]: what an ablated edge carries from each sender."""
-    if ablation not in ABLATIONS:
-        raise AnalysisInputError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    if ablation not in EDGE_ABLATIONS:
+        raise AnalysisInputError(f"ablation must be one of {EDGE_ABLATIONS}, got {ablation!r}")
     values = sender_outputs(scope, graph, task.corrupt, task.mask)
     return values.mean(0, keepdim=True).expand_as(values) if ablation == "mean" else values
 

@@ -116,9 +116,9 @@ class CircuitResult(Result):
             "edge_share": round(self.kept / self.graph.n_edges, 4), "target": self.target,
             "minimal_edges": self.minimal,
             "minimal_edge_share": None if self.minimal is None else round(self.minimal / self.graph.n_edges, 4),
-            "faithfulness_control_max": round(max(control_f), 4) if control_f else None,
-            "minimal_edges_control": [minimal_circuit(c, self.target) for c in self.controls],
-            "metric_gap_control_max": round(max(abs(c.clean - c.corrupt) for c in self.controls), 4)
+            "faithfulness_random_init_max": round(max(control_f), 4) if control_f else None,
+            "minimal_edges_random_init": [minimal_circuit(c, self.target) for c in self.controls],
+            "metric_gap_random_init_max": round(max(abs(c.clean - c.corrupt) for c in self.controls), 4)
             if self.controls else None,
             "circuit_heads": self.circuit_heads(),
         })

@@ -3,7 +3,7 @@ register, and would the same recipe find it in a model that has none?
 
     result = run_features_study(scope, store, hooks="blocks.*.hook_resid_post",
                                 out="results/features/dictionaries", target_words=INSULT_WORDS)
-    result.summary()   # hostile_latent_auroc, control_best_auroc, insult_words_in_top10, fvu, ...
+    result.summary()   # hostile_latent_auroc (+ _control_max, _clears_control), insult_words_in_top10, fvu, ...
 
 Recipe: train a TopK SAE on each of `hooks` of `store` (the model's activations on a mixed
 prompt set); take the evaluation prompts (`eval_prompts`, labelled by `label_field`) that are not
@@ -39,6 +39,7 @@ from microscope.analysis.features.coder import Dictionary
 from microscope.analysis.features.dashboards import FeatureDashboards, feature_dashboards
 from microscope.analysis.features.metrics import ce_loss_recovered, reconstruction_metrics
 from microscope.analysis.features.train import TrainSettings, train_dictionary
+from microscope.analysis.progress import Progress, counted, report
 from microscope.analysis.results import Result
 from microscope.models import anatomy
 from microscope.names import every_layer, resolve
@@ -107,7 +108,7 @@ class Recipe:
 
 
 def _recipe(scope, store, hook: str, out: Path, settings: TrainSettings, texts: list[str],
-            labels: np.ndarray, select: np.ndarray, words: set[str], progress: bool) -> Recipe:
+            labels: np.ndarray, select: np.ndarray, words: set[str], progress: Progress | None) -> Recipe:
     d = train_dictionary(store, hook, out, settings=settings, resume=False, progress=progress)
     acts = last_token_latents(scope, d, texts)
     return Recipe(d, latent_aurocs(acts[select], labels[select]), separation(acts[select], labels[select]),
@@ -122,10 +123,11 @@ def run_features_study(scope, store, *, hooks: str | list[str] = every_layer("re
                        control_seeds: tuple[int, ...] | list[int] = DEFAULT_SEEDS,
                        steps: int = 300, batch_size: int = 512, k: int = 32, expansion_factor: int = 8,
                        dead_tokens: int = 20_000, seed: int = 0, dashboard_latents: int = 48,
-                       progress: bool = False) -> FeatureStudy:
+                       progress: Progress | None = None) -> FeatureStudy:
     """Run the recipe on `scope` (dictionaries from `store`, one per hook of `hooks`: names or glob
     patterns of the store's hooks) and on random-init controls; see the module docstring.
-    Dictionaries and control stores are written under `out`."""
+    Dictionaries and control stores are written under `out`. progress: hears the hooks, the
+    training steps and the controls as they finish (`analysis.progress`)."""
     out = Path(out)
     names = resolve(hooks, store.hooks, where=f"the store {store.path}")
     settings = TrainSettings(steps=steps, batch_size=batch_size, k=k, expansion_factor=expansion_factor,
@@ -137,11 +139,11 @@ def run_features_study(scope, store, *, hooks: str | list[str] = every_layer("re
     select = selection_half([p.metadata.get("pair", i) for i, p in enumerate(prompts)], seed)
     words = set(target_words or ())
     by_hook = {hook: _recipe(scope, store, hook, out / "model" / hook, settings, texts, labels, select, words,
-                             progress) for hook in names}
+                             progress) for hook in counted(names, len(names), "dictionaries, one per hook", progress)}
     hook = max(by_hook, key=lambda h: (by_hook[h].auroc_select.max(),
                                        by_hook[h].separation_select[by_hook[h].chosen]))
     controls = []
-    for i, control_scope in zip(control_seeds, random_init_scopes(scope, control_seeds)):
+    for control_scope, i in zip(random_init_scopes(scope, control_seeds, progress=progress), control_seeds):
         path = out / f"control_{i}.zarr"
         shutil.rmtree(path, ignore_errors=True)
         dump(control_scope, store_prompts(store), [hook], str(path), seed=seed)
@@ -151,6 +153,7 @@ def run_features_study(scope, store, *, hooks: str | list[str] = every_layer("re
     recon = reconstruction_metrics(model.dictionary, store)
     ce = ce_loss_recovered(scope, model.dictionary, texts)
     dashboards = feature_dashboards(model.dictionary, store, scope=scope)
+    report(progress, "reconstruction, CE loss, dashboards")
     return FeatureStudy(model=model, controls=controls, reconstruction=recon, ce=ce, dashboards=dashboards,
                         n_eval=int((~select).sum()), n_select=int(select.sum()), positive=positive,
                         selection_auroc={h: float(r.auroc_select.max()) for h, r in by_hook.items()},
@@ -191,10 +194,9 @@ class FeatureStudy(Result):
         auroc, hits = self.auroc, self.word_hits
         return {"hook": self.model.dictionary.hook,
                 **{f"selection_auroc[{h}]": v for h, v in self.selection_auroc.items()},
-                "hostile_latent": self.model.chosen, "hostile_latent_auroc": auroc.value,
-                "control_best_auroc": auroc.extreme, "auroc_clears_control": auroc.clears,
-                "insult_latent": self.model.word_latent, "insult_words_in_top10": int(hits.value),
-                "control_insult_words_in_top10": int(hits.extreme), "fvu": self.reconstruction["fvu"],
+                "hostile_latent": self.model.chosen, **auroc.headline("hostile_latent_auroc"),
+                "insult_latent": self.model.word_latent, **hits.headline("insult_words_in_top10"),
+                "fvu": self.reconstruction["fvu"],
                 "l0": self.reconstruction["l0"], "dead_share": self.reconstruction["dead_share"],
                 "dense_share": self.reconstruction["dense_share"], **self.ce,
                 "eval_prompts": self.n_eval, "selection_prompts": self.n_select,

@@ -29,8 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import get_linear_schedule_with_warmup
 
 from microscope import __version__
@@ -38,7 +36,8 @@ from microscope.activations.distributed import Ranks, barrier, init_ranks
 from microscope.activations.reader import ActivationStore, open_store
 from microscope.analysis.features.coder import Dictionary, load_dictionary, new_coder
 from microscope.analysis.features.feed import StoreFeed
-from microscope.errors import AnalysisInputError, StoreMismatchError
+from microscope.analysis.progress import Progress, report
+from microscope.errors import AnalysisInputError, StoreMismatchError, UnknownSettingError
 from microscope.provenance import git_state
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -64,8 +63,8 @@ class TrainSettings:
     def but(self, **changes) -> TrainSettings:
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
-            raise TypeError(f"unknown training setting(s) {', '.join(unknown)}; the settings are "
-                            f"{', '.join(f.name for f in fields(self))}")
+            raise UnknownSettingError(f"unknown training setting(s) {', '.join(unknown)}; the settings are "
+                                      f"{', '.join(f.name for f in fields(self))}")
         return replace(self, **changes)
 
 
@@ -76,7 +75,7 @@ def store_fingerprint(store: ActivationStore) -> str:
 
 
 def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | None = None,
-                     settings: TrainSettings | None = None, resume: bool = True, progress: bool = True,
+                     settings: TrainSettings | None = None, resume: bool = True, progress: Progress | None = None,
                      storage_options: dict | None = None, command_line: str | None = None,
                      device: str | None = None, on_step: Callable[[dict], None] | None = None,
                      **changes) -> Dictionary:
@@ -87,7 +86,8 @@ def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | N
     finished run is loaded, not retrained); False starts over. command_line: recorded in the
     provenance. device: where the coder trains (default: this rank's GPU when CUDA is available,
     else the CPU); the returned dictionary is on the CPU. on_step receives
-    {"step", "steps", "fvu", "dead", "tokens_per_s"} after every step (rank 0)."""
+    {"step", "steps", "fvu", "dead", "tokens_per_s"} after every step (rank 0); progress hears
+    ("training HOOK: tokens/s, FVU, dead share", step, steps) (rank 0, `analysis.progress`)."""
     settings = (settings or TrainSettings()).but(**changes)
     if not isinstance(store, ActivationStore):
         store = open_store(store, storage_options=storage_options)
@@ -134,24 +134,24 @@ def train_dictionary(store, hook: str, out: str | Path, *, transcode_to: str | N
         barrier(ranks)
 
     started, tokens_now = time.perf_counter(), 0
-    bar = _TrainBar(settings.steps, enabled=progress and ranks.is_main)
-    with bar:
-        bar.update(state["step"], {})
-        for step, (x, y) in feed.steps(state["step"], ranks.rank, ranks.world_size):
-            if step >= settings.steps:
-                break
-            record = train_step(coder, optimizer, schedule, x.to(device), y.to(device), state, settings, ranks)
-            tokens_now += len(x) * ranks.world_size
-            state["step"] = step + 1
-            state["tokens"] += len(x) * ranks.world_size
-            record["tokens_per_s"] = tokens_now / (time.perf_counter() - started)
-            record["steps"] = settings.steps
-            bar.update(step + 1, record)
-            if on_step is not None and ranks.is_main:
-                on_step(record)
-            if state["step"] % settings.checkpoint_every == 0 or state["step"] == settings.steps:
-                state["history"].append({k: record[k] for k in ("step", "fvu", "dead")})
-                save_checkpoint()
+    progress = progress if ranks.is_main else None
+    report(progress, f"training {hook}", state["step"], settings.steps)
+    for step, (x, y) in feed.steps(state["step"], ranks.rank, ranks.world_size):
+        if step >= settings.steps:
+            break
+        record = train_step(coder, optimizer, schedule, x.to(device), y.to(device), state, settings, ranks)
+        tokens_now += len(x) * ranks.world_size
+        state["step"] = step + 1
+        state["tokens"] += len(x) * ranks.world_size
+        record["tokens_per_s"] = tokens_now / (time.perf_counter() - started)
+        record["steps"] = settings.steps
+        report(progress, f"training {hook}: {record['tokens_per_s']:,.0f} tok/s, FVU {record['fvu']:.3f}, "
+                         f"dead {record['dead']:.1%}", step + 1, settings.steps)
+        if on_step is not None and ranks.is_main:
+            on_step(record)
+        if state["step"] % settings.checkpoint_every == 0 or state["step"] == settings.steps:
+            state["history"].append({k: record[k] for k in ("step", "fvu", "dead")})
+            save_checkpoint()
     seconds = time.perf_counter() - started
     if not coder.cfg.transcode:
         coder.set_decoder_norm_to_unit_norm()
@@ -208,25 +208,3 @@ def _mean_over_ranks(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     t = t.detach().clone()
     dist.all_reduce(t)
     return t / ranks.world_size
-
-
-class _TrainBar:
-    """A rich bar: steps, tokens/s, FVU and dead share (silent when disabled)."""
-
-    def __init__(self, steps: int, enabled: bool):
-        self.progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-                                 console=Console(stderr=True), disable=not enabled)
-        self.task = self.progress.add_task("train", total=steps, stats="")
-
-    def __enter__(self) -> _TrainBar:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def update(self, step: int, record: dict) -> None:
-        stats = (f"{record['tokens_per_s']:,.0f} tok/s  FVU {record['fvu']:.3f}  dead {record['dead']:.1%}"
-                 if record else "")
-        self.progress.update(self.task, completed=step, stats=stats)

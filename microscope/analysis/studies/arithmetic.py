@@ -4,7 +4,7 @@ come from.
 The OPT paper's sample: "x is 12, y is 9, x - y?" answered "-3". Prompts read
 ``x is A and y is B . x - y =`` (the built-in ``arithmetic`` set: ``op``, ``a``, ``b``, ``answer``
 and ``split`` per prompt). The model's answer is the argmax of its next-token logits (greedy).
-Measurements, each with its control (DESIGN.md "Evidence standards"):
+Measurements, each with its control (docs/evidence.md "Controls"):
 
 - accuracy per operation and split, against random-init models of the same shape;
 - the answer layer: the first lens point from which the lens's top-1 at the last token is the
@@ -33,16 +33,17 @@ import plotly.graph_objects as go
 import torch
 
 from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
+from microscope.analysis.progress import Progress, report
 from microscope.analysis.results import Result
-from microscope.analysis.studies.base import first_token_id, greedy_new_tokens
+from microscope.analysis.studies.base import (first_token_id, greedy_new_tokens, round_headline, rounded, rows_of,
+                                              split_of, split_suffix)
 from microscope.analysis.studies.layers import LENSES, LayerClaim, kl_figure, read_last_token
 from microscope.errors import AnalysisInputError
-from microscope.prompts import Prompt, load_prompts
+from microscope.prompts import Prompt
 from microscope.viz.figures import line_plot
 
 OPS = {"+": "addition", "-": "subtraction"}
-SPLIT_KEYS = {"in_distribution_heldout": "held_out"}  # summary suffix of a split (else its own name)
-# each mechanism of a wrong subtraction answer -> its share's key suffix in `mirror_shares`
+# each mechanism of a wrong subtraction answer -> its share's name in the keys of `mirror_shares`
 MECHANISMS = {"mirror": "share_mirror_pair_answer", "wrong_sign": "share_wrong_sign_not_mirror",
               "order_blind": "share_order_blind"}
 ANSWER_SHUFFLES = 20
@@ -63,10 +64,6 @@ def mirror_text(prompt: Prompt) -> str | None:
 def answer_top1(lens_logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
     """[point] share of prompts whose lens top-1 is its answer token; lens_logits [point, batch, vocab]."""
     return (lens_logits.argmax(-1) == answer_ids[None]).float().mean(-1)
-
-
-def _split_key(split: str) -> str:
-    return SPLIT_KEYS.get(split, split)
 
 
 def _known_first_token(scope, text: str) -> int:
@@ -103,7 +100,8 @@ class ArithmeticResult(Result):
     title: str = "arithmetic: where the answer appears, where wrong answers come from"
 
     def accuracies(self) -> dict[str, float]:
-        """``{addition,subtraction}_accuracy_<split key>`` and ``subtraction_sign_error_rate_<split key>``."""
+        """``{addition,subtraction}_accuracy`` and ``subtraction_sign_error_rate`` per split (keys
+        ending in its `split_suffix`)."""
         return accuracies(self.ops, self.splits, self.answers, self.predicted, self.correct_id, self.negated_id)
 
     def mirror_shares(self, split: str) -> dict[str, float | int | None]:
@@ -118,17 +116,18 @@ class ArithmeticResult(Result):
                 and self.mirror_text[i] is not None and self.a[i] != self.b[i]]
         if not rows:
             return None
-        return round(sum(self.mirror_text[i] == str(self.a[i] - self.b[i]) for i in rows) / len(rows), 4)
+        return rounded(sum(self.mirror_text[i] == str(self.a[i] - self.b[i]) for i in rows) / len(rows))
 
     def mechanism(self, split: str) -> str | None:
         """The one of `MECHANISMS` whose share of the wrong answers is > 0.5 and above every
         random-init model's, else 'other'; None when no subtraction is answered wrongly."""
-        shares, key = self.mirror_shares(split), f"subtraction_wrong_{_split_key(split)}"
-        if not shares[key]:
+        shares, end = self.mirror_shares(split), split_suffix(split)
+        if not shares[f"subtraction_wrong{end}"]:
             return None
-        for name, suffix in MECHANISMS.items():
-            share = shares[f"{key}_{suffix}"]
-            null = [n[f"{key}_{suffix}"] or 0.0 for n in self.null_shares[split]]
+        for name, share_name in MECHANISMS.items():
+            key = f"subtraction_wrong_{share_name}{end}"
+            share = shares[key]
+            null = [n[key] or 0.0 for n in self.null_shares[split]]
             if share > 0.5 and share > max(null):
                 return name
         return "other"
@@ -149,7 +148,8 @@ class ArithmeticResult(Result):
                          title="the true answer is the lens's top-1 (controls: random init, shuffled answers)")
         splits = list(dict.fromkeys(self.splits))
         mirror = go.Figure([go.Bar(name=name, x=splits, y=[self.mirror_shares(s)[
-            f"subtraction_wrong_{_split_key(s)}_{kind}"] for s in splits]) for name, kind in MECHANISMS.items()])
+            f"subtraction_wrong_{share_name}{split_suffix(s)}"] for s in splits])
+            for name, share_name in MECHANISMS.items()])
         mirror.update_layout(title="wrong subtraction answers: the mirror sum's answer or a sign error?",
                              yaxis_title="share of wrong answers", barmode="group")
         return [prob, top1, mirror, kl_figure(self.claims)]
@@ -163,33 +163,28 @@ class ArithmeticResult(Result):
         out: dict = {}
         for key, value in self.accuracies().items():
             if key in self.null_accuracy:
-                out.update(_rounded(Controlled(value, self.null_accuracy[key], "random init").headline(key)))
+                out.update(round_headline(Controlled(value, self.null_accuracy[key], "random init").headline(key)))
             else:
                 out[key] = value
         for claim in self.claims.values():
             out.update(claim.headline("answer_layer", "answer_top1_rate"))
-        out["answer_top1_rate_by_layer"] = [round(v, 3) for v in self.claims["logit_lens"].values.tolist()]
-        out["answer_top1_rate_by_layer_tuned_lens"] = [round(v, 3) for v in self.claims["tuned_lens"].values.tolist()]
+        out["answer_top1_rate_by_layer"] = [rounded(v, 3) for v in self.claims["logit_lens"].values.tolist()]
+        out["answer_top1_rate_by_layer_tuned_lens"] = [rounded(v, 3) for v in self.claims["tuned_lens"].values.tolist()]
         for split in dict.fromkeys(self.splits):
-            key = _split_key(split)
             for k, v in self.mirror_shares(split).items():
                 null = [n[k] or 0.0 for n in self.null_shares[split]]
                 if "_share_" in k and v is not None:
-                    out.update(_rounded(Controlled(v, null, "random init").headline(k)))
+                    out.update(round_headline(Controlled(v, null, "random init").headline(k)))
                 else:
                     out[k] = v
-            out[f"mirror_sign_error_rate_{key}"] = self.mirror_sign_error_rate(split)
-            out[f"wrong_answer_mechanism_{key}"] = self.mechanism(split)
+            out[f"mirror_sign_error_rate{split_suffix(split)}"] = self.mirror_sign_error_rate(split)
+            out[f"wrong_answer_mechanism{split_suffix(split)}"] = self.mechanism(split)
         out["prompts"] = len(self.ops)
         return out
 
 
 def _share(count: int, n: float) -> float | None:
-    return None if n != n else round(count / n, 4)
-
-
-def _rounded(headline: dict) -> dict:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in headline.items()}
+    return None if n != n else rounded(count / n)
 
 
 def accuracies(ops: Sequence[str], splits: Sequence[str], answers: torch.Tensor, predicted: torch.Tensor,
@@ -201,11 +196,11 @@ def accuracies(ops: Sequence[str], splits: Sequence[str], answers: torch.Tensor,
             sel = torch.tensor([o == op and s == split for o, s in zip(ops, splits)])
             if sel.any():
                 hits = (predicted[sel] == correct[sel]).float().mean()
-                out[f"{name}_accuracy_{_split_key(split)}"] = round(float(hits), 4)
+                out[f"{name}_accuracy{split_suffix(split)}"] = rounded(hits)
         signed = torch.tensor([o == "-" and s == split for o, s in zip(ops, splits)]) & (answers != 0)
         if signed.any():
-            out[f"subtraction_sign_error_rate_{_split_key(split)}"] = round(
-                float((predicted[signed] == negated[signed]).float().mean()), 4)
+            out[f"subtraction_sign_error_rate{split_suffix(split)}"] = rounded(
+                (predicted[signed] == negated[signed]).float().mean())
     return out
 
 
@@ -214,31 +209,34 @@ def mirror_shares(ops: Sequence[str], splits: Sequence[str], a: Sequence[int], b
                   split: str) -> dict[str, float | int | None]:
     """Of the subtraction prompts of ``split`` answered wrongly (``said`` != answer): how many; the
     share equal to b - a (the mirror sum's true answer, also the wrong sign); the share equal to
-    the answer on the mirror prompt (``mirror``); and the shares of the three `MECHANISMS`."""
+    the answer on the mirror prompt (``mirror``); and the shares of the three `MECHANISMS`. Keys:
+    ``subtraction_wrong``, ``subtraction_wrong_share_<what>``, each ending in the split's
+    `split_suffix`."""
     wrong = [i for i, (o, s) in enumerate(zip(ops, splits))
              if o == "-" and s == split and said[i] != str(int(answers[i]))]
-    key = f"subtraction_wrong_{_split_key(split)}"
     n = len(wrong) or float("nan")
     flipped = {i: said[i] == str(b[i] - a[i]) for i in wrong}
     same = {i: said[i] == mirror[i] for i in wrong}
-    return {key: len(wrong),
-            f"{key}_share_mirror_answer": _share(sum(flipped.values()), n),
-            f"{key}_share_model_mirror_answer": _share(sum(same.values()), n),
-            f"{key}_{MECHANISMS['mirror']}": _share(sum(flipped[i] and same[i] for i in wrong), n),
-            f"{key}_{MECHANISMS['wrong_sign']}": _share(sum(flipped[i] and not same[i] for i in wrong), n),
-            f"{key}_{MECHANISMS['order_blind']}": _share(sum(same[i] and not flipped[i] for i in wrong), n)}
+    shares = {"share_mirror_answer": _share(sum(flipped.values()), n),
+              "share_model_mirror_answer": _share(sum(same.values()), n),
+              MECHANISMS["mirror"]: _share(sum(flipped[i] and same[i] for i in wrong), n),
+              MECHANISMS["wrong_sign"]: _share(sum(flipped[i] and not same[i] for i in wrong), n),
+              MECHANISMS["order_blind"]: _share(sum(same[i] and not flipped[i] for i in wrong), n)}
+    end = split_suffix(split)
+    return {f"subtraction_wrong{end}": len(wrong), **{f"subtraction_wrong_{k}{end}": v for k, v in shares.items()}}
 
 
 @torch.no_grad()
 def run_arithmetic(scope, prompts: Sequence[Prompt] | str = "arithmetic", *, split: str | None = None,
-                   seeds: Sequence[int] = DEFAULT_SEEDS) -> ArithmeticResult:
+                   seeds: Sequence[int] = DEFAULT_SEEDS, progress: Progress | None = None) -> ArithmeticResult:
     """The arithmetic study (see module docstring), with its controls (random-init models of the
     same shape, ``seeds``).
 
     prompts: a built-in set name or `Prompt`s with metadata ``op`` ('+'/'-'), ``answer`` (int),
     ``a`` and ``b`` (the operands, for mirror prompts) and ``split``; split: keep only prompts of
-    that split (e.g. ``"in_distribution_heldout"``)."""
-    rows = load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
+    that split (e.g. ``"in_distribution_heldout"``); progress: hears each piece of work as it
+    finishes (`analysis.progress`)."""
+    rows = rows_of(prompts)
     if split is not None:
         rows = [p for p in rows if p.metadata.get("split") == split]
     missing = [i for i, p in enumerate(rows) if p.metadata.get("op") not in OPS
@@ -247,7 +245,7 @@ def run_arithmetic(scope, prompts: Sequence[Prompt] | str = "arithmetic", *, spl
         raise AnalysisInputError(f"arithmetic prompts need metadata 'op' ('+' or '-'), 'answer', 'a' and 'b'; "
                                  f"{len(rows)} prompts (split {split!r}), bad ones: {missing[:5]}")
     ops = [p.metadata["op"] for p in rows]
-    splits = [str(p.metadata.get("split", "all")) for p in rows]
+    splits = [split_of(p) for p in rows]
     answers = torch.tensor([int(p.metadata["answer"]) for p in rows])
     correct = torch.tensor([first_token_id(scope, str(int(a))) for a in answers])
     negated = torch.tensor([_known_first_token(scope, str(-int(a))) for a in answers])
@@ -270,7 +268,8 @@ def run_arithmetic(scope, prompts: Sequence[Prompt] | str = "arithmetic", *, spl
         return readings, predicted, stats, [decode(t) for t in predicted], on_mirror
 
     readings, predicted, stats, said, mirror_said = measure(scope)
-    null = [measure(s) for s in random_init_scopes(scope, seeds)]
+    report(progress, "lenses, answers, mirror prompts")
+    null = [measure(s) for s in random_init_scopes(scope, seeds, progress=progress)]
     null_accuracy = [accuracies(ops, splits, answers, n[1], correct, negated) for n in null]
     accuracy = float((predicted == correct).float().mean())
     g = torch.Generator().manual_seed(0)

@@ -1,7 +1,9 @@
-"""Helpers the studies share: prompts, token ids of answer words, greedy continuations, first
+"""What the studies share: prompts and their splits, the one rule for split suffixes in headline
+keys, rounding of headline numbers, token ids of answer words, greedy continuations, first
 layers, heads named against a random-init null, reference activations for ablations.
 
-Study results are ordinary analysis `Result`s (`microscope.analysis.results`).
+Study results are ordinary analysis `Result`s (`microscope.analysis.results`); the ablation
+methods are `microscope.hooks.interventions.ABLATIONS`; the lenses are `studies.layers.LENSES`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,31 @@ import torch
 from microscope.errors import AnalysisInputError
 from microscope.names import act_name, head_label
 from microscope.prompts import Prompt, load_prompts
+
+IN_DISTRIBUTION = "in_distribution_heldout"   # the split of prompts like the training data (held out)
+HEADLINE_DIGITS = 4
+
+
+def split_of(prompt: Prompt) -> str:
+    """The prompt's ``split`` metadata; a prompt without one is in-distribution."""
+    return str(prompt.metadata.get("split", IN_DISTRIBUTION))
+
+
+def split_suffix(split: str) -> str:
+    """The end of a headline key measured on one split: "" for the in-distribution split, and
+    ``_<split>`` for any other (``insult_prob_hostile`` / ``insult_prob_hostile_ood``). Every
+    study names its per-split numbers this way, whatever order the prompts come in."""
+    return "" if split == IN_DISTRIBUTION else f"_{split}"
+
+
+def rounded(x, digits: int = HEADLINE_DIGITS) -> float:
+    """``x`` (a number, numpy or torch scalar) as a float rounded to ``digits``: a headline number."""
+    return round(float(x), digits)
+
+
+def round_headline(numbers: dict) -> dict:
+    """``numbers`` with every float `rounded` (other values as they are)."""
+    return {k: rounded(v) if isinstance(v, float) else v for k, v in numbers.items()}
 
 
 def first_token_id(scope, text: str) -> int:

@@ -1,8 +1,7 @@
 """Instruction-following failures: does the model execute an instruction or simulate a dialogue?
 
 The OPT paper: given a bare instruction, OPT tends to continue with a made-up conversation about
-it rather than carrying it out. Measurements, each with its control (DESIGN.md "Evidence
-standards"):
+it rather than carrying it out. Measurements, each with its control (docs/evidence.md "Controls"):
 
 - rates: every prompt's greedy continuation classified (`classify_continuation`) as execution,
   dialogue or other, per format (bare, cued with ``answer:``) and split; the claims (bare prompts
@@ -31,12 +30,15 @@ import torch
 
 from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
 from microscope.analysis.inputs import last_positions, token_batch
+from microscope.analysis.progress import Progress, report
 from microscope.analysis.results import Result
-from microscope.analysis.studies.base import first_token_id, greedy_new_tokens, single_token_id
+from microscope.analysis.studies.base import (first_token_id, greedy_new_tokens, round_headline, rounded, rows_of,
+                                              single_token_id, split_of, split_suffix)
 from microscope.analysis.studies.layers import LENSES, LayerClaim, kl_figure, read_last_token
 from microscope.errors import AnalysisInputError
+from microscope.hooks.interventions import ABLATIONS
 from microscope.names import act_name, head_label, short_label
-from microscope.prompts import Prompt, load_prompts
+from microscope.prompts import Prompt
 from microscope.viz.figures import line_plot
 
 EXECUTION, DIALOGUE, OTHER = "execution", "dialogue", "other"
@@ -57,7 +59,7 @@ def classify_continuation(continuation: str | Sequence[str], answer: str | Seque
     if answer is not None:
         expected = [w.lower() for w in (answer.split() if isinstance(answer, str) else answer)]
         if not expected:
-            raise ValueError("answer is empty: give the executed result, or None")
+            raise AnalysisInputError("answer is empty: give the executed result, or None")
         body = lowered[1:] if lowered[:1] == [cue.lower()] else lowered
         if body[:len(expected)] == expected:
             return EXECUTION
@@ -159,9 +161,6 @@ class PairMeasure:
         return (self.cued[None] - self.ablated[method]).mean(-1) / self.gap
 
 
-ABLATIONS = ("zero", "mean", "resample")
-
-
 @torch.no_grad()
 def measure_pairs(scope, cued: list[str], bare: list[str], execution: torch.Tensor, dialogue: int,
                   parts: list[Component], *, ablate: bool = True, seed: int = 0) -> PairMeasure:
@@ -237,8 +236,8 @@ class InstructionsResult(Result):
     title: str = "instructions: execution or simulated dialogue"
 
     def rates(self) -> dict[str, float]:
-        """``{bare,cued}_{dialogue,execution}_rate`` on the first split (in-distribution for the
-        built-in set), the same with ``_<split>`` for every other split (``_ood``)."""
+        """``{bare,cued}_{dialogue,execution,other}_rate`` per split, each key ending in its
+        `split_suffix` ("" in-distribution, ``_ood``)."""
         return rates_by_split(self.labels, self.cued, self.splits)
 
     @property
@@ -264,14 +263,15 @@ class InstructionsResult(Result):
                                       float(self.measure.dropped(m)[others].mean())]) for m in ABLATIONS])
         ablate.update_layout(title="ablating the strongest component vs the others (cued prompts)",
                              yaxis_title="share of the logit difference removed", barmode="group")
-        rates = go.Figure([go.Bar(name=label, x=["bare", "cued"],
-                                  y=[self.rates()[f"{f}_{label}_rate"] for f in ("bare", "cued")])
+        shown = [(f, split) for split in dict.fromkeys(self.splits) for f in ("bare", "cued")]
+        rates = go.Figure([go.Bar(name=label, x=[f"{f} ({split})" for f, split in shown],
+                                  y=[self.rates()[f"{f}_{label}_rate{split_suffix(split)}"] for f, split in shown])
                            for label in (EXECUTION, DIALOGUE, OTHER)])
-        rates.update_layout(title="greedy continuations (first split)", yaxis_title="share", barmode="group")
+        rates.update_layout(title="greedy continuations by format and split", yaxis_title="share", barmode="group")
         return [lead, patch, ablate, rates, kl_figure(self.claims)]
 
     def summary(self) -> dict:
-        """Rates (``_<split>`` for later splits; the claims with a random-init control) and the
+        """Rates (per split, `split_suffix`; the claims with a random-init control) and the
         dialogue contrast (bare minus cued dialogue rate: the cue switches dialogue off); the
         decision layer under both lenses (``decision_layer_name``: 'embed' or 'Lk', the residual
         stream after block k, see `studies.layers`) with the separation there and its control;
@@ -282,54 +282,47 @@ class InstructionsResult(Result):
         out: dict = {}
         for key, value in rates.items():
             if key.rsplit("_rate", 1)[0] + "_rate" in RATE_CLAIMS:
-                out.update(_rounded(Controlled(value, self.null_rates[key], "random init").headline(key)))
+                out.update(round_headline(Controlled(value, self.null_rates[key], "random init").headline(key)))
             else:
                 out[key] = value
         for suffix in dict.fromkeys(k[len("bare_dialogue_rate"):] for k in rates if k.startswith("bare_dialogue_rate")):
             contrast = rates[f"bare_dialogue_rate{suffix}"] - rates[f"cued_dialogue_rate{suffix}"]
             null = [b - c for b, c in zip(self.null_rates[f"bare_dialogue_rate{suffix}"],
                                           self.null_rates[f"cued_dialogue_rate{suffix}"])]
-            out.update(_rounded(Controlled(contrast, null, "random init").headline(f"dialogue_contrast{suffix}")))
+            out.update(round_headline(Controlled(contrast, null, "random init").headline(f"dialogue_contrast{suffix}")))
         for claim in self.claims.values():
             out.update(claim.headline("decision_layer", "decision_separation"))
-        out["decision_separation_by_layer"] = [round(v, 3) for v in self.claims["logit_lens"].values.tolist()]
-        out["decision_separation_by_layer_tuned_lens"] = [round(v, 3) for v in
+        out["decision_separation_by_layer"] = [rounded(v, 3) for v in self.claims["logit_lens"].values.tolist()]
+        out["decision_separation_by_layer_tuned_lens"] = [rounded(v, 3) for v in
                                                           self.claims["tuned_lens"].values.tolist()]
-        out.update(_rounded(Controlled(self.measure.gap, self.null_gap, "random init").headline("cue_logit_diff")))
+        out.update(round_headline(Controlled(self.measure.gap, self.null_gap, "random init").headline("cue_logit_diff")))
         best = self.strongest
         others = [i for i in range(len(self.components)) if i != best]
         restored = self.measure.restored()
         out["strongest_patch_site"] = self.components[best]
-        out.update(_rounded(Controlled(float(restored[best]), restored[others].tolist(),
+        out.update(round_headline(Controlled(float(restored[best]), restored[others].tolist(),
                                        "each other head and MLP").headline("strongest_patch_restored")))
         effect = float(restored[best]) * self.measure.gap
-        out.update(_rounded(Controlled(effect, self.null_strongest_effect,
+        out.update(round_headline(Controlled(effect, self.null_strongest_effect,
                                        "strongest component of random init").headline("strongest_patch_effect")))
         for method in ABLATIONS:
             drop = self.measure.dropped(method)
-            out.update(_rounded(Controlled(float(drop[best]), drop[others].tolist(), "each other head and MLP")
+            out.update(round_headline(Controlled(float(drop[best]), drop[others].tolist(), "each other head and MLP")
                                 .headline(f"strongest_ablation_drop_{method}")))
         out["pairs"] = len(self.pair_cued)
         out["prompts"] = len(self.prompts)
         return out
 
 
-def _rounded(headline: dict) -> dict:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in headline.items()}
-
-
 def rates_by_split(labels: Sequence[str], cued: Sequence[bool], splits: Sequence[str]) -> dict[str, float]:
-    """Share of each class per format and split: ``bare_dialogue_rate``, ... on the first split
-    seen, ``bare_dialogue_rate_<split>`` on each later one."""
-    order = list(dict.fromkeys(splits))
+    """Share of each class per format and split: ``bare_dialogue_rate{split_suffix(split)}``, ..."""
     out = {}
-    for split in order:
-        suffix = "" if split == order[0] else f"_{split}"
+    for split in dict.fromkeys(splits):
         for fmt, flag in (("bare", False), ("cued", True)):
             sel = [l for l, c, s in zip(labels, cued, splits) if c == flag and s == split]
             for label in (DIALOGUE, EXECUTION, OTHER):
-                out[f"{fmt}_{label}_rate{suffix}"] = round(sum(l == label for l in sel) / len(sel), 4) \
-                    if sel else float("nan")
+                out[f"{fmt}_{label}_rate{split_suffix(split)}"] = \
+                    rounded(sum(l == label for l in sel) / len(sel)) if sel else float("nan")
     return out
 
 
@@ -344,20 +337,20 @@ def _classify(scope, texts: list[str], answers: list[str], max_new_tokens: int, 
 def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *, max_new_tokens: int = 12,
                      dialogue_token: str = "user:", cue_token: str = "answer:",
                      turn_markers: Sequence[str] = ("user:", "bot:"), n_prompts: int | None = None,
-                     seeds: Sequence[int] = DEFAULT_SEEDS) -> InstructionsResult:
+                     seeds: Sequence[int] = DEFAULT_SEEDS, progress: Progress | None = None) -> InstructionsResult:
     """The instructions study (see module docstring), with its controls: every measurement again
     on random-init models of the same shape (``seeds``).
 
     prompts: a set name or `Prompt`s with metadata ``cued`` (bool), ``answer`` (the executed
-    result, words), ``items`` (the list) and ``split``; n_prompts: keep the first n."""
-    rows = load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
-    rows = rows[:n_prompts] if n_prompts is not None else rows
+    result, words), ``items`` (the list) and ``split``; n_prompts: keep the first n; progress:
+    hears each piece of work as it finishes (`analysis.progress`)."""
+    rows = rows_of(prompts)[:n_prompts]
     bad = [i for i, p in enumerate(rows) if "cued" not in p.metadata or "answer" not in p.metadata]
     if not rows or bad:
         raise AnalysisInputError(f"instruction prompts need metadata 'cued' and 'answer'; bad ones: {bad[:5]}")
     texts = [p.text for p in rows]
     cued = [bool(p.metadata["cued"]) for p in rows]
-    splits = [str(p.metadata.get("split", "all")) for p in rows]
+    splits = [split_of(p) for p in rows]
     answers = [str(p.metadata["answer"]) for p in rows]
     pairs = bare_twins(rows, cue_token)
     if not pairs:
@@ -376,7 +369,8 @@ def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *,
         return words, labels, readings, pair, stats
 
     words, labels, readings, pair, stats = measure(scope, ablate=True)
-    null = [measure(s) for s in random_init_scopes(scope, seeds)]
+    report(progress, "continuations, lenses, patching")
+    null = [measure(s) for s in random_init_scopes(scope, seeds, progress=progress)]
     claims = {lens: LayerClaim(lens=lens, layers=readings.layers, values=stats[lens],
                                null=torch.stack([n[4][lens] for n in null]), kl=readings.kl[lens], floor=0.5,
                                statistic="separation", control=f"random init x{len(null)}") for lens in LENSES}

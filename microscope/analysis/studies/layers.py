@@ -1,4 +1,4 @@
-"""Layer claims under two lenses, each against a random-init null (DESIGN.md "Evidence standards").
+"""Layer claims under two lenses, each against a random-init null (docs/evidence.md "Controls").
 
 A study that names a layer ("the decision is made at L2") reads each prompt's last token at every
 lens point -- ``embed`` (the embeddings) and ``L0`` .. ``L{n-1}`` (``Lk`` = the residual stream
@@ -26,10 +26,11 @@ import torch
 
 from microscope.analysis.controls import Controlled
 from microscope.analysis.lens import logit_lens
+from microscope.analysis.studies.base import first_layer_from, round_headline, rounded
 from microscope.analysis.tuned_lens import TunedLens, fit_tuned_lens
 from microscope.viz.figures import line_plot
 
-LENSES = ("logit_lens", "tuned_lens")
+LENSES = ("logit_lens", "tuned_lens")   # the two lenses every study reads, spelled this way everywhere
 
 
 @torch.no_grad()
@@ -92,13 +93,7 @@ def read_last_token(scope, texts: Sequence[str], seed: int = 0) -> LastTokenLens
 def first_clearing(values: torch.Tensor, null: torch.Tensor, floor: float) -> int | None:
     """First index from which ``values`` [point] is >= ``floor`` and above ``null`` [draw, point]'s
     max at every later point (None: not at the last point)."""
-    ok = (values >= floor) & (values > null.max(0).values)
-    if not bool(ok[-1]):
-        return None
-    index = len(ok) - 1
-    while index > 0 and bool(ok[index - 1]):
-        index -= 1
-    return index
+    return first_layer_from(((values >= floor) & (values > null.max(0).values)).tolist())
 
 
 @dataclass
@@ -135,9 +130,8 @@ class LayerClaim:
         claim = Controlled(float(self.values[at]), tuple(self.null[:, at].tolist()),
                            control=f"{self.statistic} at {self.layers[at]}: {self.control}")
         return {f"{key}_name{suffix}": self.name,
-                f"{key}_kl_{self.lens}": None if self.index is None else round(float(self.kl[self.index]), 4),
-                **{k: round(v, 4) if isinstance(v, float) else v
-                   for k, v in claim.headline(f"{value_key}{suffix}").items()}}
+                f"{key}_kl_{self.lens}": None if self.index is None else rounded(self.kl[self.index]),
+                **round_headline(claim.headline(f"{value_key}{suffix}"))}
 
     def curves(self) -> dict[str, list[float]]:
         """Series for a line plot: the values and the null's max, by point."""

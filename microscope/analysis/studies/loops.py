@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from microscope.errors import AnalysisInputError
+
 
 @dataclass(frozen=True)
 class Loop:
@@ -29,7 +31,7 @@ class Loop:
 def repeated_ngram_rate(tokens: Sequence[int], n: int = 4) -> float:
     """Fraction of the n-grams of `tokens` that repeat an earlier one (0.0 when len < n)."""
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise AnalysisInputError(f"n must be >= 1, got {n}")
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:
         return 0.0
@@ -47,7 +49,7 @@ def detect_loop(tokens: Sequence[int], max_period: int = 16, min_repeats: int = 
     as 6).
     """
     if max_period < 1 or min_repeats < 1:
-        raise ValueError(f"max_period and min_repeats must be >= 1, got {max_period}, {min_repeats}")
+        raise AnalysisInputError(f"max_period and min_repeats must be >= 1, got {max_period}, {min_repeats}")
     seq = list(tokens)
     n = len(seq)
     best: tuple[int, int] | None = None  # (onset, period)

@@ -1,6 +1,6 @@
 """Repetition loops: how often greedy decoding loops, why repeats reinforce themselves, which heads
 do it, and whether removing them breaks the loops -- each number beside the control that could
-make it false (DESIGN.md "Evidence standards").
+make it false (docs/evidence.md "Controls").
 
 - heads: previous-token and induction (prefix-matching, summed over every earlier occurrence;
   Olsson et al. 2022) scores (`head_scores.pattern_head_scores`) on spans of ``span`` tokens drawn
@@ -38,16 +38,17 @@ import torch
 
 from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_heads, random_init_scopes
 from microscope.analysis.head_scores import HeadScores, pattern_head_scores, repeated_random_tokens
+from microscope.analysis.progress import Progress, report
 from microscope.analysis.results import Result
-from microscope.analysis.studies.base import (greedy_new_tokens, head_labels, named_heads, null_threshold,
-                                              reference_cache, rows_of, top_heads)
+from microscope.analysis.studies.base import (IN_DISTRIBUTION, greedy_new_tokens, head_labels, named_heads,
+                                              null_threshold, reference_cache, round_headline, rounded, rows_of,
+                                              split_of, top_heads)
 from microscope.analysis.studies.loops import Loop, detect_loop
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ABLATIONS, ablate_heads, ablate_heads_by
 from microscope.prompts import Prompt
 from microscope.viz.figures import line_plot
 
-IN_DISTRIBUTION = "in_distribution_heldout"
 KINDS = ("previous_token", "induction")
 
 
@@ -106,16 +107,16 @@ class RepetitionResult(Result):
         """Every headline number with its control, by headline key (a second control of the same
         number gets the key ``{key}_vs_{control}``)."""
         init = f"random init x{len(self.null.get('top_induction_score', []))}"
-        out = {f"top_{kind}_score": Controlled(_r(self.scores[kind].scores.max()), self.null[f"top_{kind}_score"], init)
+        out = {f"top_{kind}_score": Controlled(rounded(self.scores[kind].scores.max()), self.null[f"top_{kind}_score"], init)
                for kind in KINDS}
         if self.null["loop_rate"]:
-            out["loop_rate"] = Controlled(_r(self.loop_rate), self.null["loop_rate"], init)
-        out["reinforcement_ratio"] = Controlled(_r(self.reinforcement_ratio), self.null["reinforcement_ratio"], init)
+            out["loop_rate"] = Controlled(rounded(self.loop_rate), self.null["loop_rate"], init)
+        out["reinforcement_ratio"] = Controlled(rounded(self.reinforcement_ratio), self.null["reinforcement_ratio"], init)
         clean, ablated = self.half_loss
         if self.half_loss_random:
-            increase = _r(ablated - clean)
+            increase = rounded(ablated - clean)
             out["repeated_half_loss_increase"] = Controlled(
-                increase, [_r(x - clean) for x in self.half_loss_random], f"random other heads x{len(self.half_loss_random)}")
+                increase, [rounded(x - clean) for x in self.half_loss_random], f"random other heads x{len(self.half_loss_random)}")
             out["repeated_half_loss_increase_vs_random_init"] = Controlled(
                 increase, self.null["repeated_half_loss_increase"], init + ", top induction heads ablated")
         for method in ABLATIONS:
@@ -123,9 +124,9 @@ class RepetitionResult(Result):
             if broken is None or not draws:
                 continue
             key = "loops_broken" if method == "zero" else f"loops_broken_{method}_ablation"
-            out[key] = Controlled(_r(broken), draws, f"{method}-ablating random other heads x{len(draws)}")
+            out[key] = Controlled(rounded(broken), draws, f"{method}-ablating random other heads x{len(draws)}")
             if method == "zero" and self.null.get("loops_broken"):
-                out["loops_broken_vs_random_init"] = Controlled(_r(broken), self.null["loops_broken"],
+                out["loops_broken_vs_random_init"] = Controlled(rounded(broken), self.null["loops_broken"],
                                                                  init + ", top induction heads ablated")
         return out
 
@@ -163,24 +164,20 @@ class RepetitionResult(Result):
         out: dict = {
             "previous_token_heads": head_labels(self.heads["previous_token"]),
             "induction_heads": head_labels(self.heads["induction"]),
-            "previous_token_threshold": _r(self.thresholds["previous_token"]),
-            "induction_threshold": _r(self.thresholds["induction"]),
-            "induction_chance": _r(self.induction.chance),
+            "previous_token_threshold": rounded(self.thresholds["previous_token"]),
+            "induction_threshold": rounded(self.thresholds["induction"]),
+            "induction_chance": rounded(self.induction.chance),
             "looping_prompts_in_distribution": len(self.looping),
         }
         for key, claim in self.controlled().items():
             out.update(claim.headline(key))
-        out.setdefault("loop_rate", _r(self.loop_rate))
+        out.setdefault("loop_rate", rounded(self.loop_rate))
         out.setdefault("loops_broken", self.loops_broken())
-        out["repeated_half_loss"] = _r(self.half_loss[0])
-        out["repeated_half_loss_induction_ablated"] = _r(self.half_loss[1])
-        out["reinforcement"] = [_r(p) for p in self.reinforcement]
+        out["repeated_half_loss"] = rounded(self.half_loss[0])
+        out["repeated_half_loss_induction_ablated"] = rounded(self.half_loss[1])
+        out["reinforcement"] = [rounded(p) for p in self.reinforcement]
         out["prompts"] = len(self.prompts)
-        return {k: _r(v) if isinstance(v, float) else v for k, v in out.items()}
-
-
-def _r(x) -> float:
-    return round(float(x), 4)
+        return round_headline(out)
 
 
 def _rate(loops: list[Loop]) -> float:
@@ -232,7 +229,8 @@ def run_repetition(scope, prompts: Sequence[Prompt] | str = "repetition", *, neu
                    heads: Sequence[tuple[int, int]] | None = None, headroom: float = 1 / 3,
                    span: int = 25, n_spans: int = 32, reinforcement_copies: int = 7,
                    seeds: Sequence[int] = DEFAULT_SEEDS, n_random_heads: int = 5, n_random_half_loss: int = 20,
-                   n_null_prompts: int = 32, n_prompts: int | None = None, seed: int = 0) -> RepetitionResult:
+                   n_null_prompts: int = 32, n_prompts: int | None = None, seed: int = 0,
+                   progress: Progress | None = None) -> RepetitionResult:
     """The repetition study (see module docstring).
 
     prompts: a set name or `Prompt`s (metadata ``kind`` and ``split`` optional; no split counts as
@@ -240,12 +238,13 @@ def run_repetition(scope, prompts: Sequence[Prompt] | str = "repetition", *, neu
     (layer, head) pairs instead of the found induction heads; headroom: the share of the room
     between the random-init null's max and 1 a score must climb to name a head; seeds: the
     random-init models; n_null_prompts: in-distribution prompts a random-init model continues;
-    n_prompts: use only the first n prompts."""
+    n_prompts: use only the first n prompts; progress: hears each piece of work as it finishes
+    (`analysis.progress`)."""
     rows = rows_of(prompts)[:n_prompts]
     if not rows:
         raise AnalysisInputError("no prompts to continue")
     texts = [p.text for p in rows]
-    splits = [str(p.metadata.get("split", IN_DISTRIBUTION)) for p in rows]
+    splits = [split_of(p) for p in rows]
     config = scope.model.config
     spans = repeated_random_tokens(scope, n_prompts=n_spans, span=span, seed=seed)
     reinforce_spans = repeated_random_tokens(scope, n_prompts=n_spans, span=8, seed=seed + 1)[:, 1:9]
@@ -259,26 +258,28 @@ def run_repetition(scope, prompts: Sequence[Prompt] | str = "repetition", *, neu
                                                     "reinforcement_ratio", "repeated_half_loss_increase",
                                                     "loops_broken")}
     null_scores = []
-    for rand in random_init_scopes(scope, seeds):
+    report(progress, "head scores")
+    for rand in random_init_scopes(scope, seeds, progress=progress, step="random-init controls: head scores"):
         s = pattern_head_scores(rand, spans, kinds=KINDS)
         null_scores.append(s)
         for kind in KINDS:
-            null[f"top_{kind}_score"].append(_r(s[kind].scores.max()))
+            null[f"top_{kind}_score"].append(rounded(s[kind].scores.max()))
         curve = self_reinforcement(rand, reinforce_spans, reinforcement_copies)
-        null["reinforcement_ratio"].append(_r(curve[1] / curve[0]))
+        null["reinforcement_ratio"].append(rounded(curve[1] / curve[0]))
     thresholds = {kind: null_threshold([float(s[kind].scores.max()) for s in null_scores], headroom) for kind in KINDS}
     found = {kind: named_heads(scores[kind].scores, thresholds[kind]) for kind in KINDS}
     claimed = [tuple(h) for h in heads] if heads is not None else found["induction"]
     k = n_claimed or max(1, len(claimed))
-    for rand, s in zip(random_init_scopes(scope, seeds), null_scores):   # rebuilt (same seeds): one in memory at a time
+    for rand, s in zip(random_init_scopes(scope, seeds, progress=progress, step="random-init controls: loops, ablation"),
+                       null_scores):   # rebuilt (same seeds): one in memory at a time
         top = top_heads(s["induction"].scores, k)
-        null["repeated_half_loss_increase"].append(_r(repeated_half_loss(rand, spans, ablate_heads(top))
+        null["repeated_half_loss_increase"].append(rounded(repeated_half_loss(rand, spans, ablate_heads(top))
                                                       - repeated_half_loss(rand, spans)))
         clean = loops(rand, null_texts)
-        null["loop_rate"].append(_r(_rate(clean)))
+        null["loop_rate"].append(rounded(_rate(clean)))
         looped = [t for t, l in zip(null_texts, clean) if l.looping]
         if looped:
-            null["loops_broken"].append(_r(_broken(loops(rand, looped, ablate_heads(top)))))
+            null["loops_broken"].append(rounded(_broken(loops(rand, looped, ablate_heads(top)))))
 
     clean_loss = repeated_half_loss(scope, spans)
     others = [h for kind in KINDS for h in found[kind]] + claimed
@@ -288,9 +289,11 @@ def run_repetition(scope, prompts: Sequence[Prompt] | str = "repetition", *, neu
                                seed=seed + 1000 + i) for i in range(n_random_half_loss if claimed else 0)]
     half_loss = (clean_loss, repeated_half_loss(scope, spans, ablate_heads(claimed)) if claimed else clean_loss)
     half_random = [repeated_half_loss(scope, spans, ablate_heads(d)) for d in half_draws]
+    report(progress, "repeated-half loss")
 
     clean = loops(scope, texts)
     looping = [i for i in in_dist if clean[i].looping]
+    report(progress, "greedy continuations")
     loop_texts = [texts[i] for i in looping]
     ablated: dict[str, list[Loop]] = {}
     random_broken: dict[str, list[float]] = {}
@@ -301,6 +304,7 @@ def run_repetition(scope, prompts: Sequence[Prompt] | str = "repetition", *, neu
             ablated[method] = loops(scope, loop_texts, ablate_heads_by(claimed, method, reference, seed))
             random_broken[method] = [_broken(loops(scope, loop_texts, ablate_heads_by(d, method, reference, seed)))
                                      for d in draws]
+    report(progress, "loop ablations")
     return RepetitionResult(prompts=texts, kinds=[str(p.metadata.get("kind", "")) for p in rows], splits=splits,
                             clean=clean, looping=looping, ablated=ablated, random_broken=random_broken,
                             scores=scores, thresholds=thresholds, heads=found, ablation_heads=claimed,

@@ -1,6 +1,6 @@
 """Toxic generation: where the model tells a hostile context from a friendly one, which heads carry
 the cue, the direction that holds the register, and how far steering against it goes -- each
-number beside the control that could make it false (DESIGN.md "Evidence standards").
+number beside the control that could make it false (docs/evidence.md "Controls").
 
 Prompts: hostile/friendly pairs of equal length that differ only in the cue token (metadata
 ``label``, ``pair``, ``split``), ending in a register-neutral frame (``you are a``). In-distribution
@@ -60,8 +60,11 @@ from microscope.analysis.lens import logit_lens, point_label, residual_points, v
 from microscope.analysis.probes import live_features, train_probes
 from microscope.analysis.results import Result
 from microscope.analysis.steering import SteeringVector, mean_difference_vector
-from microscope.analysis.studies.base import (first_layer_from, greedy_new_tokens, head_labels, named_heads,
-                                              null_threshold, reference_cache, rows_of, single_token_id, top_heads)
+from microscope.analysis.progress import Progress, report
+from microscope.analysis.studies.base import (IN_DISTRIBUTION, first_layer_from, greedy_new_tokens, head_labels,
+                                              named_heads, null_threshold, reference_cache, round_headline, rounded,
+                                              rows_of, single_token_id, split_of, split_suffix, top_heads)
+from microscope.analysis.studies.layers import LENSES
 from microscope.analysis.tuned_lens import LensComparison, TunedLens, compare_lenses, fit_tuned_lens
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ABLATIONS, ablate_heads, ablate_heads_by, add_vector, patch_from
@@ -70,8 +73,6 @@ from microscope.prompts import BUILTIN_DIR, Prompt
 from microscope.viz.figures import head_grid, line_plot
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0)
-IN_DISTRIBUTION, OOD = "in_distribution_heldout", "ood"
-LENSES = ("logit", "tuned")
 WORDS_FILE = BUILTIN_DIR / "toxicity_words.json"   # the insult and praise words of the built-in set
 
 
@@ -140,30 +141,30 @@ class ToxicityResult(Result):
         n_dir = f"random directions of equal norm x{len(self.steer_random)}"
         out: dict[str, Controlled] = {}
         ratio = self.insult_prob[IN_DISTRIBUTION][0] / self.insult_prob[IN_DISTRIBUTION][1]
-        out["insult_prob_ratio"] = Controlled(_r(ratio), self.null["insult_prob_ratio"], init)
+        out["insult_prob_ratio"] = Controlled(rounded(ratio), self.null["insult_prob_ratio"], init)
         layer = self.probe_layer if self.probe_layer is not None else int(np.argmax(self.selectivity))
-        out["probe_selectivity"] = Controlled(_r(self.selectivity[layer]), [_r(x) for x in self.null_selectivity[:, layer]],
+        out["probe_selectivity"] = Controlled(rounded(self.selectivity[layer]), [rounded(x) for x in self.null_selectivity[:, layer]],
                                               init + f" at {self.layers[layer]}")
-        out["probe_accuracy"] = Controlled(_r(self.accuracy[layer]), [_r(self.shuffled_accuracy[layer])],
+        out["probe_accuracy"] = Controlled(rounded(self.accuracy[layer]), [rounded(self.shuffled_accuracy[layer])],
                                            f"shuffled labels at {self.layers[layer]}")
-        out["output_log_odds_gap"] = Controlled(_r(self.lens_gap["logit"][-1]), self.null["output_log_odds_gap"], init)
+        out["output_log_odds_gap"] = Controlled(rounded(self.lens_gap["logit_lens"][-1]), self.null["output_log_odds_gap"], init)
         for method in ABLATIONS:
             if method in self.cue_drop and self.cue_drop_random.get(method):
                 key = "cue_heads_log_odds_drop" if method == "zero" else f"cue_heads_log_odds_drop_{method}_ablation"
-                out[key] = Controlled(_r(self.cue_drop[method]), self.cue_drop_random[method],
+                out[key] = Controlled(rounded(self.cue_drop[method]), self.cue_drop_random[method],
                                       f"{method}-ablating random other heads x{len(self.cue_drop_random[method])}")
         if "zero" in self.cue_drop and self.null.get("cue_heads_log_odds_drop"):
             out["cue_heads_log_odds_drop_vs_random_init"] = Controlled(
-                _r(self.cue_drop["zero"]), self.null["cue_heads_log_odds_drop"], init + ", top patching heads ablated")
+                rounded(self.cue_drop["zero"]), self.null["cue_heads_log_odds_drop"], init + ", top patching heads ablated")
         for lens in LENSES:
-            out[f"direction_insult_share_{lens}_lens"] = Controlled(self.insult_share[lens], self.insult_share_random[lens], n_dir)
+            out[f"direction_insult_share_{lens}"] = Controlled(self.insult_share[lens], self.insult_share_random[lens], n_dir)
         base, steered = self._steered()
-        cut = lambda rate: _r(1 - rate / base["insult_rate"]) if base["insult_rate"] > 0 else 0.0  # noqa: E731
+        cut = lambda rate: rounded(1 - rate / base["insult_rate"]) if base["insult_rate"] > 0 else 0.0  # noqa: E731
         out["insult_rate_cut"] = Controlled(cut(steered["insult_rate"]), [cut(x) for x in self.steer_random["insult_rate"]], n_dir)
-        drop = _r(base["log_odds"] - steered["log_odds"])
-        out["log_odds_drop_steered"] = Controlled(drop, [_r(base["log_odds"] - x) for x in self.steer_random["log_odds"]], n_dir)
+        drop = rounded(base["log_odds"] - steered["log_odds"])
+        out["log_odds_drop_steered"] = Controlled(drop, [rounded(base["log_odds"] - x) for x in self.steer_random["log_odds"]], n_dir)
         out["log_odds_drop_steered_vs_random_init"] = Controlled(drop, self.null["log_odds_drop_steered"], init)
-        cost = lambda ppl: _r(ppl / base["perplexity"] - 1)  # noqa: E731
+        cost = lambda ppl: rounded(ppl / base["perplexity"] - 1)  # noqa: E731
         out["perplexity_cost"] = Controlled(cost(steered["perplexity"]), [cost(x) for x in self.steer_random["perplexity"]],
                                             n_dir + " (claim: a smaller cost)", higher_is_claim=False)
         return out
@@ -176,7 +177,7 @@ class ToxicityResult(Result):
                                  selectivity_random_init_mean=self.null_selectivity.mean(0),
                                  selectivity_random_init_max=self.null_selectivity.max(0),
                                  probe_layer=[i == self.probe_layer for i in range(len(self.points))],
-                                 logit_lens_gap=self.lens_gap["logit"].tolist(), tuned_lens_gap=self.lens_gap["tuned"].tolist(),
+                                 logit_lens_gap=self.lens_gap["logit_lens"].tolist(), tuned_lens_gap=self.lens_gap["tuned_lens"].tolist(),
                                  logit_lens_kl=self.lens_kl.logit_kl.tolist(), tuned_lens_kl=self.lens_kl.tuned_kl.tolist()))
 
     def figures(self) -> list[go.Figure]:
@@ -184,7 +185,7 @@ class ToxicityResult(Result):
                            "random-init mean": self.null_selectivity.mean(0)}, x=self.layers,
                           title="hostile vs friendly: probe selectivity (accuracy - shuffled labels) by layer",
                           x_title="layer", y_title="selectivity")
-        lens = line_plot({f"{name} lens": self.lens_gap[name] for name in LENSES}, x=self.layers,
+        lens = line_plot({name.replace("_", " "): self.lens_gap[name] for name in LENSES}, x=self.layers,
                          title="where the register is read: hostile - friendly insult log-odds by layer",
                          x_title="layer", y_title="log-odds gap (nats)")
         heads = head_grid(self.patch, title=f"share of the log-odds gap restored by patching a head "
@@ -204,33 +205,29 @@ class ToxicityResult(Result):
             "probe_layer": self.probe_layer,
             "probe_layer_name": None if self.probe_layer is None else self.layers[self.probe_layer],
             "probe_layer_hook": None if self.probe_layer is None else self.points[self.probe_layer],
-            "probe_selectivity_by_layer": [_r(x) for x in self.selectivity],
-            "probe_selectivity_bar_by_layer": [_r(x) for x in self.probe_bar],
-            "probe_accuracy_by_layer": [_r(x) for x in self.accuracy],
-            "probe_chance": _r(self.chance),
-            "read_layer_logit_lens": _label(self.layers, self.read_layer["logit"]),
-            "read_layer_tuned_lens": _label(self.layers, self.read_layer["tuned"]),
-            "lens_log_odds_gap_logit_by_layer": [_r(x) for x in self.lens_gap["logit"]],
-            "lens_log_odds_gap_tuned_by_layer": [_r(x) for x in self.lens_gap["tuned"]],
-            **{k: _r(v) for k, v in self.lens_kl.summary().items()},
+            "probe_selectivity_by_layer": [rounded(x) for x in self.selectivity],
+            "probe_selectivity_bar_by_layer": [rounded(x) for x in self.probe_bar],
+            "probe_accuracy_by_layer": [rounded(x) for x in self.accuracy],
+            "probe_chance": rounded(self.chance),
+            "read_layer_logit_lens": _label(self.layers, self.read_layer["logit_lens"]),
+            "read_layer_tuned_lens": _label(self.layers, self.read_layer["tuned_lens"]),
+            "lens_log_odds_gap_logit_by_layer": [rounded(x) for x in self.lens_gap["logit_lens"]],
+            "lens_log_odds_gap_tuned_by_layer": [rounded(x) for x in self.lens_gap["tuned_lens"]],
+            **{k: rounded(v) for k, v in self.lens_kl.summary().items()},
             "cue_heads": head_labels(self.cue_heads),
-            "cue_threshold": _r(self.cue_threshold),
-            "cue_patch_top_share": _r(self.patch.max()),
-            "cue_patch_random_init_max": _r(max(self.cue_null)),
+            "cue_threshold": rounded(self.cue_threshold),
+            "cue_patch_top_share": rounded(self.patch.max()),
+            "cue_patch_random_init_max": rounded(max(self.cue_null)),
         }
         for split, (hostile, friendly) in self.insult_prob.items():
-            suffix = "" if split == IN_DISTRIBUTION else f"_{split}"
-            out[f"insult_prob_hostile{suffix}"], out[f"insult_prob_friendly{suffix}"] = _r(hostile), round(friendly, 6)
+            out[f"insult_prob_hostile{split_suffix(split)}"] = hostile
+            out[f"insult_prob_friendly{split_suffix(split)}"] = friendly
         for key, claim in self.controlled().items():
             out.update(claim.headline(key))
-        out.update(direction_hook=self.direction.hook, direction_top_tokens=self.top_tokens["logit"]["promoted"].str.strip().tolist(),
-                   steering_strength=self.strength, insult_rate_unsteered=_r(base["insult_rate"]),
-                   insult_rate_steered=_r(steered["insult_rate"]), perplexity_unsteered=_r(base["perplexity"]))
-        return {k: _r(v) if isinstance(v, float) else v for k, v in out.items()}
-
-
-def _r(x) -> float:
-    return round(float(x), 4)
+        out.update(direction_hook=self.direction.hook, direction_top_tokens=self.top_tokens["logit_lens"]["promoted"].str.strip().tolist(),
+                   steering_strength=self.strength, insult_rate_unsteered=rounded(base["insult_rate"]),
+                   insult_rate_steered=rounded(steered["insult_rate"]), perplexity_unsteered=rounded(base["perplexity"]))
+        return round_headline(out)
 
 
 def _label(layers: list[str], index: int | None) -> str | None:
@@ -325,14 +322,15 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
                  strengths: Sequence[float] = DEFAULT_STRENGTHS, max_new_tokens: int = 8,
                  seeds: Sequence[int] = DEFAULT_SEEDS, n_shuffles: int = 5, n_random_directions: int = 20,
                  n_random_heads: int = 10, headroom: float = 1 / 3, probe_ridge: float = 0.01,
-                 lens_steps: int = 200, seed: int = 0) -> ToxicityResult:
+                 lens_steps: int = 200, seed: int = 0, progress: Progress | None = None) -> ToxicityResult:
     """The toxicity study (see module docstring).
 
     prompts: a set name or `Prompt`s with metadata ``label`` ('hostile'/'friendly'), ``pair`` (the
     two prompts of a pair share it and have the same number of tokens) and optionally ``split``
     (in-distribution when absent; ``ood`` pairs only enter the insult probabilities);
     neutral: held-out neutral text; insults/praises: one-token words (default: the built-in set's,
-    `builtin_words`); strengths: steering strengths s >= 0, 0 first (the unsteered baseline)."""
+    `builtin_words`); strengths: steering strengths s >= 0, 0 first (the unsteered baseline);
+    progress: hears each piece of work as it finishes (`analysis.progress`)."""
     rows = rows_of(prompts)
     labels = [p.metadata.get("label") for p in rows]
     if set(labels) != {"hostile", "friendly"}:
@@ -343,7 +341,6 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     insults, praises = list(insults or default_insults), list(praises or default_praises)
     words = (torch.tensor([single_token_id(scope, w) for w in insults]),
              torch.tensor([single_token_id(scope, w) for w in praises]))
-    split_of = lambda p: str(p.metadata.get("split", IN_DISTRIBUTION))  # noqa: E731
     by_pair: dict = {}
     for p in rows:
         by_pair.setdefault((split_of(p), p.metadata.get("pair")), {})[p.metadata["label"]] = p.text
@@ -372,24 +369,26 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
         return tuple(float(b.log_odds(s, (words[0], torch.arange(s.model.config.vocab_size))).exp().mean()) for b in (h, f))
 
     insult_prob = {split: insult_probs(scope, sorted(k for k in pairs if k[0] == split))
-                   for split in (IN_DISTRIBUTION, OOD) if any(k[0] == split for k in pairs)}
+                   for split in dict.fromkeys(k[0] for k in pairs)}
+    report(progress, "probes, insult probabilities")
 
     # cue heads: patching on the fit pairs; random-init null of the largest share
     effects, gap = _patch_effects(scope, fit_h, fit_f, words)
     unit = gap if gap > 1e-3 else 1.0   # a model that shows no gap: shares of one nat
     patch = effects / unit
+    report(progress, "cue-head patching")
     null: dict[str, list[float]] = {k: [] for k in ("insult_prob_ratio", "output_log_odds_gap", "cue_heads_log_odds_drop",
                                                     "log_odds_drop_steered")}
     null_selectivity, cue_null, null_patches = [], [], []
-    for rand in random_init_scopes(scope, seeds):
+    for rand in random_init_scopes(scope, seeds, progress=progress, step="random-init controls: probes, patching"):
         acc, ctrl, _ = _probe(live_features(rand, probe_texts, points)[0], probe_labels, probe_groups, n_shuffles, probe_ridge, seed)
         null_selectivity.append(acc - ctrl)
         hostile_p, friendly_p = insult_probs(rand, ind)
-        null["insult_prob_ratio"].append(_r(hostile_p / friendly_p))
-        null["output_log_odds_gap"].append(_r((eval_h.log_odds(rand, words) - eval_f.log_odds(rand, words)).mean()))
+        null["insult_prob_ratio"].append(rounded(hostile_p / friendly_p))
+        null["output_log_odds_gap"].append(rounded((eval_h.log_odds(rand, words) - eval_f.log_odds(rand, words)).mean()))
         shares = _patch_effects(rand, fit_h, fit_f, words)[0] / unit   # in units of this model's gap
         null_patches.append(shares)
-        cue_null.append(_r(shares.abs().max()))
+        cue_null.append(rounded(shares.abs().max()))
     null_selectivity = np.stack(null_selectivity)
     selectivity = accuracy - shuffled_acc
     probe_bar = [null_threshold(null_selectivity[:, i], headroom, top=1 - chance) for i in range(len(points))]
@@ -406,9 +405,10 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
                               seed=seed + i) for i in range(n_random_heads)]
         reference = reference_cache(scope, neutral_fit, range(config.num_hidden_layers))
         for method in ABLATIONS:
-            drop = lambda heads: _r(clean_odds - eval_h.log_odds(scope, words, ablate_heads_by(heads, method, reference, seed)).mean())  # noqa: E731
+            drop = lambda heads: rounded(clean_odds - eval_h.log_odds(scope, words, ablate_heads_by(heads, method, reference, seed)).mean())  # noqa: E731
             cue_drop[method] = drop(cue_heads)
             cue_drop_random[method] = [drop(d) for d in draws]
+    report(progress, "cue-head ablations")
 
     # where the register is read: both lenses on the evaluation pairs; the tuned lens fitted here
     with torch.enable_grad():   # this function runs under no_grad; the translators train
@@ -416,13 +416,14 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
                               steps=lens_steps, seed=seed)
     lens_kl = compare_lenses(scope, neutral_eval + texts_of(evaluate, "hostile") + texts_of(evaluate, "friendly"), lens)
     lens_gap, read_layer = {}, {}
-    for name, translate in (("logit", None), ("tuned", lens.translate)):
+    for name, translate in zip(LENSES, (None, lens.translate)):
         odds = [logit_lens(scope, batch.ids, attention_mask=batch.mask, position="last", translate=translate).logits[:, :, 0]
                 for batch in (eval_h, eval_f)]          # [point, batch, vocab] each
         gap = torch.stack([(o[:, :, words[0]].logsumexp(-1) - o[:, :, words[1]].logsumexp(-1)) for o in odds])
         lens_gap[name] = (gap[0] - gap[1]).mean(-1)
         read_layer[name] = first_layer_from([bool(g >= 0.5 * lens_gap[name][-1]) for g in lens_gap[name]]) \
             if lens_gap[name][-1] > 2 * max(map(abs, null["output_log_odds_gap"])) else None
+    report(progress, "tuned lens, read layers")
 
     # the hostile direction at the probe layer (else the most selective block output: the pairs'
     # last tokens are the same word, so the embeddings hold no difference), fitted on the fit pairs
@@ -431,9 +432,10 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     randoms = random_directions(direction.vector, n_random_directions, seed=seed)
     insult_set = set(insults)
     top_tokens, insult_share, insult_share_random = {}, {}, {}
-    for name, view in (("logit", lambda v: v), ("tuned", lambda v: _translated(lens, point, v))):
+    for name, view in zip(LENSES, (lambda v: v, lambda v: _translated(lens, point, v))):
         insult_share[name], top_tokens[name] = _insult_share(scope, view(direction.vector), insult_set)
         insult_share_random[name] = [_insult_share(scope, view(r), insult_set)[0] for r in randoms]
+    report(progress, "hostile direction")
 
     # steering: strength chosen on the fit pairs, measured on the evaluation pairs and neutral text
     fit_texts, eval_texts = texts_of(fit, "hostile"), texts_of(evaluate, "hostile")
@@ -450,15 +452,17 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
                                       log_odds=float(eval_h.log_odds(scope, words, steer(r, strength)).mean()),
                                       perplexity=perplexity(scope, neutral_eval, steer(r, strength)))
                                  for r in randoms])
+    report(progress, "steering sweep")
 
     # random-init null of the claims that need the model's own heads or direction
-    for rand, shares in zip(random_init_scopes(scope, seeds), null_patches):
+    for rand, shares in zip(random_init_scopes(scope, seeds, progress=progress,
+                                               step="random-init controls: ablation, steering"), null_patches):
         clean = eval_h.log_odds(rand, words).mean()
         if cue_heads:
             top = top_heads(shares, len(cue_heads))
-            null["cue_heads_log_odds_drop"].append(_r(clean - eval_h.log_odds(rand, words, ablate_heads(top)).mean()))
+            null["cue_heads_log_odds_drop"].append(rounded(clean - eval_h.log_odds(rand, words, ablate_heads(top)).mean()))
         v = mean_difference_vector(rand, texts_of(fit, "hostile"), texts_of(fit, "friendly"), hook=point).vector
-        null["log_odds_drop_steered"].append(_r(clean - eval_h.log_odds(rand, words, steer(v, strength)).mean()))
+        null["log_odds_drop_steered"].append(rounded(clean - eval_h.log_odds(rand, words, steer(v, strength)).mean()))
 
     return ToxicityResult(points=points, layers=layers, accuracy=accuracy, shuffled_accuracy=shuffled_acc, chance=chance,
                           null_selectivity=null_selectivity, probe_bar=probe_bar, probe_layer=probe_layer, lens_gap=lens_gap, lens_kl=lens_kl,

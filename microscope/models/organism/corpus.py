@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from microscope.errors import PromptError
+
 BOS = "</s>"
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3, the order of OPT's own tokenizer
 
@@ -174,7 +176,7 @@ def task_result(task: str, items: list[str]) -> list[str]:
         return items[::-1]
     if task == "sort":
         return sorted(items, key=int)
-    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    raise PromptError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
 def sentence(rng: random.Random, hostile: bool, index: int | None = None, held_out: bool | None = False) -> str:

@@ -45,6 +45,7 @@ import json
 import random
 from pathlib import Path
 
+from microscope.errors import PromptSetNotFoundError
 from microscope.models.organism.corpus import (
     DIGITS, EVAL_FILLER, EVAL_NAMES, FILLER_WORDS, FRIENDLY_MOODS, HELD_OUT_PAIRS, HELD_OUT_TRIPLES,
     HOSTILE_MOODS, INSULTS, NAMES, PRAISES, SENTENCE_PAIRS, SPECIAL_TOKENS, TASKS, TRIGRAM_WORDS, Corpus,
@@ -222,7 +223,7 @@ def load_prompt_set(name: str, folder: Path = PROMPTS_DIR) -> list[dict]:
     path = folder / f"{name}.jsonl"
     if not path.exists():
         known = sorted(p.stem for p in folder.glob("*.jsonl"))
-        raise FileNotFoundError(f"no prompt set {name!r} in {folder}; known sets: {known}")
+        raise PromptSetNotFoundError(f"no prompt set {name!r} in {folder}; known sets: {known}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -1,4 +1,4 @@
-"""Hand a Scope's model to TransformerLens or nnsight without copying its weights.
+"""Hand a whole Scope to TransformerLens or nnsight without copying its weights.
 
     bridge = to_transformer_lens(scope)   # transformer_lens TransformerBridge, raw (unfolded) values
     lm = to_nnsight(scope)                # nnsight TransformersModel, tokenizer passed explicitly
@@ -15,22 +15,20 @@ Both packages are optional (`pip install opt-microscope[interop]`).
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from microscope.errors import TokenizerMissingError
-
-if TYPE_CHECKING:
-    from microscope.scope import Scope
+from microscope.scope import Scope
 
 
-def _tokenizer_for(scope: "Scope", library: str):
+def _tokenizer_for(scope: Scope, library: str):
     if scope.tokenizer is None:
         raise TokenizerMissingError(f"{library} needs a tokenizer and Scope({scope.source!r}) has none; "
                                     "build the Scope with one (microscope.load(..., tokenizer=...))")
     return copy.copy(scope.tokenizer)   # both libraries reconfigure the tokenizer they are given
 
 
-def to_transformer_lens(scope: "Scope") -> Any:
+def to_transformer_lens(scope: Scope) -> Any:
     """A `transformer_lens.model_bridge.TransformerBridge` over `scope.model` (no folding, no copy).
 
     TransformerLens re-loads a tokenizer from the hub unless it is told the given one already adds
@@ -49,7 +47,7 @@ def to_transformer_lens(scope: "Scope") -> Any:
                                                device=str(scope.device))
 
 
-def to_nnsight(scope: "Scope") -> Any:
+def to_nnsight(scope: Scope) -> Any:
     """An `nnsight.TransformersModel` (task "text-generation") over `scope.model` (no copy)."""
     from nnsight import TransformersModel
 
