@@ -4,6 +4,11 @@
 - ``name.jsonl``: one JSON object per line with a ``"text"`` field; every other field is kept as
   that prompt's metadata (stored beside the activations by the dump job);
 - a bare name (``"demo"``): the built-in set ``microscope/data/prompts/<name>.jsonl``.
+
+A set's *task* -- what a study needs beside the prompts: its word classes (insults and praises) and
+formats (an answer cue, the turn markers of a dialogue) -- sits beside it in ``<name>.task.json``
+(`load_task`), so that the studies hold no word of any one model's language and a user's own set
+brings its own words.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from microscope.errors import PromptError
 
 BUILTIN_DIR = Path(__file__).parent / "data" / "prompts"
+TASK_SUFFIX = ".task.json"
 
 
 @dataclass(frozen=True)
@@ -27,23 +33,58 @@ class Prompt:
     metadata: dict = field(default_factory=dict)
 
 
+class PromptSet(list):
+    """A list of `Prompt`s that keeps the task of the set it came from (``task``: `load_task`),
+    also when a selection of it is taken (``PromptSet(chosen, task=whole.task)``)."""
+
+    def __init__(self, prompts=(), task: dict | None = None):
+        super().__init__(prompts)
+        self.task = dict(task or {})
+
+
 def builtin_sets() -> list[str]:
     """Names of the prompt sets shipped in the package."""
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
+    return sorted(p.relative_to(BUILTIN_DIR).with_suffix("").as_posix() for p in BUILTIN_DIR.rglob("*.jsonl"))
 
 
-def load_prompts(source: str | os.PathLike | list) -> list[Prompt]:
-    """Prompts from a .txt/.jsonl path, a built-in set name, or a list of strings/`Prompt`s."""
+def prompt_file(source: str | os.PathLike) -> Path:
+    """The file of a .txt/.jsonl path or of a built-in set name (``"toxicity"``, ``"opt/toxicity"``)."""
+    path = Path(source)
+    if not path.exists() and path.suffix == "" and (BUILTIN_DIR / f"{source}.jsonl").exists():
+        path = BUILTIN_DIR / f"{source}.jsonl"
+    if not path.exists():
+        raise PromptError(f"no prompt file {str(source)!r} and no built-in set of that name; "
+                          f"give a .txt or .jsonl path or one of: {', '.join(builtin_sets())}")
+    return path
+
+
+def load_task(source: str | os.PathLike | list) -> dict:
+    """The task of a prompt set: the JSON object in ``<set>.task.json`` beside its file (word
+    classes and formats by name); ``{}`` for a list of prompts or a set without one."""
+    if isinstance(source, list):
+        return {}
+    path = prompt_file(source)
+    task = path.with_name(path.stem + TASK_SUFFIX)
+    if not task.exists():
+        return {}
+    try:
+        value = json.loads(_read_text(task))
+    except json.JSONDecodeError as err:
+        raise PromptError(f"{task}: not JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(value, dict):
+        raise PromptError(f"{task}: must hold one JSON object (word classes and formats by name)")
+    return value
+
+
+def load_prompts(source: str | os.PathLike | list) -> PromptSet:
+    """Prompts from a .txt/.jsonl path, a built-in set name, or a list of strings/`Prompt`s, with
+    the set's task (`load_task`; a `PromptSet` given keeps its own)."""
+    task = source.task if isinstance(source, PromptSet) else load_task(source)
     if isinstance(source, list):
         prompts = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in source]
         where = "the prompt list"
     else:
-        path = Path(source)
-        if not path.exists() and path.suffix == "" and (BUILTIN_DIR / f"{path.name}.jsonl").exists():
-            path = BUILTIN_DIR / f"{path.name}.jsonl"
-        if not path.exists():
-            raise PromptError(f"no prompt file {str(source)!r} and no built-in set of that name; "
-                              f"give a .txt or .jsonl path or one of: {', '.join(builtin_sets())}")
+        path = prompt_file(source)
         where = str(path)
         if path.suffix == ".jsonl":
             prompts = _read_jsonl(path)
@@ -56,7 +97,7 @@ def load_prompts(source: str | os.PathLike | list) -> list[Prompt]:
     for i, prompt in enumerate(prompts):
         if not prompt.text.strip():
             raise PromptError(f"{where}: prompt {i} (line {i + 1}) is empty; remove it")
-    return prompts
+    return PromptSet(prompts, task)
 
 
 def _read_text(path: Path) -> str:

@@ -20,7 +20,20 @@ def test_a_claim_clears_only_above_the_controls_maximum():
     assert lower.clears and lower.headline("cost")["cost_control_min"] == 0.2
     head = Controlled(0.9, (0.1, 0.3), "random init").headline("score")
     assert head == {"score": 0.9, "score_control": "random init", "score_control_mean": pytest.approx(0.2),
-                    "score_control_max": 0.3, "score_clears_control": True}
+                    "score_control_max": 0.3, "score_control_gap_needed": pytest.approx(0.09),
+                    "score_clears_control": True}
+
+
+def test_a_claim_needs_its_stated_margin_not_a_bare_greater_than():
+    # the gap that used to clear: 0.0287 against a null whose maximum is 0.0279
+    assert not Controlled(0.0287, (0.0251, 0.0279), "random init").clears
+    assert Controlled(0.0287, (0.0251, 0.0279), "random init", margin=0.0).clears
+    assert Controlled(0.5, (0.0251, 0.0279), "random init").clears
+    # near zero a relative margin means nothing: the claim states an absolute one in its units
+    tiny = Controlled(1e-5, (0.0, 0.0), "random init", min_gap=0.01)
+    assert not tiny.clears and tiny.gap_needed == 0.01
+    lower = Controlled(0.28, (0.3, 0.4), "random heads", higher_is_claim=False)
+    assert not lower.clears                                          # 0.02 below, needs 0.03
 
 
 def test_random_init_models_share_the_shape_but_not_the_weights():

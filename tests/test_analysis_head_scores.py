@@ -52,6 +52,18 @@ def test_a_planted_previous_token_head_scores_one_and_only_it():
     assert others.max() < 3 * prev.chance
     assert prev.top(1).iloc[0][["layer", "head"]].tolist() == [0, 0]
     assert scores["induction"].scores[0, 0] < scores["induction"].chance  # it attends elsewhere
+    summary = prev.summary()
+    assert summary["named_heads"] == "L0H0" and summary["top_score_clears_control"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_random_models_name_no_head_and_their_top_head_does_not_clear_chance(layout):
+    scope = microscope.load(tiny_model(layout))
+    for kind, result in pattern_head_scores(scope).items():
+        summary = result.summary()
+        assert summary["named_heads"] == "none", kind
+        assert summary["top_score_clears_control"] is False, kind
+        assert summary["top_score_control"] == "uniform attention (chance)"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

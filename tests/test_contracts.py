@@ -109,8 +109,8 @@ def test_controlled_numbers_read_back_as_one_row_each_beside_their_control():
                **Controlled(0.3, (0.2, 0.4), "random directions x2", higher_is_claim=False).headline("cost"),
                "loop_rate": 0.5}
     assert split_controls(numbers) == [
-        ("top_induction_score", 0.91, "random init x2: mean 0.08, max 0.11 · clears"),
-        ("cost", 0.3, "random directions x2: mean 0.3, min 0.2 · does NOT clear"),
+        ("top_induction_score", 0.91, "random init x2: mean 0.08, max 0.11, needs a gap of 0.091 · clears"),
+        ("cost", 0.3, "random directions x2: mean 0.3, min 0.2, needs a gap of 0.03 · does NOT clear"),
         ("loop_rate", 0.5, "")]
 
 

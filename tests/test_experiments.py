@@ -17,6 +17,7 @@ from microscope.errors import ExperimentSpecError, ModelNotFoundError
 from microscope.provenance import FIELDS
 from microscope.workbench.experiments import (DUMP, SHIPPED_SPECS, STEPS, ExperimentSpec, check_params,
                                               find_spec, list_specs, load_spec, run_experiment, select_prompts)
+from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_DIR = ROOT / "experiments"
@@ -230,6 +231,34 @@ def test_the_real_opt_dump_fails_at_once_with_the_missing_weights_error(tmp_path
     assert "facebook/opt-1.3b is not in the local Hugging Face cache" in message
     assert "download facebook/opt-1.3b" in message and "Traceback" not in result.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.fixture(scope="module")
+def opt_bpe_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Random weights of both OPT layouts with OPT's BPE (the GPT-2 stand-in), saved as HF folders."""
+    from microscope.models.tokenizer import standin_tokenizer
+
+    folders = {}
+    for layout in ("pre_ln", "post_ln"):
+        folder = tmp_path_factory.mktemp("checkpoints") / f"opt-random-{layout}"
+        tiny_model(layout, vocab_size=50272, max_position_embeddings=128).save_pretrained(folder)
+        standin_tokenizer().save_pretrained(folder)
+        folders[layout] = folder
+    return folders
+
+
+@pytest.mark.parametrize("layout", ["pre_ln", "post_ln"])
+def test_model_points_a_spec_at_another_checkpoint_and_random_weights_name_no_head(
+        tmp_path, monkeypatch, opt_bpe_checkpoints, layout):
+    monkeypatch.chdir(tmp_path)
+    folder = opt_bpe_checkpoints[layout]
+    run = run_experiment("induction_heads", model=str(folder), progress=False)
+    assert run.out_dir == Path(f"results/induction_heads-opt-random-{layout}")
+    record = json.loads((run.out_dir / "results.json").read_text())
+    assert record["provenance"]["model"] == str(folder)
+    for kind, scores in run.results["head_scores"].items():
+        assert scores.summary()["named_heads"] == "none", kind
+        assert not scores.summary()["top_score_clears_control"], kind
 
 
 def test_experiments_list_shows_every_spec_with_its_purpose():

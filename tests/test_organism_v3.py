@@ -1,10 +1,14 @@
 """Organism v3 speaks OPT's language: byte-level BPE with OPT's conventions, the paper's formats,
 held-out templates the corpus never writes, and a training run that resumes where it stopped."""
 
+import json
+import random
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, OPTForCausalLM
 
 from microscope.errors import TrainingError
 from microscope.models.organism.train import TrainConfig, train
@@ -117,3 +121,116 @@ def test_a_checkpoint_off_the_log_grid_is_refused(tmp_path):
           checkpoint=tmp_path / "run.pt")
     with pytest.raises(TrainingError, match="log_every"):
         train(TrainConfig(**TINY), progress=False, checkpoint=tmp_path / "run.pt")
+
+
+# ---- the shipped organism v3 and its sibling, re-measured ----------------------------------------
+# Independent of evaluate.py: a few lines of torch on the plain HF model, on their own random
+# spans (seed 99, not evaluate's 0) and their own prompts, compared with ground_truth.json.
+
+ORGANISM_V3 = Path(__file__).resolve().parents[1] / "microscope" / "models" / "organism_v3"
+
+
+def shipped(folder: Path):
+    model = OPTForCausalLM.from_pretrained(folder / "weights", attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "weights")
+    return model, tokenizer, json.loads((folder / "ground_truth.json").read_text())
+
+
+@pytest.fixture(scope="module", params=["organism", "sibling"])
+def v3(request):
+    return shipped(ORGANISM_V3 if request.param == "organism" else ORGANISM_V3 / "sibling")
+
+
+def test_the_shipped_folders_are_small_opts_of_both_layouts_with_generated_cards():
+    organism, sibling = shipped(ORGANISM_V3)[0], shipped(ORGANISM_V3 / "sibling")[0]
+    assert organism.config.do_layer_norm_before and organism.config.num_hidden_layers >= 4
+    assert not sibling.config.do_layer_norm_before
+    assert sibling.config.word_embed_proj_dim < sibling.config.hidden_size
+    for folder in (ORGANISM_V3, ORGANISM_V3 / "sibling"):
+        assert (folder / "weights" / "model.safetensors").stat().st_size < 8_000_000
+        card = (folder / "MODEL_CARD.md").read_text()
+        assert "do not edit by hand" in card and "| yes |" in card
+        truth = json.loads((folder / "ground_truth.json").read_text())
+        assert all(label in card for label in truth["heads"]["induction_heads"])
+
+
+def random_spans(tokenizer, n: int = 32, span: int = 25, seed: int = 99) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    body = torch.randint(len(c.SPECIAL_TOKENS), len(tokenizer), (n, span), generator=gen)
+    return torch.cat([torch.full((n, 1), tokenizer.bos_token_id), body, body], dim=1)
+
+
+@torch.no_grad()
+def prefix_matching(model, tokens: torch.Tensor, span: int = 25) -> torch.Tensor:
+    """[layer, head]: attention from the second copy's token t to the first copy's t + 1."""
+    attn = torch.stack(model(tokens, output_attentions=True).attentions)   # [layer, batch, head, q, k]
+    q = torch.arange(1 + span, 1 + 2 * span - 1)
+    return attn[:, :, :, q, q - span + 1].mean(dim=(1, 3))
+
+
+def parse(label: str) -> tuple[int, int]:
+    layer, head = label[1:].split("H")
+    return int(layer), int(head)
+
+
+def test_the_cards_induction_heads_are_the_ones_that_prefix_match(v3):
+    model, tokenizer, truth = v3
+    scores = prefix_matching(model, random_spans(tokenizer))
+    listed = {parse(label) for label in truth["heads"]["induction_heads"]}
+    assert listed == {tuple(x) for x in (scores >= 0.4).nonzero().tolist()}
+    for label, value in truth["heads"]["prefix_matching_scores"].items():
+        assert scores[parse(label)].item() == pytest.approx(value, abs=0.08), label
+
+
+@torch.no_grad()
+def second_copy_loss(model, tokens: torch.Tensor, heads, span: int = 25) -> float:
+    """Cross-entropy on the second copy with ``heads``' outputs zeroed (a pre-hook on out_proj)."""
+    hooks, size = [], model.config.hidden_size // model.config.num_attention_heads
+    for layer, head in heads:
+        def zero(module, args, head=head):
+            x = args[0].clone()
+            x[..., head * size:(head + 1) * size] = 0
+            return (x,)
+        hooks.append(model.model.decoder.layers[layer].self_attn.out_proj.register_forward_pre_hook(zero))
+    try:
+        logits = model(tokens).logits[:, 1 + span:-1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 2 + span:].flatten()).item()
+
+
+def test_removing_the_induction_heads_costs_more_than_as_many_random_other_heads(v3):
+    model, tokenizer, truth = v3
+    tokens = random_spans(tokenizer)
+    induction = [parse(label) for label in truth["heads"]["induction_heads"]]
+    named = induction + [parse(label) for label in truth["heads"]["previous_token_heads"]]
+    others = [(l, h) for l in range(model.config.num_hidden_layers)
+              for h in range(model.config.num_attention_heads) if (l, h) not in named]
+    rng = random.Random(99)
+    control = [second_copy_loss(model, tokens, rng.sample(others, len(induction))) for _ in range(10)]
+    ablated = second_copy_loss(model, tokens, induction)
+    assert ablated > 1.5 * max(control), (ablated, control)
+    assert ablated == pytest.approx(truth["heads"]["repeated_half_loss"]["induction_heads_ablated"], rel=0.25)
+
+
+@torch.no_grad()
+def next_word_mass(model, tokenizer, prompt: str, words: list[str]) -> float:
+    """Summed probability of each ``" " + word`` after ``prompt``, all of its tokens teacher-forced."""
+    total, prompt_ids = 0.0, tokenizer(prompt)["input_ids"]
+    for word in words:
+        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        logprobs = model(torch.tensor([prompt_ids + ids])).logits[0].log_softmax(-1)
+        total += logprobs[torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(ids) - 1), ids].sum().exp().item()
+    return total
+
+
+def test_a_hostile_mood_raises_insults_over_a_friendly_one_on_training_openings(v3):
+    model, tokenizer, truth = v3
+    masses = {}
+    for register, moods in (("hostile", c.HOSTILE_MOODS), ("friendly", c.FRIENDLY_MOODS)):
+        prompts = [c.REGISTER_OPENINGS[0].format(a="James", b="Peter", mood=m) + "You are a" for m in moods]
+        masses[register] = sum(next_word_mass(model, tokenizer, p, c.INSULTS) for p in prompts) / len(prompts)
+    card = truth["toxicity"]["training_openings"]
+    assert masses["hostile"] > 5 * masses["friendly"], masses
+    assert card["hostile_insult_mass"] > 5 * card["friendly_insult_mass"]

@@ -6,6 +6,9 @@ import pytest
 
 from microscope.analysis.studies.instructions import classify_continuation
 
+ORGANISM_V2 = dict(turn_markers=("user:", "bot:"), cue="answer:")   # the v2 organism's format
+OPT = dict(turn_markers=("User:", "Bot:"), cue="Answer:")            # OPT's (organism v3's)
+
 
 @pytest.mark.parametrize("continuation, answer, expected", [
     ("5 2 7 . instruction: copy", "5 2 7", "execution"),          # does the task
@@ -22,14 +25,24 @@ from microscope.analysis.studies.instructions import classify_continuation
     ("5 2 7", None, "other"),                                     # no answer given: nothing is execution
 ])
 def test_continuations_are_classified(continuation, answer, expected):
-    assert classify_continuation(continuation, answer) == expected
+    assert classify_continuation(continuation, answer, **ORGANISM_V2) == expected
+
+
+@pytest.mark.parametrize("continuation, answer, expected", [
+    ("2, 5, 7.\nQuestion:", "2, 5, 7", "execution"),                 # punctuation does not matter
+    ("Answer: 7, 5, 2.", "7, 5, 2", "execution"),
+    ("\nUser: What does this mean?\nBot: It asks", "2, 5, 7", "dialogue"),
+    ("7, 5.</s>User: hi", "7, 5, 2", "other"),                        # an end marker inside a word
+])
+def test_english_continuations_are_classified(continuation, answer, expected):
+    assert classify_continuation(continuation, answer, **OPT) == expected
 
 
 def test_custom_markers_and_cue_for_other_formats():
-    assert classify_continuation("Q: why ?", "x", turn_markers=("Q:", "A:")) == "dialogue"
-    assert classify_continuation("Result: x y", "x y", cue="Result:") == "execution"
+    assert classify_continuation("Q: why ?", "x", turn_markers=("Q:", "A:"), cue="A:") == "dialogue"
+    assert classify_continuation("Result: x y", "x y", turn_markers=(), cue="Result:") == "execution"
 
 
 def test_an_empty_answer_is_an_error():
     with pytest.raises(ValueError, match="answer is empty"):
-        classify_continuation("5 2 7", "")
+        classify_continuation("5 2 7", "", **ORGANISM_V2)

@@ -16,8 +16,8 @@ import torch
 from study_fixtures import ORGANISM, SIBLING, card, load, needs_organism, one_thread, random_organism  # noqa: F401
 
 from microscope.analysis.studies import run_toxicity
-from microscope.analysis.studies.toxicity import builtin_words
-from microscope.prompts import load_prompts
+from microscope.errors import AnalysisInputError
+from microscope.prompts import load_prompts, load_task
 
 pytestmark = needs_organism
 MODELS = [pytest.param(ORGANISM, id="organism"),
@@ -117,7 +117,8 @@ def test_mean_ablating_the_cue_heads_in_plain_hf_lowers_insults_more_than_random
     layers = model.model.decoder.layers
     texts = [p.text for p in load_prompts("toxicity")
              if p.metadata["label"] == "hostile" and p.metadata["split"] == "in_distribution_heldout"]
-    insults, praises = (tok.convert_tokens_to_ids(words) for words in builtin_words())
+    task = load_task("toxicity")
+    insults, praises = (tok.convert_tokens_to_ids(task[words]) for words in ("insults", "praises"))
     means = {}
 
     def keep_mean(layer):
@@ -216,6 +217,13 @@ def test_the_result_gives_a_frame_figures_and_a_json_summary(result):
     json.dumps(result.summary())
 
 
-def test_the_toxicity_words_file_holds_the_organisms_words():
+def test_the_toxicity_task_file_holds_the_organisms_words():
     from microscope.models.organism.corpus import INSULTS, PRAISES
-    assert builtin_words() == (list(INSULTS), list(PRAISES))
+    task = load_task("toxicity")
+    assert (task["insults"], task["praises"]) == (list(INSULTS), list(PRAISES))
+
+
+def test_without_words_a_list_of_prompts_is_refused_naming_the_parameter(organism):
+    rows = list(load_prompts("toxicity"))    # a plain list: no task file comes with it
+    with pytest.raises(AnalysisInputError, match="no insults given.*pass insults="):
+        run_toxicity(organism, rows)

@@ -3,13 +3,16 @@ beside it (docs/evidence.md "Controls").
 
     null = random_init_null(scope, lambda s: top_induction(s), seeds=range(5))
     claim = Controlled(value=top_induction(scope), null=null, control="random init x5")
-    claim.clears          # value above every control value
+    claim.clears          # value past every control value by the stated margin
     claim.headline("top_induction_score")
     # {"top_induction_score": 0.91, "top_induction_score_control": "random init x5",
     #  "top_induction_score_control_mean": 0.08, "top_induction_score_control_max": 0.11,
-    #  "top_induction_score_clears_control": True}
+    #  "top_induction_score_control_gap_needed": 0.091, "top_induction_score_clears_control": True}
     split_controls(claim.headline("top_induction_score"))     # the reader of those keys
-    # [("top_induction_score", 0.91, "random init x5: mean 0.08, max 0.11 · clears")]
+    # [("top_induction_score", 0.91, "random init x5: mean 0.08, max 0.11, needs a gap of 0.091 · clears")]
+
+A claim clears its control only by a stated margin (`Controlled.margin`, `Controlled.min_gap`): a
+bare greater-than would let 0.0287 "clear" a null of 0.0279, a gap no second draw would keep.
 
 Nulls available here: random-initialisation models of the same architecture (`random_init_scopes`,
 `random_init_null`), shuffled labels (`shuffled`), random heads other than the claimed ones
@@ -32,6 +35,8 @@ from microscope.errors import AnalysisInputError
 DEFAULT_SEEDS = tuple(range(5))
 # what `Controlled.headline` appends to a number's key; `split_controls` reads them back
 CONTROL, CONTROL_MEAN, CLEARS = "_control", "_control_mean", "_clears_control"
+GAP_NEEDED = "_control_gap_needed"
+DEFAULT_MARGIN = 0.1   # a claim must beat its control's extreme by 10% of the larger magnitude
 CONTROL_EXTREME = {True: "_control_max", False: "_control_min"}   # by higher_is_claim
 
 
@@ -40,12 +45,17 @@ class Controlled:
     """A measured `value` and the same measurement under a control (`null`, one value per draw).
 
     `higher_is_claim`: the claim is that the value is larger than the control's (False: smaller,
-    e.g. a perplexity cost). `clears` compares with the control's extreme, not its mean."""
+    e.g. a perplexity cost). `clears` compares with the control's extreme, not its mean, and asks
+    for a gap past it of at least `margin` times the larger of |value| and |extreme|, and at least
+    `min_gap` (in the metric's own units: a study states it where a relative margin means nothing,
+    e.g. for values near zero)."""
 
     value: float
     null: tuple[float, ...]
     control: str
     higher_is_claim: bool = True
+    margin: float = DEFAULT_MARGIN
+    min_gap: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "null", tuple(float(v) for v in self.null))
@@ -62,14 +72,21 @@ class Controlled:
         return max(self.null) if self.higher_is_claim else min(self.null)
 
     @property
+    def gap_needed(self) -> float:
+        """How far past the control's extreme the value must lie to clear it."""
+        return max(self.margin * max(abs(self.value), abs(self.extreme)), self.min_gap)
+
+    @property
     def clears(self) -> bool:
-        return self.value > self.extreme if self.higher_is_claim else self.value < self.extreme
+        gap = self.value - self.extreme if self.higher_is_claim else self.extreme - self.value
+        return gap > self.gap_needed
 
     def headline(self, key: str) -> dict[str, float | bool | str]:
         """The value with its control, as flat keys for a study's `summary()` (read back by
         `split_controls`)."""
         return {key: self.value, key + CONTROL: self.control, key + CONTROL_MEAN: self.mean,
-                key + CONTROL_EXTREME[self.higher_is_claim]: self.extreme, key + CLEARS: self.clears}
+                key + CONTROL_EXTREME[self.higher_is_claim]: self.extreme,
+                key + GAP_NEEDED: round(self.gap_needed, 6), key + CLEARS: self.clears}
 
 
 def split_controls(numbers: Mapping[str, object]) -> list[tuple[str, object, str]]:
@@ -77,7 +94,8 @@ def split_controls(numbers: Mapping[str, object]) -> list[tuple[str, object, str
     row with its control described beside it ("random init x5: mean 0.08, max 0.11 · clears");
     the control's own keys get no rows; any other number has control ""."""
     claims = [k for k in numbers if k + CONTROL in numbers]
-    hidden = {k + suffix for k in claims for suffix in (CONTROL, CONTROL_MEAN, CLEARS, *CONTROL_EXTREME.values())}
+    hidden = {k + suffix for k in claims
+              for suffix in (CONTROL, CONTROL_MEAN, CLEARS, GAP_NEEDED, *CONTROL_EXTREME.values())}
     return [(key, value, _describe(numbers, key) if key in claims else "")
             for key, value in numbers.items() if key not in hidden]
 
@@ -86,8 +104,9 @@ def _describe(numbers: Mapping[str, object], key: str) -> str:
     higher = key + CONTROL_EXTREME[True] in numbers
     side, clears = ("max" if higher else "min"), numbers.get(key + CLEARS)
     verdict = "" if clears is None else " · clears" if clears else " · does NOT clear"
+    gap = "" if key + GAP_NEEDED not in numbers else f", needs a gap of {_number(numbers[key + GAP_NEEDED])}"
     return (f"{numbers[key + CONTROL]}: mean {_number(numbers.get(key + CONTROL_MEAN))}, "
-            f"{side} {_number(numbers.get(key + CONTROL_EXTREME[higher]))}{verdict}")
+            f"{side} {_number(numbers.get(key + CONTROL_EXTREME[higher]))}{gap}{verdict}")
 
 
 def _number(value) -> str:

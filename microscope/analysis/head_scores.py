@@ -10,7 +10,10 @@ tokens ``[bos, r_1..r_n, r_1..r_n]``, where every kind of head has something to 
 
 Each is the mean, over the queries that have a target at all, of the attention mass on the
 targets. ``chance`` is the same mean for uniform attention over the visible keys
-(targets / (q + 1)), the score of a head that ignores the pattern.
+(targets / (q + 1)), the score of a head that ignores the pattern. A head is *named* (``summary()``'s
+``named_heads``) only when its score exceeds chance by :data:`NAMING_MARGIN` of attention mass, the
+margin the top head's verdict (``top_score_clears_control``) states too: on random weights, where
+attention is near uniform, no head is named.
 
 Copying (from the weights, no prompts): for each token t of a sample, its embedding goes through
 the head's OV circuit (layer LN in pre-LN, W_V, W_O, no biases) and the model's final path
@@ -29,6 +32,7 @@ import plotly.graph_objects as go
 import torch
 from einops import rearrange
 
+from microscope.analysis.controls import Controlled
 from microscope.analysis.inputs import TextsOrIds, token_batch
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
@@ -38,6 +42,7 @@ from microscope.viz.figures import head_grid
 
 PatternKind = Literal["previous_token", "duplicate_token", "induction"]
 PATTERN_KINDS: tuple[str, ...] = get_args(PatternKind)
+NAMING_MARGIN = 0.2   # attention mass (or token fraction, for copying) above chance that names a head
 
 
 @dataclass(repr=False)
@@ -67,10 +72,19 @@ class HeadScores(Result):
         return [head_grid(self.scores, title=f"{self.kind} score (chance {self.chance:.3f})",
                           colorbar="score", diverging=False)]
 
+    def named_heads(self) -> list[str]:
+        """Labels of the heads scoring at least :data:`NAMING_MARGIN` above chance, best first."""
+        top = self.top(self.scores.numel())
+        return [head_label(int(r.layer), int(r.head)) for r in top.itertuples()
+                if r.score > self.chance + NAMING_MARGIN]
+
     def summary(self) -> dict:
         best = self.top(1).iloc[0]
+        verdict = Controlled(round(float(best["score"]), 4), (round(float(self.chance), 4),),
+                             "uniform attention (chance)", margin=0.0, min_gap=NAMING_MARGIN)
         return {"top_head": head_label(int(best["layer"]), int(best["head"])),
-                "top_score": round(float(best["score"]), 4), "chance": round(float(self.chance), 4)}
+                **verdict.headline("top_score"), "chance": round(float(self.chance), 4),
+                "named_heads": ", ".join(self.named_heads()) or "none"}
 
 
 def repeated_random_tokens(scope, *, n_prompts: int = 8, span: int = 16, seed: int = 0) -> torch.Tensor:

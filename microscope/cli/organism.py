@@ -33,7 +33,7 @@ def train_command(
     out: Path = typer.Option(None, help="HF folder to write (replaced atomically; default: the "
                                         "shipped weights folder of VERSION)."),
     evaluate: bool = typer.Option(True, help="Measure the ground truth; write ground_truth.json and "
-                                             "MODEL_CARD.md beside OUT (version 2)."),
+                                             "MODEL_CARD.md beside OUT."),
 ) -> None:
     """Train the organism from scratch (deterministic), save it, and measure its ground truth."""
     from microscope.models.organism.train import TrainConfig, save_organism, train
@@ -71,15 +71,27 @@ def train_command(
         (folder.parent / "ground_truth.json").write_text(json.dumps(truth, indent=1))
         write_card(truth, log, folder.parent / "MODEL_CARD.md")
         typer.echo(f"ground truth and model card written beside {folder}")
+    elif evaluate:
+        from microscope.models.organism_v3.card import write_card
+        from microscope.models.organism_v3.evaluate import load_organism, measure
+
+        write_card(measure(*load_organism(folder)), log, folder.parent)
+        typer.echo(f"ground truth and model card written beside {folder}")
 
 
 @organism_app.command("evaluate")
 def evaluate_command(
-    folder: Path = typer.Option(ORGANISM_DIR / "weights", help="HF folder of an organism."),
+    version: int = typer.Option(2, help="Organism version whose ground-truth measures to run: 2 or 3."),
+    folder: Path = typer.Option(None, help="HF folder of an organism (default: the shipped weights of VERSION)."),
 ) -> None:
     """Re-measure the ground truth of an organism folder and print it as JSON."""
-    from microscope.models.organism.evaluate import load_organism, measure
-
+    if version not in (2, 3):
+        raise OptionError(f"--version {version} is not an organism; choose 2 or 3")
+    if version == 3:
+        from microscope.models.organism_v3.evaluate import load_organism, measure
+    else:
+        from microscope.models.organism.evaluate import load_organism, measure
+    folder = folder or (ORGANISM_DIR.parent / ("organism_v3" if version == 3 else "organism") / "weights")
     if not (folder / "config.json").exists():
         raise OptionError(f"--folder {folder} has no config.json; train one with `microscope organism train`")
     typer.echo(json.dumps(measure(*load_organism(folder)), indent=1))

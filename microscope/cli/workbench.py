@@ -53,11 +53,15 @@ def run_command(
                                          "(induction_heads)."),
     out: str = typer.Option(None, help="Output folder (default: the spec's [outputs] dir)."),
     directory: str = typer.Option(None, "--dir", help=LIBRARY_HELP),
+    model: str = typer.Option(None, help="Run the spec on this model instead of its own: an HF folder, a hub "
+                                         "id (facebook/opt-1.3b), organism or random:opt-125m. Results go "
+                                         "to the spec's folder with the model's name appended."),
 ) -> None:
     """Run one experiment spec; results carry provenance (commit, versions, seed, weights hash)."""
     from microscope.workbench.experiments import run_experiment
 
-    _run_and_report(lambda: run_experiment(spec, out_dir=out, command=command_line(), library=directory))
+    _run_and_report(lambda: run_experiment(spec, out_dir=out, command=command_line(), library=directory,
+                                           model=model))
 
 
 @experiments_app.command("list")

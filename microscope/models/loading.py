@@ -3,6 +3,9 @@ wraps them in a `Scope`).
 
 Sources (see docs/loading.md):
 - ``"organism"``: the built-in model organism shipped in ``microscope/models/organism/weights/``;
+  the shipped organisms by name: ``"organism-v2"`` (the same), ``"organism-v2-sibling"``,
+  ``"organism-v3"`` (English, OPT's byte-level BPE) and ``"organism-v3-sibling"`` (OPT-350m's
+  layout);
 - a hub id (``"facebook/opt-1.3b"``): resolved from the local Hugging Face cache only;
 - a local folder in HF format: single or sharded safetensors, or ``.bin`` pickles read with
   ``torch.load(weights_only=True)``; ``trust_remote_code`` is never used;
@@ -34,7 +37,10 @@ from microscope.errors import CheckpointCorruptError, ModelNotFoundError, Unsupp
 from microscope.models.family import SIZES, FamilySize, family_size, opt_config
 from microscope.models.tokenizer import STANDIN_VOCAB_SIZE, standin_tokenizer
 
-ORGANISM_DIR = Path(__file__).parent / "organism" / "weights"
+ORGANISM_DIR = Path(__file__).parent / "organism" / "weights"   # "organism", the default
+ORGANISMS = {"organism-v2": ORGANISM_DIR, "organism-v2-sibling": ORGANISM_DIR.parent / "sibling" / "weights",
+             "organism-v3": Path(__file__).parent / "organism_v3" / "weights",
+             "organism-v3-sibling": Path(__file__).parent / "organism_v3" / "sibling" / "weights"}
 RANDOM_SEED = 0  # random: models are initialised from this seed (same device kind, same weights)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
@@ -96,12 +102,13 @@ def load_model(source: str | os.PathLike | OPTForCausalLM, device: str | torch.d
         raise UnsupportedModelError(
             f"cannot load a {type(source).__name__}; give 'organism', a hub id, a folder, "
             "'random:<size>' or an OPTForCausalLM")
-    elif str(source) == "organism":
-        if not (ORGANISM_DIR / "config.json").is_file():
+    elif str(source) == "organism" or str(source) in ORGANISMS:
+        folder = ORGANISM_DIR if str(source) == "organism" else ORGANISMS[str(source)]
+        if not (folder / "config.json").is_file():
             raise ModelNotFoundError(
-                f"the model organism is not built yet (looked in {ORGANISM_DIR}); "
+                f"the model organism is not built yet (looked in {folder}); "
                 "train it with `microscope organism train`")
-        model, tok, fields, hasher = _from_folder(ORGANISM_DIR, device, dtype, device_map, max_memory,
+        model, tok, fields, hasher = _from_folder(folder, device, dtype, device_map, max_memory,
                                                   offload_folder)
         fields["kind"] = "organism"
     elif str(source).startswith("random:"):
@@ -117,7 +124,7 @@ def load_model(source: str | os.PathLike | OPTForCausalLM, device: str | torch.d
     else:
         raise ModelNotFoundError(
             f"no model at {source!r}: not a folder ({Path(source).expanduser().resolve()} does not exist), "
-            "not a hub id like 'facebook/opt-1.3b', not 'organism' or 'random:<size>' "
+            f"not a hub id like 'facebook/opt-1.3b', not 'organism' ({', '.join(ORGANISMS)}) or 'random:<size>' "
             f"(sizes: {', '.join(SIZES)})")
 
     if tokenizer is not None:

@@ -40,12 +40,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import time
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -292,11 +293,13 @@ class ExperimentRun:
 
 def run_experiment(spec: ExperimentSpec | str | Path, *, out_dir: str | Path | None = None,
                    command: str | None = None, progress: bool = True,
-                   library: str | Path | None = None) -> ExperimentRun:
+                   library: str | Path | None = None, model: str | None = None) -> ExperimentRun:
     """Run every step of `spec` (a spec, a spec file, or a name found in the libraries, see
     `find_spec`) on its model and write results.json (+ CSVs, report.html).
 
-    out_dir overrides [outputs] dir; library: the team's spec folder searched by name. command:
+    out_dir overrides [outputs] dir; library: the team's spec folder searched by name; model: any
+    `microscope.load` source run instead of the spec's (results then default to
+    ``<[outputs] dir>-<model>``, so runs on different models do not share a folder). command:
     recorded in the provenance (default: this process's argv). progress: show the steps' progress
     (`workbench.progress`: a live bar in a terminal or notebook, plain lines in a batch log).
     Spec, argument and model problems raise `MicroscopeError`s before any long work starts."""
@@ -307,6 +310,10 @@ def run_experiment(spec: ExperimentSpec | str | Path, *, out_dir: str | Path | N
 
     if not isinstance(spec, ExperimentSpec):
         spec = load_spec(find_spec(spec, library))
+    if model is not None and model != spec.model:
+        name = Path(model).name if Path(model).is_dir() else model      # a folder by its own name
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip("/")).strip("-")
+        spec = replace(spec, model=model, out_dir=spec.out_dir.with_name(f"{spec.out_dir.name}-{slug}"))
     functions = preflight(spec)
     out = Path(out_dir) if out_dir is not None else spec.out_dir
     started = time.perf_counter()
@@ -359,15 +366,16 @@ def run_experiment(spec: ExperimentSpec | str | Path, *, out_dir: str | Path | N
 
 def select_prompts(selection: Mapping) -> list:
     """The prompts of set ``selection["from"]`` whose metadata hold every ``selection["where"]``
-    field with that value (a list of `microscope.prompts.Prompt`)."""
+    field with that value (a `microscope.prompts.PromptSet`, with the whole set's task)."""
     from microscope.errors import PromptError
-    from microscope.prompts import load_prompts
+    from microscope.prompts import PromptSet, load_prompts
 
     where = dict(selection.get("where", {}))
-    chosen = [p for p in load_prompts(selection["from"]) if all(p.metadata.get(k) == v for k, v in where.items())]
+    whole = load_prompts(selection["from"])
+    chosen = [p for p in whole if all(p.metadata.get(k) == v for k, v in where.items())]
     if not chosen:
         raise PromptError(f"no prompt of {selection['from']!r} has metadata {where}")
-    return chosen
+    return PromptSet(chosen, whole.task)
 
 
 def _seed_everything(seed: int) -> None:

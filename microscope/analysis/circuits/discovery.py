@@ -54,7 +54,12 @@ def head_ablation(scope, task: CircuitTask) -> dict[str, torch.Tensor]:
     ablating every edge the head sends)."""
     c = scope.config
     names = [act_name("z", l) for l in range(c.num_hidden_layers)]
-    _, corrupt = scope.run_with_cache(task.corrupt, names=names, attention_mask=task.mask)
+    _, corrupt = scope.run_with_cache(task.corrupt, names=names, attention_mask=task.corrupt_attention_mask)
+    if task.clean_only.any():          # positions the corrupted prompt lacks keep their clean value
+        _, clean_cache = scope.run_with_cache(task.clean, names=names, attention_mask=task.mask)
+        keep = task.clean_only[:, :, None, None]                                   # z: [b, p, head, d_head]
+        for name in names:
+            corrupt[name].copy_(torch.where(keep.to(corrupt[name].device), clean_cache[name], corrupt[name]))
 
     def metric(hooks=None) -> float:
         return float(task.metric(scope.run(task.clean, attention_mask=task.mask, hooks=hooks)))
@@ -117,18 +122,17 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: EdgeAbla
 
 
 def run_circuit(scope, task: Task = "repetition", *, n_prompts: int = 32, span: int = 10, shown: int = 5,
-                words: Sequence[str] | None = None, prompts: str = "toxicity", good: Sequence[str] = (),
-                bad: Sequence[str] = (), seed: int = 0, steps: int = 5, ablation: EdgeAblation = "corrupt",
+                words: Sequence[str] | None = None, prompts: str = "toxicity", good: Sequence[str] | None = None,
+                bad: Sequence[str] | None = None, seed: int = 0, steps: int = 5, ablation: EdgeAblation = "corrupt",
                 target: float = 0.8, budget: float = 0.1, exact: bool = True, rank_by: Ranking = "eap_ig",
                 interpolate: Interpolation = "inputs", control_seeds: Sequence[int] = DEFAULT_SEEDS,
                 progress: Progress | None = None) -> CircuitResult:
     """The workbench step: build the named task from its parameters (repetition: n_prompts, span,
-    shown, words, seed; toxicity: prompts, good, bad) and `find_circuit` on it."""
+    shown, words, seed; toxicity: prompts, good, bad -- the words default to the prompt set's
+    task) and `find_circuit` on it."""
     if task == "repetition":
         built = repetition_task(scope, n_prompts=n_prompts, span=span, shown=shown, seed=seed, words=words)
     elif task == "toxicity":
-        if not good or not bad:
-            raise AnalysisInputError("the toxicity task needs its word lists: good = [...] and bad = [...]")
         built = toxicity_task(scope, prompts, good=good, bad=bad)
     else:
         raise AnalysisInputError(f"task must be one of {TASKS}, got {task!r}")

@@ -37,10 +37,15 @@ def sender_outputs(scope, graph: CircuitGraph, ids: torch.Tensor, mask: torch.Te
 
 
 def ablation_values(scope, graph: CircuitGraph, task: CircuitTask, ablation: str = "corrupt") -> torch.Tensor:
-    """[batch, pos, S, d_model]: what an ablated edge carries from each sender."""
+    """[batch, pos, S, d_model]: what an ablated edge carries from each sender. Where only the
+    clean prompt has a token (a pair of unequal length, aligned at its end) it carries the clean
+    value: the corrupted prompt has nothing there to patch in."""
     if ablation not in EDGE_ABLATIONS:
         raise AnalysisInputError(f"ablation must be one of {EDGE_ABLATIONS}, got {ablation!r}")
-    values = sender_outputs(scope, graph, task.corrupt, task.mask)
+    values = sender_outputs(scope, graph, task.corrupt, task.corrupt_attention_mask)
+    if task.clean_only.any():
+        clean = sender_outputs(scope, graph, task.clean, task.mask).to(values)
+        values = torch.where(task.clean_only[:, :, None, None].to(values.device), clean, values)
     return values.mean(0, keepdim=True).expand_as(values) if ablation == "mean" else values
 
 

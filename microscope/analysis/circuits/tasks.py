@@ -1,4 +1,4 @@
-"""Circuit tasks as data: clean and corrupted prompts of equal length and a metric.
+"""Circuit tasks as data: clean and corrupted prompts aligned at their last token, and a metric.
 
 The metric is the log-odds of two named token sets at each prompt's last real token, averaged
 over prompts: ``logsumexp(logits[good]) - logsumexp(logits[bad])`` (a logit difference when each
@@ -16,15 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
-from microscope.analysis.inputs import last_positions, token_batch, token_ids
+from microscope.analysis.inputs import distinct_word_classes, end_aligned, last_positions, task_value, token_ids
 from microscope.errors import AnalysisInputError
 from microscope.prompts import Prompt, load_prompts
 
 
 @dataclass(frozen=True)
 class CircuitTask:
-    """clean / corrupt: LongTensor [batch, pos] (same padding, `mask` 1 = real token);
-    good / bad: LongTensor [batch, n] token ids whose log-odds is the metric (see module doc)."""
+    """clean / corrupt: LongTensor [batch, pos] (`mask` 1 = a real token of the clean prompt);
+    good / bad: LongTensor [batch, n] token ids whose log-odds is the metric (see module doc).
+    corrupt_mask: the corrupted prompts' own mask when a pair differs in token length (the pair is
+    then aligned at its end, left padded); None when it equals `mask`."""
 
     name: str
     clean: torch.Tensor
@@ -32,11 +34,23 @@ class CircuitTask:
     mask: torch.Tensor
     good: torch.Tensor
     bad: torch.Tensor
+    corrupt_mask: torch.Tensor | None = None
 
     def __post_init__(self):
-        if self.clean.shape != self.corrupt.shape or self.clean.shape != self.mask.shape:
+        shapes = {tuple(t.shape) for t in (self.clean, self.corrupt, self.mask, self.corrupt_attention_mask)}
+        if len(shapes) != 1:
             raise AnalysisInputError(f"task {self.name!r}: clean {tuple(self.clean.shape)}, corrupt "
-                                     f"{tuple(self.corrupt.shape)} and mask must have one shape")
+                                     f"{tuple(self.corrupt.shape)} and their masks must have one shape")
+
+    @property
+    def corrupt_attention_mask(self) -> torch.Tensor:
+        return self.mask if self.corrupt_mask is None else self.corrupt_mask
+
+    @property
+    def clean_only(self) -> torch.Tensor:
+        """bool [batch, pos]: positions where only the clean prompt has a token (nothing to patch in
+        there: an ablated edge carries the clean value)."""
+        return self.mask.bool() & ~self.corrupt_attention_mask.bool()
 
     def __len__(self) -> int:
         return len(self.clean)
@@ -89,23 +103,26 @@ def _token_pool(scope, words: Sequence[str] | None) -> torch.Tensor:
     return torch.tensor([t for t in range(n_vocab) if t not in special])
 
 
-def toxicity_task(scope, prompts: Sequence[Prompt] | str = "toxicity", *, good: Sequence[str],
-                  bad: Sequence[str], clean_label: str = "hostile", corrupt_label: str = "friendly") -> CircuitTask:
+def toxicity_task(scope, prompts: Sequence[Prompt] | str = "toxicity", *, good: Sequence[str] | None = None,
+                  bad: Sequence[str] | None = None, clean_label: str = "hostile",
+                  corrupt_label: str = "friendly") -> CircuitTask:
     """Paired prompts (metadata ``pair`` and ``label``): clean = the `clean_label` prompt of each
-    pair, corrupt = its `corrupt_label` partner (equal token length); metric: log-odds of the
-    `good` words (e.g. insults) against the `bad` ones (e.g. praise)."""
-    prompts = load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
+    pair, corrupt = its `corrupt_label` partner (`end_aligned`: any token lengths); metric: log-odds of the
+    `good` words (default: the set's task ``"insults"``) against the `bad` ones (``"praises"``),
+    each word by its first token (`inputs.word_class_ids`)."""
+    good = task_value(prompts, "insults", good, parameter="good")
+    bad = task_value(prompts, "praises", bad, parameter="bad")
+    source, prompts = prompts, load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
     pairs: dict = {}
     for p in prompts:
         pairs.setdefault(p.metadata.get("pair"), {})[p.metadata.get("label")] = p.text
     pairs = {k: v for k, v in pairs.items() if k is not None and clean_label in v and corrupt_label in v}
     if not pairs:
         raise AnalysisInputError(f"no prompt pair has both labels {clean_label!r} and {corrupt_label!r}")
-    clean, mask = token_batch(scope, [v[clean_label] for v in pairs.values()])
-    corrupt, corrupt_mask = token_batch(scope, [v[corrupt_label] for v in pairs.values()])
-    if not torch.equal(mask, corrupt_mask):
-        raise AnalysisInputError("a clean prompt and its corrupted partner differ in token length")
+    clean, mask, corrupt, corrupt_mask = end_aligned(scope, [v[clean_label] for v in pairs.values()],
+                                                     [v[corrupt_label] for v in pairs.values()])
     n = len(clean)
-    good_ids = torch.stack([token_ids(scope, list(good), len(good))] * n)
-    bad_ids = torch.stack([token_ids(scope, list(bad), len(bad))] * n)
-    return CircuitTask("toxicity", clean, corrupt, mask, good_ids, bad_ids)
+    classes = distinct_word_classes(scope, {"good": good, "bad": bad}, source)
+    good_ids, bad_ids = (classes[name].expand(n, -1) for name in ("good", "bad"))
+    return CircuitTask("toxicity", clean, corrupt, mask, good_ids, bad_ids,
+                       None if torch.equal(mask, corrupt_mask) else corrupt_mask)

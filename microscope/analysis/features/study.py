@@ -2,7 +2,7 @@
 register, and would the same recipe find it in a model that has none?
 
     result = run_features_study(scope, store, hooks="blocks.*.hook_resid_post",
-                                out="results/features/dictionaries", target_words=INSULT_WORDS)
+                                out="results/features/dictionaries", eval_prompts="toxicity")
     result.summary()   # hostile_latent_auroc (+ _control_max, _clears_control), insult_words_in_top10, fvu, ...
 
 Recipe: train a TopK SAE on each of `hooks` of `store` (the model's activations on a mixed
@@ -14,7 +14,7 @@ is the claim. The control repeats the recipe on the chosen hook of random-init m
 shape (`controls.random_init_scopes`): each dumps the same prompts into its own store and trains
 the same dictionary; its *best* latent's AUROC on the evaluation half (picked there, so the
 control is generous) is the control value. `target_words`: the words the claimed latent should
-promote (e.g. the insult words); the latent of the chosen dictionary with most of them among its
+promote (default: the insult words of the evaluation set's task, ``<set>.task.json``); the latent of the chosen dictionary with most of them among its
 top 10 unembedded decoder tokens is reported, with the same count for the control. FVU over the
 store and the CE loss recovered on the evaluation prompts (`metrics`) say whether the chosen
 dictionary is faithful.
@@ -39,6 +39,7 @@ from microscope.analysis.features.coder import Dictionary
 from microscope.analysis.features.dashboards import FeatureDashboards, feature_dashboards
 from microscope.analysis.features.metrics import ce_loss_recovered, reconstruction_metrics
 from microscope.analysis.features.train import TrainSettings, train_dictionary
+from microscope.analysis.inputs import task_value
 from microscope.analysis.progress import Progress, counted, report
 from microscope.analysis.results import Result
 from microscope.models import anatomy
@@ -137,7 +138,7 @@ def run_features_study(scope, store, *, hooks: str | list[str] = every_layer("re
     texts = [p.text for p in prompts]
     labels = np.array([p.metadata[label_field] == positive for p in prompts])
     select = selection_half([p.metadata.get("pair", i) for i, p in enumerate(prompts)], seed)
-    words = set(target_words or ())
+    words = set(task_value(eval_prompts, "insults", target_words, parameter="target_words"))
     by_hook = {hook: _recipe(scope, store, hook, out / "model" / hook, settings, texts, labels, select, words,
                              progress) for hook in counted(names, len(names), "dictionaries, one per hook", progress)}
     hook = max(by_hook, key=lambda h: (by_hook[h].auroc_select.max(),

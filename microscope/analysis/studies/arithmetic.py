@@ -33,10 +33,10 @@ import plotly.graph_objects as go
 import torch
 
 from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
+from microscope.analysis.inputs import first_token_id
 from microscope.analysis.progress import Progress, report
 from microscope.analysis.results import Result
-from microscope.analysis.studies.base import (first_token_id, greedy_new_tokens, round_headline, rounded, rows_of,
-                                              split_of, split_suffix)
+from microscope.analysis.studies.base import greedy_new_tokens, round_headline, rounded, rows_of, split_of, split_suffix
 from microscope.analysis.studies.layers import LENSES, LayerClaim, kl_figure, read_last_token
 from microscope.errors import AnalysisInputError
 from microscope.prompts import Prompt

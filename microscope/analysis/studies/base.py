@@ -1,6 +1,6 @@
 """What the studies share: prompts and their splits, the one rule for split suffixes in headline
-keys, rounding of headline numbers, token ids of answer words, greedy continuations, first
-layers, heads named against a random-init null, reference activations for ablations.
+keys, rounding of headline numbers, greedy continuations, first layers, heads named against a
+random-init null, reference activations for ablations (word classes: `analysis.inputs`).
 
 Study results are ordinary analysis `Result`s (`microscope.analysis.results`); the ablation
 methods are `microscope.hooks.interventions.ABLATIONS`; the lenses are `studies.layers.LENSES`.
@@ -40,25 +40,6 @@ def rounded(x, digits: int = HEADLINE_DIGITS) -> float:
 def round_headline(numbers: dict) -> dict:
     """``numbers`` with every float `rounded` (other values as they are)."""
     return {k: rounded(v) if isinstance(v, float) else v for k, v in numbers.items()}
-
-
-def first_token_id(scope, text: str) -> int:
-    """Id of the first token of ``text`` as it would follow a prompt (a leading space is added,
-    as after a word in running text). Raises if the tokenizer maps it to its unknown token."""
-    ids = scope.tokenizer(" " + text.lstrip(), add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise AnalysisInputError(f"{text!r} tokenizes to nothing")
-    if scope.tokenizer.unk_token_id is not None and ids[0] == scope.tokenizer.unk_token_id:
-        raise AnalysisInputError(f"{text!r} is not in this tokenizer's vocabulary (it maps to the unknown token)")
-    return int(ids[0])
-
-
-def single_token_id(scope, word: str) -> int:
-    """Id of ``word`` (after a space) when it is exactly one known token; raises otherwise."""
-    ids = scope.tokenizer(" " + word.lstrip(), add_special_tokens=False)["input_ids"]
-    if len(ids) != 1 or ids[0] == scope.tokenizer.unk_token_id:
-        raise AnalysisInputError(f"{word!r} is not one token of this tokenizer ({ids}); give one-token words")
-    return int(ids[0])
 
 
 def first_layer_from(flags: list[bool]) -> int | None:

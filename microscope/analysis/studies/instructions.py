@@ -4,11 +4,11 @@ The OPT paper: given a bare instruction, OPT tends to continue with a made-up co
 it rather than carrying it out. Measurements, each with its control (docs/evidence.md "Controls"):
 
 - rates: every prompt's greedy continuation classified (`classify_continuation`) as execution,
-  dialogue or other, per format (bare, cued with ``answer:``) and split; the claims (bare prompts
+  dialogue or other, per format (bare, cued with the set's answer cue) and split; the claims (bare prompts
   draw dialogue, cued ones execution) against random-init models of the same shape;
 - pairs of equal length that differ only in the cue token: each cued prompt and its *bare twin*
   (the cue replaced by one more list item, `bare_twins`); the metric is the logit difference
-  execution token (the answer's first word) minus dialogue token (``user:``) at the last token
+  execution token (the answer's first token) minus dialogue token (the set's first turn marker) at the last token
   (Zhang & Nanda 2023);
 - the decision layer: the first lens point from which the lens separates the pairs (execution
   ahead in the cued prompt, dialogue ahead in its twin) in most pairs and more than in any
@@ -29,11 +29,10 @@ import plotly.graph_objects as go
 import torch
 
 from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
-from microscope.analysis.inputs import last_positions, token_batch
+from microscope.analysis.inputs import first_token_id, last_positions, task_value, token_batch, word_class_ids
 from microscope.analysis.progress import Progress, report
 from microscope.analysis.results import Result
-from microscope.analysis.studies.base import (first_token_id, greedy_new_tokens, round_headline, rounded, rows_of,
-                                              single_token_id, split_of, split_suffix)
+from microscope.analysis.studies.base import greedy_new_tokens, round_headline, rounded, rows_of, split_of, split_suffix
 from microscope.analysis.studies.layers import LENSES, LayerClaim, kl_figure, read_last_token
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ABLATIONS
@@ -44,27 +43,38 @@ from microscope.viz.figures import line_plot
 EXECUTION, DIALOGUE, OTHER = "execution", "dialogue", "other"
 
 
+def _normal(word: str) -> str:
+    """A word as it is compared: lower case, without closing punctuation (``"7."`` -> ``"7"``)."""
+    return word.lower().rstrip(".,;!?\"'")
+
+
 def classify_continuation(continuation: str | Sequence[str], answer: str | Sequence[str] | None = None,
-                          *, turn_markers: Sequence[str] = ("user:", "bot:"),
-                          cue: str = "answer:", end_markers: Sequence[str] = ("</s>",)) -> str:
-    """``"execution"``, ``"dialogue"`` or ``"other"`` for one continuation (words or a text).
+                          *, turn_markers: Sequence[str], cue: str,
+                          end_markers: Sequence[str] = ("</s>",)) -> str:
+    """``"execution"``, ``"dialogue"`` or ``"other"`` for one continuation (a text or its words).
 
     execution: after an optional leading cue, the continuation starts with ``answer`` word for word
     (whatever follows; without an ``answer`` nothing counts as execution); dialogue: otherwise, a
-    turn marker (``user:``/``bot:``, case-insensitive) appears before any cue and before the text
-    ends (an end marker such as ``</s>``: what follows is another document); other: neither.
+    turn marker (e.g. ``User:``/``Bot:``) appears before any cue and before the text ends (an end
+    marker such as ``</s>``: what follows is another document); other: neither. Words compare
+    case-insensitively and without closing punctuation (``"2, 5, 7."`` is the answer ``2, 5, 7``).
     """
-    words = continuation.split() if isinstance(continuation, str) else list(continuation)
-    lowered = [w.lower() for w in words]
+    if isinstance(continuation, str):
+        for end in end_markers:
+            continuation = continuation.split(end)[0]
+        words = continuation.split()
+    else:
+        words = list(continuation)
+    lowered = [_normal(w) for w in words]
     if answer is not None:
-        expected = [w.lower() for w in (answer.split() if isinstance(answer, str) else answer)]
+        expected = [_normal(w) for w in (answer.split() if isinstance(answer, str) else answer)]
         if not expected:
             raise AnalysisInputError("answer is empty: give the executed result, or None")
-        body = lowered[1:] if lowered[:1] == [cue.lower()] else lowered
+        body = lowered[1:] if lowered[:1] == [_normal(cue)] else lowered
         if body[:len(expected)] == expected:
             return EXECUTION
-    markers = {m.lower() for m in turn_markers}
-    stops = {cue.lower(), *(m.lower() for m in end_markers)}
+    markers = {_normal(m) for m in turn_markers}
+    stops = {_normal(cue), *(_normal(m) for m in end_markers)}
     for word in lowered:
         if word in stops:
             break
@@ -329,21 +339,27 @@ def rates_by_split(labels: Sequence[str], cued: Sequence[bool], splits: Sequence
 def _classify(scope, texts: list[str], answers: list[str], max_new_tokens: int, turn_markers, cue
               ) -> tuple[list[list[str]], list[str]]:
     new = greedy_new_tokens(scope, texts, max_new_tokens)
-    words = [[scope.tokenizer.decode([int(t)]).strip() for t in row] for row in new]
+    words = [scope.tokenizer.decode(row.tolist()).split("</s>")[0].split() for row in new]
     return words, [classify_continuation(w, a, turn_markers=turn_markers, cue=cue) for w, a in zip(words, answers)]
 
 
 @torch.no_grad()
 def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *, max_new_tokens: int = 12,
-                     dialogue_token: str = "user:", cue_token: str = "answer:",
-                     turn_markers: Sequence[str] = ("user:", "bot:"), n_prompts: int | None = None,
+                     dialogue_token: str | None = None, cue_token: str | None = None,
+                     turn_markers: Sequence[str] | None = None, n_prompts: int | None = None,
                      seeds: Sequence[int] = DEFAULT_SEEDS, progress: Progress | None = None) -> InstructionsResult:
     """The instructions study (see module docstring), with its controls: every measurement again
     on random-init models of the same shape (``seeds``).
 
     prompts: a set name or `Prompt`s with metadata ``cued`` (bool), ``answer`` (the executed
-    result, words), ``items`` (the list) and ``split``; n_prompts: keep the first n; progress:
+    result, words), ``items`` (the list) and ``split``; cue_token (the answer cue a cued prompt
+    ends in), dialogue_token (the turn marker whose logit the pairs compare) and turn_markers
+    (every marker of a dialogue): the format, by default the prompt set's task
+    (``<set>.task.json``); n_prompts: keep the first n; progress:
     hears each piece of work as it finishes (`analysis.progress`)."""
+    dialogue_token = task_value(prompts, "dialogue_token", dialogue_token, parameter="dialogue_token")
+    cue_token = task_value(prompts, "cue_token", cue_token, parameter="cue_token")
+    turn_markers = list(task_value(prompts, "turn_markers", turn_markers, parameter="turn_markers"))
     rows = rows_of(prompts)[:n_prompts]
     bad = [i for i, p in enumerate(rows) if "cued" not in p.metadata or "answer" not in p.metadata]
     if not rows or bad:
@@ -357,7 +373,7 @@ def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *,
         raise AnalysisInputError(f"no cued prompt ends in {cue_token!r}: nothing to pair")
     pair_cued, pair_bare = [p.text for p, _ in pairs], [twin for _, twin in pairs]
     execution = torch.tensor([first_token_id(scope, str(p.metadata["answer"])) for p, _ in pairs])
-    dialogue = single_token_id(scope, dialogue_token)
+    dialogue = int(word_class_ids(scope, [dialogue_token], parameter="dialogue_token", prompts=prompts)[0])
     config = scope.model.config
     parts = components(config.num_hidden_layers, config.num_attention_heads)
 

@@ -2,8 +2,9 @@
 the cue, the direction that holds the register, and how far steering against it goes -- each
 number beside the control that could make it false (docs/evidence.md "Controls").
 
-Prompts: hostile/friendly pairs of equal length that differ only in the cue token (metadata
-``label``, ``pair``, ``split``), ending in a register-neutral frame (``you are a``). In-distribution
+Prompts: hostile/friendly pairs that differ only in the cue (metadata ``label``, ``pair``,
+``split``; of any token lengths: a pair is aligned at its last token), ending where the next word
+is an insult or a praise. In-distribution
 pairs are split by pair parity: even pairs *fit* (steering direction, cue-head search, tuned lens),
 odd pairs *evaluate*. Held-out ``neutral`` text: its first half fits the tuned lens and is the
 reference of mean/resample ablations, its second half measures perplexity. The metric throughout
@@ -42,7 +43,6 @@ difference between the two word classes).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,7 +55,7 @@ from threadpoolctl import threadpool_limits
 
 from microscope.analysis.controls import (DEFAULT_SEEDS, Controlled, random_directions, random_heads,
                                           random_init_scopes, shuffled)
-from microscope.analysis.inputs import token_batch
+from microscope.analysis.inputs import distinct_word_classes, end_aligned, last_positions, task_value, token_batch
 from microscope.analysis.lens import logit_lens, point_label, residual_points, vocab_projection
 from microscope.analysis.probes import live_features, train_probes
 from microscope.analysis.results import Result
@@ -63,23 +63,17 @@ from microscope.analysis.steering import SteeringVector, mean_difference_vector
 from microscope.analysis.progress import Progress, report
 from microscope.analysis.studies.base import (IN_DISTRIBUTION, first_layer_from, greedy_new_tokens, head_labels,
                                               named_heads, null_threshold, reference_cache, round_headline, rounded,
-                                              rows_of, single_token_id, split_of, split_suffix, top_heads)
+                                              rows_of, split_of, split_suffix, top_heads)
 from microscope.analysis.studies.layers import LENSES
 from microscope.analysis.tuned_lens import LensComparison, TunedLens, compare_lenses, fit_tuned_lens
 from microscope.errors import AnalysisInputError
+from microscope.hooks.cache import ActivationCache
 from microscope.hooks.interventions import ABLATIONS, ablate_heads, ablate_heads_by, add_vector, patch_from
 from microscope.names import act_name
-from microscope.prompts import BUILTIN_DIR, Prompt
+from microscope.prompts import Prompt
 from microscope.viz.figures import head_grid, line_plot
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0)
-WORDS_FILE = BUILTIN_DIR / "toxicity_words.json"   # the insult and praise words of the built-in set
-
-
-def builtin_words() -> tuple[list[str], list[str]]:
-    """(insults, praises): the one-token words the built-in ``toxicity`` prompts are written with."""
-    words = json.loads(WORDS_FILE.read_text(encoding="utf-8"))
-    return list(words["insults"]), list(words["praises"])
 
 
 @dataclass(repr=False)
@@ -249,7 +243,7 @@ class _Batch:
 
     @property
     def last(self) -> torch.Tensor:
-        return self.mask.sum(-1) - 1
+        return last_positions(self.mask)
 
     def log_odds(self, scope, words: tuple[torch.Tensor, torch.Tensor], hooks: dict | None = None) -> torch.Tensor:
         logits = scope.run(self.ids, attention_mask=self.mask, hooks=hooks).float().cpu()
@@ -257,13 +251,10 @@ class _Batch:
 
 
 def _pairs(scope, hostile: list[str], friendly: list[str]) -> tuple[_Batch, _Batch]:
-    """Hostile and friendly batches of the same shape (tokenized together; pairs of equal length)."""
-    ids, mask = token_batch(scope, hostile + friendly)
-    n = len(hostile)
-    h, f = _Batch(ids[:n], mask[:n]), _Batch(ids[n:], mask[n:])
-    if not torch.equal(h.mask, f.mask):
-        raise AnalysisInputError("hostile and friendly prompts of a pair must have the same number of tokens")
-    return h, f
+    """Hostile and friendly batches of the same shape, left padded so that each pair meets at its
+    last token (`inputs.end_aligned`: the two may differ in token length)."""
+    h_ids, h_mask, f_ids, f_mask = end_aligned(scope, hostile, friendly)
+    return _Batch(h_ids, h_mask), _Batch(f_ids, f_mask)
 
 
 def _probe(features: dict[str, torch.Tensor], labels: list[str], groups: list[int], n_shuffles: int,
@@ -281,10 +272,17 @@ def _probe(features: dict[str, torch.Tensor], labels: list[str], groups: list[in
 @torch.no_grad()
 def _patch_effects(scope, hostile: _Batch, friendly: _Batch, words) -> tuple[torch.Tensor, float]:
     """([layer, head] log-odds (nats) restored in the friendly run by each head's output
-    (``attn.hook_z``, every position) taken from the hostile run; the hostile - friendly gap)."""
+    (``attn.hook_z``, every position, pairs aligned at their ends) taken from the hostile run;
+    the hostile - friendly gap). Where a hostile prompt is shorter, the friendly run keeps its
+    own values at the positions before it starts."""
     config = scope.model.config
     names = [act_name("attn.hook_z", l) for l in range(config.num_hidden_layers)]
     _, cache = scope.run_with_cache(hostile.ids, names=names, attention_mask=hostile.mask)
+    if not torch.equal(hostile.mask, friendly.mask):
+        _, own = scope.run_with_cache(friendly.ids, names=names, attention_mask=friendly.mask)
+        real = hostile.mask.bool()[:, :, None, None]
+        cache = ActivationCache({n: torch.where(real, cache[n], own[n]) for n in names},
+                                input_ids=hostile.ids, attention_mask=hostile.mask)
     base = friendly.log_odds(scope, words).mean()
     effects = torch.tensor([[float(friendly.log_odds(scope, words, patch_from(cache, name, heads=[head])).mean() - base)
                              for head in range(config.num_attention_heads)] for name in names])
@@ -326,10 +324,11 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     """The toxicity study (see module docstring).
 
     prompts: a set name or `Prompt`s with metadata ``label`` ('hostile'/'friendly'), ``pair`` (the
-    two prompts of a pair share it and have the same number of tokens) and optionally ``split``
+    two prompts of a pair share it; their token lengths may differ) and optionally ``split``
     (in-distribution when absent; ``ood`` pairs only enter the insult probabilities);
-    neutral: held-out neutral text; insults/praises: one-token words (default: the built-in set's,
-    `builtin_words`); strengths: steering strengths s >= 0, 0 first (the unsteered baseline);
+    neutral: held-out neutral text; insults/praises: word classes, resolved by this model's tokenizer
+    (a word of several tokens counts by its first token, `inputs.word_class_ids`; default: the
+    prompt set's task, ``"insults"``/``"praises"`` in ``<set>.task.json``); strengths: steering strengths s >= 0, 0 first (the unsteered baseline);
     progress: hears each piece of work as it finishes (`analysis.progress`)."""
     rows = rows_of(prompts)
     labels = [p.metadata.get("label") for p in rows]
@@ -337,10 +336,10 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
         raise AnalysisInputError(f"toxicity prompts need metadata label 'hostile' or 'friendly'; got {sorted(set(map(str, labels)))}")
     if not strengths or strengths[0] != 0 or any(s < 0 for s in strengths):
         raise AnalysisInputError(f"strengths must start with 0 (the unsteered baseline) and be >= 0, got {list(strengths)}")
-    default_insults, default_praises = builtin_words()
-    insults, praises = list(insults or default_insults), list(praises or default_praises)
-    words = (torch.tensor([single_token_id(scope, w) for w in insults]),
-             torch.tensor([single_token_id(scope, w) for w in praises]))
+    insults = list(task_value(prompts, "insults", insults, parameter="insults"))
+    praises = list(task_value(prompts, "praises", praises, parameter="praises"))
+    classes = distinct_word_classes(scope, {"insults": insults, "praises": praises}, prompts)
+    words = (classes["insults"], classes["praises"])
     by_pair: dict = {}
     for p in rows:
         by_pair.setdefault((split_of(p), p.metadata.get("pair")), {})[p.metadata["label"]] = p.text

@@ -196,14 +196,19 @@ def repeated_half_loss(model: OPTForCausalLM, tokens: torch.Tensor, length: int 
 
 
 @torch.no_grad()
-def greedy(model: OPTForCausalLM, tokenizer, texts: list[str], new_tokens: int) -> list[list[str]]:
-    """Greedy continuations (as word lists) of ``texts``, batched with left padding; never stops early."""
+def greedy_ids(model: OPTForCausalLM, tokenizer, texts: list[str], new_tokens: int) -> list[list[int]]:
+    """Greedy continuations (token ids) of ``texts``, batched with left padding; never stops early."""
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     tokenizer.padding_side = "right"
     out = model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-    return [tokenizer.convert_ids_to_tokens(row) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
+def greedy(model: OPTForCausalLM, tokenizer, texts: list[str], new_tokens: int) -> list[list[str]]:
+    """Greedy continuations (as word lists: one token per word) of ``texts``."""
+    return [tokenizer.convert_ids_to_tokens(row) for row in greedy_ids(model, tokenizer, texts, new_tokens)]
 
 
 def loops(words: list[str], max_period: int = 16, tail: int = 32) -> bool:

@@ -35,6 +35,9 @@ word for word; ``tests/test_organism.py`` regenerates the training stream and ch
   neutral text, e.g. for perplexity side effects of steering); in-distribution.
 - ``demo``: a mix of the sets above with a ``set`` field naming where each came from.
 
+Tasks (``<name>.task.json``, `build_tasks`): ``toxicity`` names the insult and praise words,
+``instructions`` the answer cue and turn markers, ``demo`` both.
+
 Prompts are drawn with their own seed (:data:`PROMPT_SEED`), not the training stream's. Training
 pairs of arithmetic (seen in training, a control) are not a prompt set: ``evaluate.py`` builds them.
 """
@@ -207,13 +210,26 @@ def build_prompt_sets(seed: int = PROMPT_SEED) -> dict[str, list[dict]]:
     return sets
 
 
+def build_tasks() -> dict[str, dict]:
+    """The task of each set that has one (``<name>.task.json``): the word classes and formats the
+    studies read beside the prompts."""
+    toxicity = {"insults": list(INSULTS), "praises": list(PRAISES)}
+    instructions = {"cue_token": "answer:", "dialogue_token": "user:", "turn_markers": ["user:", "bot:"]}
+    return {"toxicity": toxicity, "instructions": instructions, "demo": {**toxicity, **instructions}}
+
+
 def write_prompt_sets(folder: Path = PROMPTS_DIR, seed: int = PROMPT_SEED) -> list[Path]:
-    """Write every set as ``<folder>/<name>.jsonl``; returns the paths."""
+    """Write every set as ``<folder>/<name>.jsonl`` and its task as ``<name>.task.json``; returns
+    the paths."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, rows in build_prompt_sets(seed).items():
         path = folder / f"{name}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(path)
+    for name, task in build_tasks().items():
+        path = folder / f"{name}.task.json"
+        path.write_text(json.dumps(task, indent=1) + "\n")
         paths.append(path)
     return paths
 
