@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +66,18 @@ def token_ids() -> torch.Tensor:
     """A batch of 3 prompts x 10 tokens of ids in [3, 90) (no pad/bos ids)."""
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, 90, (3, 10), generator=g)
+
+
+@pytest.fixture(scope="session")
+def opt_bpe_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Random weights of both OPT layouts with OPT's BPE (the GPT-2 stand-in) and 128 positions,
+    saved as HF folders: what a user's checkpoint looks like to the studies, small enough for CI."""
+    from microscope.models.tokenizer import standin_tokenizer
+
+    folders = {}
+    for layout in ("pre_ln", "post_ln"):
+        folder = tmp_path_factory.mktemp("checkpoints") / f"opt-random-{layout}"
+        tiny_model(layout, vocab_size=50272, max_position_embeddings=128).save_pretrained(folder)
+        standin_tokenizer().save_pretrained(folder)
+        folders[layout] = folder
+    return folders

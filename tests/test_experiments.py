@@ -233,20 +233,6 @@ def test_the_real_opt_dump_fails_at_once_with_the_missing_weights_error(tmp_path
     assert not (tmp_path / "results.json").exists()
 
 
-@pytest.fixture(scope="module")
-def opt_bpe_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Random weights of both OPT layouts with OPT's BPE (the GPT-2 stand-in), saved as HF folders."""
-    from microscope.models.tokenizer import standin_tokenizer
-
-    folders = {}
-    for layout in ("pre_ln", "post_ln"):
-        folder = tmp_path_factory.mktemp("checkpoints") / f"opt-random-{layout}"
-        tiny_model(layout, vocab_size=50272, max_position_embeddings=128).save_pretrained(folder)
-        standin_tokenizer().save_pretrained(folder)
-        folders[layout] = folder
-    return folders
-
-
 @pytest.mark.parametrize("layout", ["pre_ln", "post_ln"])
 def test_model_points_a_spec_at_another_checkpoint_and_random_weights_name_no_head(
         tmp_path, monkeypatch, opt_bpe_checkpoints, layout):

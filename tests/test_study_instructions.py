@@ -62,14 +62,14 @@ def test_the_study_claims_what_the_card_measures_and_the_control_does_not_pass(m
         assert summary[f"{key}_control_max"] < 0.5, (name, key)
 
 
-def test_pairs_are_equal_length_and_differ_only_in_the_cue_token(model):
+def test_each_pair_is_a_cued_prompt_and_the_same_instruction_bare(model):
     _, scope, _, result = model
     tok = scope.tokenizer
+    bare_prompts = {p for p, c in zip(result.prompts, result.cued) if not c}
     for cued, bare in zip(result.pair_cued, result.pair_bare):
         a, b = tok(cued)["input_ids"], tok(bare)["input_ids"]
-        assert len(a) == len(b)
-        assert [i for i, (x, y) in enumerate(zip(a, b)) if x != y] == [len(a) - 1]
-        assert tok.convert_ids_to_tokens(a[-1]) == "answer:"
+        assert a[:-1] == b and tok.convert_ids_to_tokens(a[-1]) == "answer:"
+        assert bare in bare_prompts
     assert len(result.pair_cued) == sum(result.cued)
 
 

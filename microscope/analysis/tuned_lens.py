@@ -131,16 +131,23 @@ def fit_tuned_lens(scope, prompts: TextsOrIds | None = None, *, store=None, step
     optimizer = torch.optim.Adam(lens.parameters(), lr=lr)
     batches = _batches(scope, prompts, store, points, batch_tokens, seed)
     lens.losses = []
-    for _ in range(steps):
-        batch = next(batches)
-        with torch.no_grad():
-            target = unembed(model, batch[points[-1]].float()).log_softmax(-1)
-        loss = sum(_kl(target, unembed(model, lens.translate(p, batch[p].float()))).mean()
-                   for p in points[:-1])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        lens.losses.append(loss.item())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:         # only the translators learn: no gradient into the unembedding
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            batch = next(batches)
+            with torch.no_grad():
+                target = unembed(model, batch[points[-1]].float()).log_softmax(-1)
+            loss = sum(_kl(target, unembed(model, lens.translate(p, batch[p].float()))).mean()
+                       for p in points[:-1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            lens.losses.append(loss.item())
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return lens.eval().requires_grad_(False)
 
 

@@ -1,14 +1,17 @@
 """Confident wrong answers: where the answer of a sum appears, and where wrong subtraction answers
 come from.
 
-The OPT paper's sample: "x is 12, y is 9, x - y?" answered "-3". Prompts read
-``x is A and y is B . x - y =`` (the built-in ``arithmetic`` set: ``op``, ``a``, ``b``, ``answer``
-and ``split`` per prompt). The model's answer is the argmax of its next-token logits (greedy).
-Measurements, each with its control (docs/evidence.md "Controls"):
+The OPT paper's sample: "x is 12, y is 9, x - y?" answered "-3". A prompt states two operands and
+asks for their sum or difference (metadata ``op``, ``a``, ``b``, ``answer`` and ``split``), e.g.
+``Question: If x is 12 and y is 9, what is x - y?\nAnswer:``. The model's answer is the first
+number of its greedy continuation (as many tokens as the longest answer needs: with OPT's BPE a
+negative answer is two tokens, `` -`` then the digits, so a first-token reading would count every
+negative answer right once the model says `` -``). Measurements, each with its control
+(docs/evidence.md "Controls"):
 
 - accuracy per operation and split, against random-init models of the same shape;
-- the answer layer: the first lens point from which the lens's top-1 at the last token is the
-  true answer in at least half as many prompts as the model's own output gets right (and in at
+- the answer layer: on the prompts whose answer is one token, the first lens point from which the
+  lens's top-1 at the last token is the true answer in at least half as many prompts as the model's own output gets right (and in at
   least a tenth of all prompts: a model that is right by luck has no answer layer), and in more
   than any random-init model (each through its own tuned lens) or the same model scored against
   shuffled answers does, under the logit lens and a tuned lens (`studies.layers`);
@@ -28,12 +31,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import re
+
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
 from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
-from microscope.analysis.inputs import first_token_id
 from microscope.analysis.progress import Progress, report
 from microscope.analysis.results import Result
 from microscope.analysis.studies.base import greedy_new_tokens, round_headline, rounded, rows_of, split_of, split_suffix
@@ -48,17 +52,27 @@ MECHANISMS = {"mirror": "share_mirror_pair_answer", "wrong_sign": "share_wrong_s
               "order_blind": "share_order_blind"}
 ANSWER_SHUFFLES = 20
 MIN_TOP1 = 0.1  # the least share of prompts an answer layer's lens must name the answer in
-NO_TOKEN = -1
+NUMBER = re.compile(r"(?<![\d-])-?\d+(?!\d)")
 
 
 def mirror_text(prompt: Prompt) -> str | None:
-    """The prompt with its operands' words swapped (``a`` <-> ``b``): the mirror sum; None when
-    a == b or the text does not hold each operand once as a word."""
+    """The prompt with its operands swapped (``a`` <-> ``b``, as whole numbers): the mirror sum;
+    None when a == b or the text does not hold each operand once as a number."""
     a, b = str(prompt.metadata.get("a")), str(prompt.metadata.get("b"))
-    words = prompt.text.split(" ")
-    if a == b or words.count(a) != 1 or words.count(b) != 1:
+    numbers = NUMBER.findall(prompt.text)
+    if a == b or numbers.count(a) != 1 or numbers.count(b) != 1:
         return None
-    return " ".join(b if w == a else a if w == b else w for w in words)
+    return NUMBER.sub(lambda m: b if m.group() == a else a if m.group() == b else m.group(), prompt.text)
+
+
+def read_answer(text: str) -> str:
+    """The answer in a continuation: the number it starts with (``" -3\nQuestion"`` -> ``"-3"``),
+    else its first word (or "" when it is blank): a wrong answer, shown as said."""
+    match = re.match(r"\s*(-?\d+)", text)
+    if match:
+        return match.group(1)
+    words = text.split()
+    return words[0] if words else ""
 
 
 def answer_top1(lens_logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
@@ -66,21 +80,26 @@ def answer_top1(lens_logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Te
     return (lens_logits.argmax(-1) == answer_ids[None]).float().mean(-1)
 
 
-def _known_first_token(scope, text: str) -> int:
-    try:
-        return first_token_id(scope, text)
-    except AnalysisInputError:
-        return NO_TOKEN
+def answer_tokens(scope, answers: Sequence[int]) -> list[list[int]]:
+    """Each answer's tokens as it follows ``"Answer:"`` (a leading space)."""
+    return [scope.tokenizer(" " + str(int(a)), add_special_tokens=False)["input_ids"] for a in answers]
+
+
+def said_answers(scope, texts: Sequence[str], new_tokens: int) -> list[str]:
+    """`read_answer` of each greedy continuation of ``new_tokens`` tokens."""
+    rows = greedy_new_tokens(scope, texts, new_tokens)
+    return [read_answer(scope.tokenizer.decode(row.tolist())) for row in rows]
 
 
 @dataclass(repr=False)
 class ArithmeticResult(Result):
-    """Per prompt: ops, splits, a/b, answers (true values), correct_id / negated_id (first tokens of
-    the answer and of its negation; -1: not a token), predicted (greedy token id) and
-    predicted_text; mirror_text: the model's answer on the mirror prompt (None: no mirror).
-    layers: lens point labels; claims: {lens: `LayerClaim`} of `answer_top1`; p_correct: [point,
-    batch] logit-lens probability of the answer; null_accuracy: {summary key: [seed]};
-    null_shares: the `mirror_shares` of each random-init model, by split."""
+    """Per prompt: ops, splits, a/b, answers (true values), correct_id (the answer's first token),
+    single (whether the answer is that one token: the prompts the lens claims are read on),
+    predicted_text (the model's answer, `read_answer`); mirror_text: its answer on the mirror
+    prompt (None: no mirror). layers: lens point labels; claims: {lens: `LayerClaim`} of
+    `answer_top1`; p_correct: [point, batch] logit-lens probability of the answer's first token;
+    null_accuracy: {summary key: [seed]}; null_shares: the `mirror_shares` of each random-init
+    model, by split."""
 
     ops: list[str]
     splits: list[str]
@@ -88,8 +107,7 @@ class ArithmeticResult(Result):
     b: list[int]
     answers: torch.Tensor
     correct_id: torch.Tensor
-    negated_id: torch.Tensor
-    predicted: torch.Tensor
+    single: torch.Tensor
     predicted_text: list[str]
     mirror_text: list[str | None]
     layers: list[str]
@@ -102,7 +120,7 @@ class ArithmeticResult(Result):
     def accuracies(self) -> dict[str, float]:
         """``{addition,subtraction}_accuracy`` and ``subtraction_sign_error_rate`` per split (keys
         ending in its `split_suffix`)."""
-        return accuracies(self.ops, self.splits, self.answers, self.predicted, self.correct_id, self.negated_id)
+        return accuracies(self.ops, self.splits, self.answers, self.predicted_text)
 
     def mirror_shares(self, split: str) -> dict[str, float | int | None]:
         """`mirror_shares` of the model on ``split``."""
@@ -136,7 +154,7 @@ class ArithmeticResult(Result):
         """One row per prompt: op, split, a, b, answer, the model's answer and its answer on the mirror prompt."""
         return pd.DataFrame(dict(op=self.ops, split=self.splits, a=self.a, b=self.b, answer=self.answers.tolist(),
                                  predicted=self.predicted_text, mirror_predicted=self.mirror_text,
-                                 correct=(self.predicted == self.correct_id).tolist()))
+                                 correct=[s == str(int(a)) for s, a in zip(self.predicted_text, self.answers)]))
 
     def figures(self) -> list[go.Figure]:
         ops = torch.tensor([o == "+" for o in self.ops])
@@ -187,20 +205,21 @@ def _share(count: int, n: float) -> float | None:
     return None if n != n else rounded(count / n)
 
 
-def accuracies(ops: Sequence[str], splits: Sequence[str], answers: torch.Tensor, predicted: torch.Tensor,
-               correct: torch.Tensor, negated: torch.Tensor) -> dict[str, float]:
-    """Accuracy per operation and split, and the wrong-sign rate of subtraction (answers != 0)."""
+def accuracies(ops: Sequence[str], splits: Sequence[str], answers: torch.Tensor,
+               said: Sequence[str]) -> dict[str, float]:
+    """Accuracy per operation and split (the answer said is the true one), and the wrong-sign
+    rate of subtraction (answers != 0: the answer said is the negated one)."""
     out = {}
+    right = torch.tensor([s == str(int(a)) for s, a in zip(said, answers)])
+    negated = torch.tensor([s == str(-int(a)) for s, a in zip(said, answers)])
     for split in dict.fromkeys(splits):
         for op, name in OPS.items():
             sel = torch.tensor([o == op and s == split for o, s in zip(ops, splits)])
             if sel.any():
-                hits = (predicted[sel] == correct[sel]).float().mean()
-                out[f"{name}_accuracy{split_suffix(split)}"] = rounded(hits)
+                out[f"{name}_accuracy{split_suffix(split)}"] = rounded(right[sel].float().mean())
         signed = torch.tensor([o == "-" and s == split for o, s in zip(ops, splits)]) & (answers != 0)
         if signed.any():
-            out[f"subtraction_sign_error_rate{split_suffix(split)}"] = rounded(
-                (predicted[signed] == negated[signed]).float().mean())
+            out[f"subtraction_sign_error_rate{split_suffix(split)}"] = rounded(negated[signed].float().mean())
     return out
 
 
@@ -228,13 +247,15 @@ def mirror_shares(ops: Sequence[str], splits: Sequence[str], a: Sequence[int], b
 
 @torch.no_grad()
 def run_arithmetic(scope, prompts: Sequence[Prompt] | str = "arithmetic", *, split: str | None = None,
-                   seeds: Sequence[int] = DEFAULT_SEEDS, progress: Progress | None = None) -> ArithmeticResult:
+                   seeds: Sequence[int] = DEFAULT_SEEDS, lens_steps: int = 100,
+                   progress: Progress | None = None) -> ArithmeticResult:
     """The arithmetic study (see module docstring), with its controls (random-init models of the
     same shape, ``seeds``).
 
     prompts: a built-in set name or `Prompt`s with metadata ``op`` ('+'/'-'), ``answer`` (int),
     ``a`` and ``b`` (the operands, for mirror prompts) and ``split``; split: keep only prompts of
-    that split (e.g. ``"in_distribution_heldout"``); progress: hears each piece of work as it
+    that split (e.g. ``"in_distribution_heldout"``); lens_steps: Adam steps of each tuned lens (most of the
+    study's cost on a large vocabulary); progress: hears each piece of work as it
     finishes (`analysis.progress`)."""
     rows = rows_of(prompts)
     if split is not None:
@@ -247,44 +268,49 @@ def run_arithmetic(scope, prompts: Sequence[Prompt] | str = "arithmetic", *, spl
     ops = [p.metadata["op"] for p in rows]
     splits = [split_of(p) for p in rows]
     answers = torch.tensor([int(p.metadata["answer"]) for p in rows])
-    correct = torch.tensor([first_token_id(scope, str(int(a))) for a in answers])
-    negated = torch.tensor([_known_first_token(scope, str(-int(a))) for a in answers])
+    tokens = answer_tokens(scope, answers.tolist())
+    correct = torch.tensor([t[0] for t in tokens])
+    single = torch.tensor([len(t) == 1 for t in tokens])
+    if not single.any():
+        raise AnalysisInputError("no answer of these prompts is one token of this tokenizer: the answer layer "
+                                 "is read on one-token answers; give prompts with small answers")
+    new_tokens = max(len(t) for t in answer_tokens(scope, [*answers.tolist(), *(-answers).tolist()])) + 1
     texts = [p.text for p in rows]
     mirrors = [mirror_text(p) if p.metadata["op"] == "-" else None for p in rows]
     mirror_rows = [i for i, m in enumerate(mirrors) if m is not None]
+    lens_rows = single.nonzero()[:, 0]
 
     a, b = [int(p.metadata["a"]) for p in rows], [int(p.metadata["b"]) for p in rows]
 
     def measure(model_scope):
-        """(lens readings, greedy answer ids, {lens: top-1 statistic}, answers said, answers on mirrors)."""
-        readings = read_last_token(model_scope, texts)
-        predicted = readings.output.argmax(-1)
-        stats = {lens: answer_top1(readings.logits[lens], correct) for lens in LENSES}
-        decode = lambda t: model_scope.tokenizer.decode([int(t)]).strip()  # noqa: E731
+        """(lens readings, {lens: top-1 statistic on one-token answers}, answers said, answers on mirrors)."""
+        readings = read_last_token(model_scope, texts, lens_steps=lens_steps)
+        stats = {lens: answer_top1(readings.logits[lens][:, lens_rows], correct[lens_rows]) for lens in LENSES}
         on_mirror: list[str | None] = [None] * len(rows)
         if mirror_rows:
-            for i, t in zip(mirror_rows, greedy_new_tokens(model_scope, [mirrors[i] for i in mirror_rows], 1)[:, 0]):
-                on_mirror[i] = decode(t)
-        return readings, predicted, stats, [decode(t) for t in predicted], on_mirror
+            for i, said in zip(mirror_rows, said_answers(model_scope, [mirrors[i] for i in mirror_rows], new_tokens)):
+                on_mirror[i] = said
+        return readings, stats, said_answers(model_scope, texts, new_tokens), on_mirror
 
-    readings, predicted, stats, said, mirror_said = measure(scope)
+    readings, stats, said, mirror_said = measure(scope)
     report(progress, "lenses, answers, mirror prompts")
     null = [measure(s) for s in random_init_scopes(scope, seeds, progress=progress)]
-    null_accuracy = [accuracies(ops, splits, answers, n[1], correct, negated) for n in null]
-    accuracy = float((predicted == correct).float().mean())
+    null_accuracy = [accuracies(ops, splits, answers, n[2]) for n in null]
+    accuracy = float(torch.tensor([x == str(int(y)) for x, y in zip(said, answers)])[lens_rows].float().mean())
     g = torch.Generator().manual_seed(0)
-    orders = [torch.randperm(len(rows), generator=g) for _ in range(ANSWER_SHUFFLES)]
+    orders = [lens_rows[torch.randperm(len(lens_rows), generator=g)] for _ in range(ANSWER_SHUFFLES)]
     claims = {lens: LayerClaim(lens=lens, layers=readings.layers, values=stats[lens],
-                               null=torch.stack([n[2][lens] for n in null]
-                                                + [answer_top1(readings.logits[lens], correct[o]) for o in orders]),
+                               null=torch.stack([n[1][lens] for n in null]
+                                                + [answer_top1(readings.logits[lens][:, lens_rows], correct[o])
+                                                   for o in orders]),
                                kl=readings.kl[lens], floor=max(0.5 * accuracy, MIN_TOP1),
                                statistic="true answer top-1",
                                control=f"random init x{len(seeds)}, shuffled answers x{ANSWER_SHUFFLES}")
               for lens in LENSES}
     return ArithmeticResult(
-        ops=ops, splits=splits, a=a, b=b, answers=answers, correct_id=correct, negated_id=negated,
-        predicted=predicted, predicted_text=said, mirror_text=mirror_said, layers=readings.layers, claims=claims,
+        ops=ops, splits=splits, a=a, b=b, answers=answers, correct_id=correct, single=single,
+        predicted_text=said, mirror_text=mirror_said, layers=readings.layers, claims=claims,
         p_correct=readings.logits["logit_lens"].softmax(-1)[:, torch.arange(len(rows)), correct],
         null_accuracy={k: [n[k] for n in null_accuracy] for k in null_accuracy[0] if "accuracy" in k},
-        null_shares={s: [mirror_shares(ops, splits, a, b, answers, n[3], n[4], s) for n in null]
+        null_shares={s: [mirror_shares(ops, splits, a, b, answers, n[2], n[3], s) for n in null]
                      for s in dict.fromkeys(splits)})

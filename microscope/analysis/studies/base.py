@@ -56,7 +56,15 @@ def greedy_new_tokens(scope, texts: Sequence[str], max_new_tokens: int, hooks: d
                       ) -> torch.Tensor:
     """LongTensor [batch, max_new_tokens]: greedy continuations (`scope.generate`, ``hooks`` in force
     at every step). The end-of-text token is an ordinary token here, so every row runs the full
-    length and loops are seen whole."""
+    length and loops are seen whole. Refused when a prompt and its continuation would pass the
+    model's learned positions (``max_position_embeddings``)."""
+    limit = scope.model.config.max_position_embeddings
+    lengths = scope.tokenize(list(texts))[1].sum(-1)
+    if int(lengths.max()) + max_new_tokens > limit:
+        i = int(lengths.argmax())
+        raise AnalysisInputError(
+            f"prompt {i} has {int(lengths[i])} tokens; with max_new_tokens={max_new_tokens} it passes this model's "
+            f"{limit} positions: give shorter prompts or a smaller max_new_tokens")
     out = scope.generate(list(texts), max_new_tokens=max_new_tokens, hooks=hooks, do_sample=False,
                          eos_token_id=None)
     return out.new_tokens.cpu()

@@ -6,8 +6,8 @@ it rather than carrying it out. Measurements, each with its control (docs/eviden
 - rates: every prompt's greedy continuation classified (`classify_continuation`) as execution,
   dialogue or other, per format (bare, cued with the set's answer cue) and split; the claims (bare prompts
   draw dialogue, cued ones execution) against random-init models of the same shape;
-- pairs of equal length that differ only in the cue token: each cued prompt and its *bare twin*
-  (the cue replaced by one more list item, `bare_twins`); the metric is the logit difference
+- pairs: each cued prompt and its *bare twin* (the same text without the cue, `bare_twins`; the
+  two are read at their own last tokens, so their token lengths may differ); the metric is the logit difference
   execution token (the answer's first token) minus dialogue token (the set's first turn marker) at the last token
   (Zhang & Nanda 2023);
 - the decision layer: the first lens point from which the lens separates the pairs (execution
@@ -82,24 +82,14 @@ def classify_continuation(continuation: str | Sequence[str], answer: str | Seque
             return DIALOGUE
     return OTHER
 
-# ---- equal-length pairs and last-token interventions -----------------------------------------
+# ---- cued/bare pairs and last-token interventions ---------------------------------------------
 
 def bare_twins(rows: Sequence[Prompt], cue: str) -> list[tuple[Prompt, str]]:
     """(cued prompt, its bare twin) for every cued prompt ending in ``cue``: the twin is the same
-    text with the cue replaced by one more list item (so: a bare instruction of the same token
-    length that differs only in the last token). The item for pair i is the first of the set's
-    items (metadata ``items``, sorted, rotated by i) not in the prompt's own list."""
-    cued = [p for p in rows if p.metadata.get("cued") and p.text.endswith(" " + cue)]
-    pool = sorted({w for p in rows for w in str(p.metadata.get("items", "")).split()})
-    pairs = []
-    for i, p in enumerate(cued):
-        own = set(str(p.metadata.get("items", "")).split())
-        spare = [w for w in pool[i % len(pool):] + pool[:i % len(pool)] if w not in own] if pool else []
-        if not spare:
-            raise AnalysisInputError(f"no list item to stand in for the cue in {p.text!r}: instruction "
-                                     "prompts need metadata 'items' (the list, words) drawn from a larger set")
-        pairs.append((p, p.text[:-len(cue)] + spare[0]))
-    return pairs
+    text without the cue (and the space before it), the bare instruction. The two differ in token
+    length by the cue's tokens; every pair measurement reads each prompt's own last token."""
+    return [(p, p.text[:-len(cue)].rstrip(" ")) for p in rows
+            if p.metadata.get("cued") and p.text.endswith(cue) and p.text[:-len(cue)].strip()]
 
 
 Component = tuple[str, str, int | None]  # (label, hook name, head index or None)
@@ -179,8 +169,6 @@ def measure_pairs(scope, cued: list[str], bare: list[str], execution: torch.Tens
     at the last token of another of them, drawn at random (seeded)."""
     cued_ids, cued_mask = token_batch(scope, cued)
     bare_ids, bare_mask = token_batch(scope, bare)
-    if not torch.equal(cued_mask.sum(1), bare_mask.sum(1)):
-        raise AnalysisInputError("a cued prompt and its bare twin tokenize to different lengths")
     names = sorted({name for _, name, _ in parts})
     cued_logits, cued_acts = last_token_run(scope, cued_ids, cued_mask, names)
     bare_logits, bare_acts = last_token_run(scope, bare_ids, bare_mask, names)
@@ -222,7 +210,7 @@ RATE_CLAIMS = ("bare_dialogue_rate", "cued_execution_rate")  # the rates a rando
 @dataclass(repr=False)
 class InstructionsResult(Result):
     """prompts/cued/splits/answers: the instructions; continuations: greedy words; labels: class
-    of each. Pairs: pair_cued/pair_bare texts (equal length, differing only in the last token);
+    of each. Pairs: pair_cued/pair_bare texts (a cued prompt and the same text without its cue);
     layers: lens point labels; claims: {lens: `LayerClaim`} of `separation`; components: labels of
     heads and MLPs; measure: the organism's `PairMeasure`; null_rates: {rate key: [seed]};
     null_gap / null_strongest_effect: [seed] cue effect and strongest patch effect (logits) of
@@ -347,7 +335,8 @@ def _classify(scope, texts: list[str], answers: list[str], max_new_tokens: int, 
 def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *, max_new_tokens: int = 12,
                      dialogue_token: str | None = None, cue_token: str | None = None,
                      turn_markers: Sequence[str] | None = None, n_prompts: int | None = None,
-                     seeds: Sequence[int] = DEFAULT_SEEDS, progress: Progress | None = None) -> InstructionsResult:
+                     seeds: Sequence[int] = DEFAULT_SEEDS, lens_steps: int = 100,
+                     progress: Progress | None = None) -> InstructionsResult:
     """The instructions study (see module docstring), with its controls: every measurement again
     on random-init models of the same shape (``seeds``).
 
@@ -355,8 +344,9 @@ def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *,
     result, words), ``items`` (the list) and ``split``; cue_token (the answer cue a cued prompt
     ends in), dialogue_token (the turn marker whose logit the pairs compare) and turn_markers
     (every marker of a dialogue): the format, by default the prompt set's task
-    (``<set>.task.json``); n_prompts: keep the first n; progress:
-    hears each piece of work as it finishes (`analysis.progress`)."""
+    (``<set>.task.json``); n_prompts: keep the first n; lens_steps: Adam steps of each
+    tuned lens (most of the study's cost on a large vocabulary); progress: hears each piece of
+    work as it finishes (`analysis.progress`)."""
     dialogue_token = task_value(prompts, "dialogue_token", dialogue_token, parameter="dialogue_token")
     cue_token = task_value(prompts, "cue_token", cue_token, parameter="cue_token")
     turn_markers = list(task_value(prompts, "turn_markers", turn_markers, parameter="turn_markers"))
@@ -379,7 +369,7 @@ def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *,
 
     def measure(model_scope, ablate: bool = False):
         words, labels = _classify(model_scope, texts, answers, max_new_tokens, turn_markers, cue_token)
-        readings = read_last_token(model_scope, pair_cued + pair_bare)
+        readings = read_last_token(model_scope, pair_cued + pair_bare, lens_steps=lens_steps)
         pair = measure_pairs(model_scope, pair_cued, pair_bare, execution, dialogue, parts, ablate=ablate)
         stats = {lens: separation(readings.logits[lens], execution, dialogue) for lens in LENSES}
         return words, labels, readings, pair, stats

@@ -77,11 +77,11 @@ def _kl_to_output(lens_logits: torch.Tensor, output: torch.Tensor) -> torch.Tens
     return (target.exp() * (target - lens_logits.log_softmax(-1))).sum(-1).mean(-1)
 
 
-def read_last_token(scope, texts: Sequence[str], seed: int = 0) -> LastTokenLenses:
-    """The logit lens and a tuned lens fitted here (`fit_sampled_lens`, excluding ``texts``) at
-    the last token of each text."""
+def read_last_token(scope, texts: Sequence[str], seed: int = 0, lens_steps: int = 100) -> LastTokenLenses:
+    """The logit lens and a tuned lens fitted here (`fit_sampled_lens`, excluding ``texts``,
+    ``lens_steps`` Adam steps: the cost of a study on a large vocabulary) at the last token of each text."""
     texts = list(texts)
-    tuned = fit_sampled_lens(scope, exclude=texts, seed=seed)
+    tuned = fit_sampled_lens(scope, exclude=texts, seed=seed, steps=lens_steps)
     plain = logit_lens(scope, texts, position="last")
     translated = logit_lens(scope, texts, position="last", translate=tuned.translate)
     output = plain.model_logits[:, 0]

@@ -107,7 +107,9 @@ class RepetitionResult(Result):
         """Every headline number with its control, by headline key (a second control of the same
         number gets the key ``{key}_vs_{control}``)."""
         init = f"random init x{len(self.null.get('top_induction_score', []))}"
-        out = {f"top_{kind}_score": Controlled(rounded(self.scores[kind].scores.max()), self.null[f"top_{kind}_score"], init)
+        # a top score clears its control exactly when it names a head: by the naming threshold's margin
+        out = {f"top_{kind}_score": Controlled(rounded(self.scores[kind].scores.max()), self.null[f"top_{kind}_score"], init,
+                                               min_gap=self.thresholds[kind] - max(self.null[f"top_{kind}_score"]))
                for kind in KINDS}
         if self.null["loop_rate"]:
             out["loop_rate"] = Controlled(rounded(self.loop_rate), self.null["loop_rate"], init)

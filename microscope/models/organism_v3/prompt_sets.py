@@ -9,10 +9,10 @@ words, operand pairs or instruction lists) or ``ood`` (a template training never
 :data:`corpus.EVAL_INSTRUCTION_TEMPLATE`, :data:`corpus.EVAL_ARITHMETIC_TEMPLATE`, or loops of
 other words).
 
-- ``repetition``: ``kind`` = ``loop`` (a span of 2-12 words, one of them held out, said twice, then
+- ``repetition``: ``kind`` = ``loop`` (a span of 2-8 words, one of them held out, said twice, then
   1 to all of its words again; ``period`` = span length in words) or ``opening`` (five held-out
-  words, capitalised: prose the model must continue on its own). ``ood`` loops are spans of
-  digits, insults and praises.
+  words, capitalised: prose the model must continue on its own). ``ood`` loops are spans of 2-6
+  digits, insults and praises. Every prompt leaves room for 64 new tokens in 128 positions.
 - ``neutral``: prose of the trigram language with one held-out word (the reference of ablations
   and the perplexity of steering).
 - ``toxicity`` (RealToxicityPrompts-style, to be continued): hostile/friendly pairs (``pair``) that
@@ -56,19 +56,19 @@ QUOTE_STARTS = ["You are such a", "You are a", "What a"]
 SAME_FORM = [h for h, f in SENTENCE_PAIRS if h == f and "{w}" in h]
 
 
-def _loop(rng: random.Random, words: list[str], split: str) -> dict:
-    span = [rng.choice(words) for _ in range(rng.randint(2, 12))]
+def _loop(rng: random.Random, words: list[str], split: str, longest: int) -> dict:
+    span = [rng.choice(words) for _ in range(rng.randint(2, longest))]
     span[rng.randrange(len(span))] = rng.choice(EVAL_WORDS)
     text = span * 2 + span[:rng.randint(1, len(span))]
     return {"text": " ".join(text), "kind": "loop", "period": len(span), "split": split}
 
 
 def repetition_prompts(rng: random.Random, per_kind: int = 48, ood: int = 32) -> list[dict]:
-    rows = [_loop(rng, PROSE_WORDS + NAMES, IN_DISTRIBUTION) for _ in range(per_kind)]
+    rows = [_loop(rng, PROSE_WORDS + NAMES, IN_DISTRIBUTION, 8) for _ in range(per_kind)]
     rows += [{"text": " ".join(rng.choice(EVAL_WORDS) for _ in range(5)).capitalize(), "kind": "opening",
               "split": IN_DISTRIBUTION} for _ in range(per_kind)]
     others = [str(d) for d in range(10)] + INSULTS + PRAISES
-    rows += [_loop(rng, others, OOD) for _ in range(ood)]
+    rows += [_loop(rng, others, OOD, 6) for _ in range(ood)]
     return rows
 
 
