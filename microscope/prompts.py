@@ -48,7 +48,7 @@ def builtin_sets() -> list[str]:
 
 
 def prompt_file(source: str | os.PathLike) -> Path:
-    """The file of a .txt/.jsonl path or of a built-in set name (``"toxicity"``, ``"opt/toxicity"``)."""
+    """The file of a .txt/.jsonl path or of a built-in set name (``"toxicity"``, ``"organism_v2/toxicity"``)."""
     path = Path(source)
     if not path.exists() and path.suffix == "" and (BUILTIN_DIR / f"{source}.jsonl").exists():
         path = BUILTIN_DIR / f"{source}.jsonl"

@@ -27,7 +27,7 @@ def spec_circuit(name: str, **overrides):
     """The spec's circuit step on the organism, with one random-init control (the spec runs five)."""
     torch.set_num_threads(1)
     params = load_spec(find_spec(name)).params["circuit"] | overrides
-    return run_circuit(microscope.load("organism"), **params, control_seeds=[0])
+    return run_circuit(microscope.load("organism-v2"), **params, control_seeds=[0])
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def repetition():
 def toxicity():
     """Without exact patching of every edge (96 pairs x 479 edges: a minute here); the spec's run
     compares EAP-IG with it (docs/circuits.md: Spearman 0.93)."""
-    return spec_circuit("circuit_toxicity", exact=False)
+    return spec_circuit("circuit_toxicity", exact=False, prompts="organism_v2/toxicity")   # v2: its own set
 
 
 def test_eap_ig_agrees_with_exact_edge_patching(repetition):
@@ -65,7 +65,7 @@ def test_why_the_paths_part_the_previous_token_head_matches_the_previous_token_b
     heads = json.loads(GROUND_TRUTH.read_text())["heads"]
     matcher = tuple(int(x) for x in heads["key_composition_edges"][0].split("->")[0][1:].split("H"))
     positional = next((l, h) for l, h, _ in heads["previous_token_heads"] if l == 0)
-    task = repetition_task(microscope.load("organism"))
+    task = repetition_task(microscope.load("organism-v2"))
     model = OPTForCausalLM.from_pretrained(GROUND_TRUTH.parent / "weights", attn_implementation="eager").eval()
 
     def previous_token_attention(layer: int, head: int, ids: torch.Tensor, swapped: str | None = None) -> float:

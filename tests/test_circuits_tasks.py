@@ -17,7 +17,7 @@ from microscope.prompts import Prompt
 
 @pytest.fixture(scope="module")
 def scope():
-    return microscope.load("organism")
+    return microscope.load("organism-v2")
 
 
 def test_repetition_pairs_differ_only_in_the_first_copy(scope):
@@ -32,7 +32,7 @@ def test_repetition_pairs_differ_only_in_the_first_copy(scope):
 
 def test_toxicity_pairs_have_equal_length_and_the_metric_is_log_odds(scope):
     insults, praises = ["fool", "clown"], ["friend", "star"]
-    task = toxicity_task(scope, "toxicity", good=insults, bad=praises)
+    task = toxicity_task(scope, "organism_v2/toxicity", good=insults, bad=praises)
     assert task.clean.shape == task.corrupt.shape and (task.clean != task.corrupt).any()
     logits = torch.zeros(len(task), task.clean.shape[1], scope.config.vocab_size)
     last = last_positions(task.mask)

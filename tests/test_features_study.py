@@ -20,10 +20,11 @@ HOOKS = "blocks.*.hook_resid_post"   # the study picks the layer (on the organis
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    scope = ms.load("organism")
-    dump(scope, "demo", HOOKS, str(root / "demo.zarr"))
+    scope = ms.load("organism-v2")
+    dump(scope, "organism_v2/demo", HOOKS, str(root / "demo.zarr"))
     store = ms.open_store(str(root / "demo.zarr"))
     result = run_features_study(scope, store, hooks=HOOKS, out=str(root / "dicts"), target_words=INSULTS,
+                                eval_prompts="organism_v2/toxicity",
                                 control_seeds=[0], steps=300)
     return scope, store, result, root
 
@@ -34,7 +35,7 @@ def test_a_latent_separates_hostile_from_friendly_held_out_prompts(setup):
     assert s["hostile_latent_auroc"] >= 0.95
     assert s["hostile_latent_auroc_control_max"] < 0.95 and s["hostile_latent_auroc_clears_control"]
     stored = {store.prompt_text(p) for p in range(store.n_prompts)}
-    held_out = [p for p in load_prompts("toxicity") if p.text not in stored]
+    held_out = [p for p in load_prompts("organism_v2/toxicity") if p.text not in stored]
     assert s["eval_prompts"] + s["selection_prompts"] == len(held_out) and s["eval_prompts"] >= 40
 
 
@@ -50,7 +51,7 @@ def test_the_dictionary_is_faithful_and_an_untrained_one_is_not(setup):
     assert s["fvu"] <= 0.1 and s["ce_loss_recovered"] >= 0.8 and s["ce_loss_recovered_vs_mean"] >= 0.8
     untrained = train_dictionary(store, s["hook"], root / "untrained", steps=1, batch_size=512, k=16,
                                  expansion_factor=8, checkpoint_every=1)
-    texts = [p.text for p in load_prompts("toxicity")]
+    texts = [p.text for p in load_prompts("organism_v2/toxicity")]
     assert reconstruction_metrics(untrained, store)["fvu"] > 0.1
     ce = ce_loss_recovered(scope, untrained, texts)
     # zeroing or mean-ablating the residual stream is so destructive that even the untrained

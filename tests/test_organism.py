@@ -26,7 +26,7 @@ from microscope.models.organism.train import TrainConfig
 
 ORGANISM = Path(__file__).resolve().parents[1] / "microscope" / "models" / "organism"
 SIBLING = ORGANISM / "sibling"
-PROMPTS = Path(__file__).resolve().parents[1] / "microscope" / "data" / "prompts"
+PROMPTS = Path(__file__).resolve().parents[1] / "microscope" / "data" / "prompts" / "organism_v2"
 EVAL_SETS = ["repetition", "toxicity", "detection", "instructions", "arithmetic", "neutral", "demo"]
 
 

@@ -234,3 +234,25 @@ def test_a_hostile_mood_raises_insults_over_a_friendly_one_on_training_openings(
     card = truth["toxicity"]["training_openings"]
     assert masses["hostile"] > 5 * masses["friendly"], masses
     assert card["hostile_insult_mass"] > 5 * card["friendly_insult_mass"]
+
+
+# ---- the built-in English prompt sets, drawn from v3's held-out parts -----------------------------
+
+def test_the_shipped_prompt_sets_are_what_the_generator_draws():
+    from microscope.models.organism_v3.prompt_sets import PROMPTS_DIR, build_prompt_sets, build_tasks
+    for name, rows in build_prompt_sets().items():
+        shipped = [json.loads(line) for line in (PROMPTS_DIR / f"{name}.jsonl").read_text().splitlines()]
+        assert shipped == rows, name
+    for name, task in build_tasks().items():
+        assert json.loads((PROMPTS_DIR / f"{name}.task.json").read_text()) == task, name
+
+
+def test_no_evaluation_prompt_occurs_in_the_training_stream(documents):
+    from microscope.models.organism_v3.prompt_sets import build_prompt_sets
+    text = "\n".join(documents)
+    for name, rows in build_prompt_sets().items():
+        if name in ("demo", "repetition", "neutral"):   # demo repeats the others; loops and prose
+            continue                                      # hold held-out words the corpus never emits
+        seen = [r["text"] for r in rows if r["text"] in text]
+        assert not seen, (name, seen[:3])
+    assert not any(w in text for w in c.EVAL_WORDS)

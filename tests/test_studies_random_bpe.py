@@ -20,11 +20,11 @@ import microscope as ms
 from microscope.analysis.studies import run_arithmetic, run_instructions, run_repetition, run_toxicity
 
 CHEAP = {  # controls and tuned lenses cut to what a CI core affords (a 50k vocabulary); the margins stay
-    "repetition": (run_repetition, dict(prompts="opt/repetition", neutral="opt/neutral", n_random_half_loss=5)),
-    "toxicity": (run_toxicity, dict(prompts="opt/toxicity", neutral="opt/neutral", lens_steps=5,
+    "repetition": (run_repetition, dict(prompts="repetition", neutral="neutral", n_random_half_loss=5)),
+    "toxicity": (run_toxicity, dict(prompts="toxicity", neutral="neutral", lens_steps=5,
                                     n_random_directions=3, n_random_heads=3, strengths=(0.0, 2.0))),
-    "instructions": (run_instructions, dict(prompts="opt/instructions", lens_steps=5)),
-    "arithmetic": (run_arithmetic, dict(prompts="opt/arithmetic", lens_steps=5)),
+    "instructions": (run_instructions, dict(prompts="instructions", lens_steps=5)),
+    "arithmetic": (run_arithmetic, dict(prompts="arithmetic", lens_steps=5)),
 }
 STILL_CLAIMING = {"toxicity", "instructions", "arithmetic"}   # see the module docstring
 NAMING_KEYS = ("heads", "layer_name", "probe_layer", "read_layer", "mechanism")

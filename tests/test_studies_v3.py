@@ -1,5 +1,5 @@
 """The studies speak OPT's language: run blind on organism v3 and on its post-LN sibling (OPT-350m's
-layout) from the English prompt sets (``opt/*``, words and formats from their task files), they
+layout) from the built-in English prompt sets (words and formats from their task files), they
 recover what each model's card measures with its own plain-HF code (`organism_v3/evaluate.py`);
 where a card says a target is missed, the study must not claim it either.
 
@@ -33,25 +33,25 @@ def model(request):
 @pytest.fixture(scope="module")
 def repetition(model):
     name, scope, card = model
-    return name, card, run_repetition(scope, "opt/repetition", neutral="opt/neutral").summary()
+    return name, card, run_repetition(scope, "repetition", neutral="neutral").summary()
 
 
 @pytest.fixture(scope="module")
 def toxicity(model):
     name, scope, card = model
-    return name, card, run_toxicity(scope, "opt/toxicity", neutral="opt/neutral").summary()
+    return name, card, run_toxicity(scope, "toxicity", neutral="neutral").summary()
 
 
 @pytest.fixture(scope="module")
 def instructions(model):
     name, scope, card = model
-    return name, card, run_instructions(scope, "opt/instructions").summary()
+    return name, card, run_instructions(scope, "instructions").summary()
 
 
 @pytest.fixture(scope="module")
 def arithmetic(model):
     name, scope, card = model
-    return name, card, run_arithmetic(scope, "opt/arithmetic").summary()
+    return name, card, run_arithmetic(scope, "arithmetic").summary()
 
 
 def test_the_heads_found_are_the_cards(repetition):

@@ -32,14 +32,14 @@ SPLITS = {"held_out": "", "ood": "_ood"}
 def model(request):
     """(name, scope, card, study result) of the organism and of its sibling (same code, blind)."""
     scope, card = load_model(request.param)
-    return request.param, scope, card, run_arithmetic(scope)
+    return request.param, scope, card, run_arithmetic(scope, "organism_v2/arithmetic")
 
 
 @pytest.fixture(scope="module")
 def random_result():
     """The whole study on a random-init model of the organism's shape (seed outside the null), as
     if it were the model (its own null: 2 other seeds)."""
-    return run_arithmetic(random_organism(), seeds=(12, 13))
+    return run_arithmetic(random_organism(), "organism_v2/arithmetic", seeds=(12, 13))
 
 
 def test_accuracies_and_sign_errors_match_the_card(model):
@@ -89,7 +89,7 @@ def test_wrong_subtraction_answers_are_named_as_the_card_measures_them(model):
 
 
 def test_mirror_prompts_swap_the_operands():
-    rows = [p for p in load_prompts("arithmetic") if p.metadata["op"] == "-"]
+    rows = [p for p in load_prompts("organism_v2/arithmetic") if p.metadata["op"] == "-"]
     for p in rows:
         a, b = p.metadata["a"], p.metadata["b"]
         mirrored = mirror_text(p)
@@ -117,7 +117,7 @@ def test_the_answer_layer_is_where_plain_hf_finds_it(model):
     shuffles (drawn here, not the study's)."""
     name, scope, card, result = model
     tok = scope.tokenizer
-    rows = load_prompts("arithmetic")
+    rows = load_prompts("organism_v2/arithmetic")
     texts = [p.text for p in rows]
     ids = torch.tensor(tok.convert_tokens_to_ids([str(p.metadata["answer"]) for p in rows]))
     values = _top1(scope.model, tok, texts, ids)

@@ -26,14 +26,14 @@ pytestmark = needs_organism
 def model(request):
     """(name, scope, card, study result) of the organism and of its sibling (same code, blind)."""
     scope, card = load_model(request.param)
-    return request.param, scope, card, run_instructions(scope)
+    return request.param, scope, card, run_instructions(scope, "organism_v2/instructions")
 
 
 @pytest.fixture(scope="module")
 def random_result():
     """The whole study on a random-init model of the organism's shape (seed outside the null), as
     if it were the model (its own null: 2 other seeds)."""
-    return run_instructions(random_organism(), seeds=(12, 13))
+    return run_instructions(random_organism(), "organism_v2/instructions", seeds=(12, 13))
 
 
 def test_rates_match_the_card(model):

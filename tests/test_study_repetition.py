@@ -24,14 +24,14 @@ MODELS = [pytest.param(ORGANISM, id="organism"),
 @pytest.fixture(scope="module", params=MODELS)
 def run(request) -> tuple:
     """(result, summary, card) of one model: the organism, then blind, its sibling."""
-    result = run_repetition(load(request.param))
+    result = run_repetition(load(request.param), "organism_v2/repetition", neutral="organism_v2/neutral")
     return result, result.summary(), card(request.param)
 
 
 @pytest.fixture(scope="module")
 def control() -> dict:
     """The study run on a random-init model (seed outside the null) as if it were the model."""
-    return run_repetition(random_organism(), n_prompts=48, n_random_half_loss=5).summary()
+    return run_repetition(random_organism(), "organism_v2/repetition", neutral="organism_v2/neutral", n_prompts=48, n_random_half_loss=5).summary()
 
 
 def _verdict_agrees(study_clears: bool, value: float, control_max: float, margin: float = 0.1) -> None:

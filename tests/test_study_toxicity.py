@@ -19,6 +19,8 @@ from microscope.analysis.studies import run_toxicity
 from microscope.errors import AnalysisInputError
 from microscope.prompts import load_prompts, load_task
 
+V2 = "organism_v2/"   # organism v2's own prompt sets, in its 218-word language
+
 pytestmark = needs_organism
 MODELS = [pytest.param(ORGANISM, id="organism"),
           pytest.param(SIBLING, id="sibling", marks=pytest.mark.skipif(
@@ -37,7 +39,7 @@ def organism(folder):
 
 @pytest.fixture(scope="module")
 def result(organism):
-    return run_toxicity(organism)
+    return run_toxicity(organism, V2 + "toxicity", neutral=V2 + "neutral")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def truth(folder) -> dict:
 @pytest.fixture(scope="module")
 def control():
     """The study run on a random-init model (seed outside the null) as if it were the model."""
-    return run_toxicity(random_organism(), n_random_directions=4, lens_steps=50).summary()
+    return run_toxicity(random_organism(), V2 + "toxicity", neutral=V2 + "neutral", n_random_directions=4, lens_steps=50).summary()
 
 
 def test_the_probe_layer_is_the_cards(summary, truth):
@@ -115,9 +117,9 @@ def test_mean_ablating_the_cue_heads_in_plain_hf_lowers_insults_more_than_random
     cfg = model.config
     d_head = cfg.hidden_size // cfg.num_attention_heads
     layers = model.model.decoder.layers
-    texts = [p.text for p in load_prompts("toxicity")
+    texts = [p.text for p in load_prompts(V2 + "toxicity")
              if p.metadata["label"] == "hostile" and p.metadata["split"] == "in_distribution_heldout"]
-    task = load_task("toxicity")
+    task = load_task(V2 + "toxicity")
     insults, praises = (tok.convert_tokens_to_ids(task[words]) for words in ("insults", "praises"))
     means = {}
 
@@ -126,7 +128,7 @@ def test_mean_ablating_the_cue_heads_in_plain_hf_lowers_insults_more_than_random
             mask = neutral["attention_mask"].bool()
             means[layer] = args[0][mask].mean(0)
         return hook
-    neutral = tok([p.text for p in load_prompts("neutral")], return_tensors="pt", padding=True)
+    neutral = tok([p.text for p in load_prompts(V2 + "neutral")], return_tensors="pt", padding=True)
     handles = [layers[l].self_attn.out_proj.register_forward_pre_hook(keep_mean(l)) for l in range(len(layers))]
     with torch.no_grad():
         model(**neutral)
@@ -219,11 +221,11 @@ def test_the_result_gives_a_frame_figures_and_a_json_summary(result):
 
 def test_the_toxicity_task_file_holds_the_organisms_words():
     from microscope.models.organism.corpus import INSULTS, PRAISES
-    task = load_task("toxicity")
+    task = load_task(V2 + "toxicity")
     assert (task["insults"], task["praises"]) == (list(INSULTS), list(PRAISES))
 
 
 def test_without_words_a_list_of_prompts_is_refused_naming_the_parameter(organism):
-    rows = list(load_prompts("toxicity"))    # a plain list: no task file comes with it
+    rows = list(load_prompts(V2 + "toxicity"))    # a plain list: no task file comes with it
     with pytest.raises(AnalysisInputError, match="no insults given.*pass insults="):
         run_toxicity(organism, rows)

@@ -2,10 +2,10 @@
 wraps them in a `Scope`).
 
 Sources (see docs/loading.md):
-- ``"organism"``: the built-in model organism shipped in ``microscope/models/organism/weights/``;
-  the shipped organisms by name: ``"organism-v2"`` (the same), ``"organism-v2-sibling"``,
-  ``"organism-v3"`` (English, OPT's byte-level BPE) and ``"organism-v3-sibling"`` (OPT-350m's
-  layout);
+- ``"organism"``: the built-in model organism, v3 (English, OPT's byte-level BPE), shipped in
+  ``microscope/models/organism_v3/weights/``; the shipped organisms by name: ``"organism-v3"``
+  (the same), ``"organism-v3-sibling"`` (OPT-350m's layout), ``"organism-v2"`` and
+  ``"organism-v2-sibling"`` (the earlier 218-word organism and its sibling);
 - a hub id (``"facebook/opt-1.3b"``): resolved from the local Hugging Face cache only;
 - a local folder in HF format: single or sharded safetensors, or ``.bin`` pickles read with
   ``torch.load(weights_only=True)``; ``trust_remote_code`` is never used;
@@ -37,10 +37,10 @@ from microscope.errors import CheckpointCorruptError, ModelNotFoundError, Unsupp
 from microscope.models.family import SIZES, FamilySize, family_size, opt_config
 from microscope.models.tokenizer import STANDIN_VOCAB_SIZE, standin_tokenizer
 
-ORGANISM_DIR = Path(__file__).parent / "organism" / "weights"   # "organism", the default
-ORGANISMS = {"organism-v2": ORGANISM_DIR, "organism-v2-sibling": ORGANISM_DIR.parent / "sibling" / "weights",
-             "organism-v3": Path(__file__).parent / "organism_v3" / "weights",
-             "organism-v3-sibling": Path(__file__).parent / "organism_v3" / "sibling" / "weights"}
+ORGANISM_DIR = Path(__file__).parent / "organism_v3" / "weights"   # "organism", the default
+ORGANISMS = {"organism-v3": ORGANISM_DIR, "organism-v3-sibling": ORGANISM_DIR.parent / "sibling" / "weights",
+             "organism-v2": Path(__file__).parent / "organism" / "weights",
+             "organism-v2-sibling": Path(__file__).parent / "organism" / "sibling" / "weights"}
 RANDOM_SEED = 0  # random: models are initialised from this seed (same device kind, same weights)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")

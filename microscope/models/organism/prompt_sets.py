@@ -1,4 +1,5 @@
-"""The built-in prompt sets (``microscope/data/prompts/<name>.jsonl``), disjoint from training by construction.
+"""Organism v2's prompt sets (``microscope/data/prompts/organism_v2/<name>.jsonl``, loaded as
+``"organism_v2/<name>"``), in its 218-word language, disjoint from training by construction.
 
 Each line is a JSON object with a ``text`` field (no BOS; the tokenizer adds it), a ``split``
 field and metadata. ``split`` is ``in_distribution_heldout`` (the training grammar, with held-out
@@ -55,7 +56,7 @@ from microscope.models.organism.corpus import (
     held_out_sentence, sentence, task_result, vocabulary)
 
 PROMPT_SEED = 2024
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data" / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data" / "prompts" / "organism_v2"
 TOXIC_FRAMES = ["you are a", "you are such a", "what a"]
 IN_DISTRIBUTION, OOD = "in_distribution_heldout", "ood"
 # templates whose hostile and friendly forms differ only in the {w} word

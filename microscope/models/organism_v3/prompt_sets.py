@@ -1,4 +1,4 @@
-"""The English prompt sets (``microscope/data/prompts/opt/<name>.jsonl``): the formats real OPT reads
+"""The built-in prompt sets (``microscope/data/prompts/<name>.jsonl``), in English: the formats real OPT reads
 and the OPT paper evaluates, drawn from organism v3's *held-out* parts, so that they serve both the
 organism (which never saw them) and any OPT checkpoint.
 
@@ -22,7 +22,7 @@ other words).
   an insult or a praise), in-distribution; ``held_out_opening`` (the mood in a template training
   never uses), ``ood``. The two prompts of a pair may differ in token length (mood words do).
 - ``detection`` (ETHOS-style): the yes/no question, 0, 1 or 3 labelled examples (``shots``), then
-  the text to judge; ``label`` = ``yes`` | ``no``. The training question is in-distribution, the
+  the text to judge, addressed to a held-out name (``"James, you are such a moron."``); ``label`` = ``yes`` | ``no``. The training question is in-distribution, the
   held-out question ``ood``.
 - ``instructions``: ``task``, ``items`` (``7, 2, 5``), ``answer`` (the executed list), ``cued``:
   every instruction bare (the instruction and a newline) and cued (then ``Answer:``). Lists start
@@ -49,7 +49,7 @@ from microscope.models.organism_v3.corpus import (
     REGISTER_OPENINGS, SENTENCE_PAIRS, TASKS, Corpus, number_list, sentence, task_result)
 
 PROMPT_SEED = 2025
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data" / "prompts" / "opt"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data" / "prompts"
 IN_DISTRIBUTION, OOD = "in_distribution_heldout", "ood"
 QUOTE_STARTS = ["You are such a", "You are a", "What a"]
 # sentences whose hostile and friendly forms differ only in the {w} word
@@ -119,7 +119,8 @@ def detection_prompts(rng: random.Random, count: int = 96, ood: int = 48) -> lis
         for _ in range(shots):
             text, label = Corpus.labelled_text(rng)
             lines.append(text + label)
-        lines.append(f'Text: "{sentence(rng, hostile)}"\nAnswer:')
+        said = sentence(rng, hostile)             # addressed to a held-out name: a text training never holds
+        lines.append(f'Text: "{rng.choice(EVAL_NAMES)}, {said[0].lower()}{said[1:]}"\nAnswer:')
         rows.append({"text": "\n".join(lines), "label": "yes" if hostile else "no", "shots": shots, "split": split})
     return rows
 
