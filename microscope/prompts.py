@@ -76,6 +76,20 @@ def load_task(source: str | os.PathLike | list) -> dict:
     return value
 
 
+def write_prompt_sets(folder: Path, sets: dict[str, list[dict]], tasks: dict[str, dict]) -> list[Path]:
+    """Write each set as ``<folder>/<name>.jsonl`` (one JSON object per line, ``text`` first) and
+    each task as ``<name>.task.json``; returns the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in sets.items():
+        paths.append(folder / f"{name}.jsonl")
+        paths[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for name, task in tasks.items():
+        paths.append(folder / f"{name}{TASK_SUFFIX}")
+        paths[-1].write_text(json.dumps(task, indent=1) + "\n")
+    return paths
+
+
 def load_prompts(source: str | os.PathLike | list) -> PromptSet:
     """Prompts from a .txt/.jsonl path, a built-in set name, or a list of strings/`Prompt`s, with
     the set's task (`load_task`; a `PromptSet` given keeps its own)."""

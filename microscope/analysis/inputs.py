@@ -58,6 +58,14 @@ def end_aligned(scope, clean: Sequence[str], corrupt: Sequence[str]) -> tuple[to
     return ids[:n], mask[:n], ids[n:], mask[n:]
 
 
+def where_present(present: torch.Tensor, source: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """``source`` where ``present`` [batch, pos] is true (the source prompt has a token there),
+    else ``own`` (the receiving run's value): patched values of end-aligned pairs of unequal length.
+    ``source`` and ``own`` are [batch, pos, ...]."""
+    keep = present.bool().reshape(*present.shape, *[1] * (source.dim() - present.dim())).to(source.device)
+    return torch.where(keep, source, own.to(source))
+
+
 def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """LongTensor [batch]: index of each row's last real (mask == 1) token (right or left padding)."""
     positions = torch.arange(1, attention_mask.shape[-1] + 1, device=attention_mask.device)
@@ -135,7 +143,8 @@ def first_token_id(scope, text: str) -> int:
 def word_class_ids(scope, words: Sequence[str], *, parameter: str,
                    prompts: object = None) -> torch.Tensor:
     """``[n]`` distinct first-token ids of a class of words, each as it follows a space in running
-    text (OPT's leading-space ``Ġ`` tokens). A word of several tokens counts by its first token:
+    text (OPT's leading-space ``Ġ`` tokens), or at a line start when written ``"\\nUser"``
+    (`first_token_id`). A word of several tokens counts by its first token:
     every metric of the studies is read from one forward pass's last-position logits, under any
     intervention, and a word's first token is where the model commits to it (its full
     probability is at most its first token's). Raises, naming ``parameter`` (and the prompt set

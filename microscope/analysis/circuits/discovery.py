@@ -21,6 +21,7 @@ from microscope.analysis.circuits.graph import CircuitGraph
 from microscope.analysis.circuits.results import Agreement, CircuitResult, budget_edges
 from microscope.analysis.circuits.tasks import CircuitTask, repetition_task, toxicity_task
 from microscope.analysis.controls import DEFAULT_SEEDS, random_init_scopes
+from microscope.analysis.inputs import where_present
 from microscope.analysis.progress import Progress, report
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ablate_heads, patch_from
@@ -57,9 +58,8 @@ def head_ablation(scope, task: CircuitTask) -> dict[str, torch.Tensor]:
     _, corrupt = scope.run_with_cache(task.corrupt, names=names, attention_mask=task.corrupt_attention_mask)
     if task.clean_only.any():          # positions the corrupted prompt lacks keep their clean value
         _, clean_cache = scope.run_with_cache(task.clean, names=names, attention_mask=task.mask)
-        keep = task.clean_only[:, :, None, None]                                   # z: [b, p, head, d_head]
         for name in names:
-            corrupt[name].copy_(torch.where(keep.to(corrupt[name].device), clean_cache[name], corrupt[name]))
+            corrupt[name].copy_(where_present(~task.clean_only, corrupt[name], clean_cache[name]))
 
     def metric(hooks=None) -> float:
         return float(task.metric(scope.run(task.clean, attention_mask=task.mask, hooks=hooks)))

@@ -20,6 +20,7 @@ import torch
 from microscope.analysis.circuits.graph import CircuitGraph
 from microscope.analysis.circuits.routing import EdgeRouter
 from microscope.analysis.circuits.tasks import CircuitTask
+from microscope.analysis.inputs import where_present
 from microscope.errors import AnalysisInputError
 
 EdgeAblation = Literal["corrupt", "mean"]
@@ -44,8 +45,7 @@ def ablation_values(scope, graph: CircuitGraph, task: CircuitTask, ablation: str
         raise AnalysisInputError(f"ablation must be one of {EDGE_ABLATIONS}, got {ablation!r}")
     values = sender_outputs(scope, graph, task.corrupt, task.corrupt_attention_mask)
     if task.clean_only.any():
-        clean = sender_outputs(scope, graph, task.clean, task.mask).to(values)
-        values = torch.where(task.clean_only[:, :, None, None].to(values.device), clean, values)
+        values = where_present(~task.clean_only, values, sender_outputs(scope, graph, task.clean, task.mask))
     return values.mean(0, keepdim=True).expand_as(values) if ablation == "mean" else values
 
 

@@ -274,7 +274,7 @@ def run_arithmetic(scope, prompts: Sequence[Prompt] | str = "arithmetic", *, spl
     if not single.any():
         raise AnalysisInputError("no answer of these prompts is one token of this tokenizer: the answer layer "
                                  "is read on one-token answers; give prompts with small answers")
-    new_tokens = max(len(t) for t in answer_tokens(scope, [*answers.tolist(), *(-answers).tolist()])) + 1
+    new_tokens = max(len(t) for t in tokens + answer_tokens(scope, (-answers).tolist())) + 1   # and a sign error
     texts = [p.text for p in rows]
     mirrors = [mirror_text(p) if p.metadata["op"] == "-" else None for p in rows]
     mirror_rows = [i for i, m in enumerate(mirrors) if m is not None]

@@ -55,7 +55,8 @@ from threadpoolctl import threadpool_limits
 
 from microscope.analysis.controls import (DEFAULT_SEEDS, Controlled, random_directions, random_heads,
                                           random_init_scopes, shuffled)
-from microscope.analysis.inputs import distinct_word_classes, end_aligned, last_positions, task_value, token_batch
+from microscope.analysis.inputs import (distinct_word_classes, end_aligned, last_positions, task_value, token_batch,
+                                        where_present)
 from microscope.analysis.lens import logit_lens, point_label, residual_points, vocab_projection
 from microscope.analysis.probes import live_features, train_probes
 from microscope.analysis.results import Result
@@ -280,8 +281,7 @@ def _patch_effects(scope, hostile: _Batch, friendly: _Batch, words) -> tuple[tor
     _, cache = scope.run_with_cache(hostile.ids, names=names, attention_mask=hostile.mask)
     if not torch.equal(hostile.mask, friendly.mask):
         _, own = scope.run_with_cache(friendly.ids, names=names, attention_mask=friendly.mask)
-        real = hostile.mask.bool()[:, :, None, None]
-        cache = ActivationCache({n: torch.where(real, cache[n], own[n]) for n in names},
+        cache = ActivationCache({n: where_present(hostile.mask, cache[n], own[n]) for n in names},
                                 input_ids=hostile.ids, attention_mask=hostile.mask)
     base = friendly.log_odds(scope, words).mean()
     effects = torch.tensor([[float(friendly.log_odds(scope, words, patch_from(cache, name, heads=[head])).mean() - base)

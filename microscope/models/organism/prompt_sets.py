@@ -49,6 +49,7 @@ import json
 import random
 from pathlib import Path
 
+from microscope import prompts
 from microscope.errors import PromptSetNotFoundError
 from microscope.models.organism.corpus import (
     DIGITS, EVAL_FILLER, EVAL_NAMES, FILLER_WORDS, FRIENDLY_MOODS, HELD_OUT_PAIRS, HELD_OUT_TRIPLES,
@@ -222,17 +223,7 @@ def build_tasks() -> dict[str, dict]:
 def write_prompt_sets(folder: Path = PROMPTS_DIR, seed: int = PROMPT_SEED) -> list[Path]:
     """Write every set as ``<folder>/<name>.jsonl`` and its task as ``<name>.task.json``; returns
     the paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, rows in build_prompt_sets(seed).items():
-        path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        paths.append(path)
-    for name, task in build_tasks().items():
-        path = folder / f"{name}.task.json"
-        path.write_text(json.dumps(task, indent=1) + "\n")
-        paths.append(path)
-    return paths
+    return prompts.write_prompt_sets(folder, build_prompt_sets(seed), build_tasks())
 
 
 def load_prompt_set(name: str, folder: Path = PROMPTS_DIR) -> list[dict]:

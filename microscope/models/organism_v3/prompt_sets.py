@@ -38,10 +38,10 @@ first token of a line).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
+from microscope import prompts
 from microscope.models.organism_v3.corpus import (
     ARITHMETIC_TEMPLATES, DETECTION_QUESTION, EVAL_ARITHMETIC_TEMPLATE, EVAL_DETECTION_QUESTION,
     EVAL_INSTRUCTION_TEMPLATE, EVAL_NAMES, EVAL_REGISTER_OPENING, EVAL_WORDS, FRIENDLY_MOODS, HELD_OUT_PAIRS,
@@ -177,15 +177,7 @@ def build_tasks() -> dict[str, dict]:
 
 def write_prompt_sets(folder: Path = PROMPTS_DIR, seed: int = PROMPT_SEED) -> list[Path]:
     """Write every set as ``<folder>/<name>.jsonl`` and its task as ``<name>.task.json``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, rows in build_prompt_sets(seed).items():
-        paths.append(folder / f"{name}.jsonl")
-        paths[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
-    for name, task in build_tasks().items():
-        paths.append(folder / f"{name}.task.json")
-        paths[-1].write_text(json.dumps(task, indent=1) + "\n")
-    return paths
+    return prompts.write_prompt_sets(folder, build_prompt_sets(seed), build_tasks())
 
 
 if __name__ == "__main__":
