@@ -106,12 +106,16 @@ def test_only_the_shared_module_names_the_in_distribution_split():
 # --- 3. control keys: one writer, one reader --------------------------------------------------
 
 def test_controlled_numbers_read_back_as_one_row_each_beside_their_control():
-    numbers = {**Controlled(0.91, (0.05, 0.11), "random init x2").headline("top_induction_score"),
+    numbers = {**Controlled(0.91, (0.05, 0.11, 0.08, 0.07, 0.09), "random init x5").headline("top_induction_score"),
                **Controlled(0.3, (0.2, 0.4), "random directions x2", higher_is_claim=False).headline("cost"),
+               **Controlled(2.0, (0.1, 0.2, 0.3), "random heads x3", unmet="cue_gap").headline("drop"),
                "loop_rate": 0.5}
     assert split_controls(numbers) == [
-        ("top_induction_score", 0.91, "random init x2: mean 0.08, max 0.11, needs a gap of 0.091 · clears"),
-        ("cost", 0.3, "random directions x2: mean 0.3, min 0.2, needs a gap of 0.03 · does NOT clear"),
+        ("top_induction_score", 0.91,
+         "random init x5: 5 draws, mean 0.08, sd 0.02236, max 0.11, needs a gap of 0.091 · clears"),
+        ("cost", 0.3, "random directions x2: 2 draws, mean 0.3, sd 0.1414, min 0.2, needs a gap of 5.411 · does NOT clear"),
+        ("drop", 2.0, "random heads x3: 3 draws, mean 0.2, sd 0.1, max 0.3, needs a gap of 0.7042 · does NOT clear "
+                      "(it rests on cue_gap, which does not clear)"),
         ("loop_rate", 0.5, "")]
 
 

@@ -27,7 +27,7 @@ CHEAP = {  # controls and tuned lenses cut to what a CI core affords (a 50k voca
     "arithmetic": (run_arithmetic, dict(prompts="arithmetic", lens_steps=5)),
 }
 STILL_CLAIMING = {"toxicity", "instructions", "arithmetic"}   # see the module docstring
-NAMING_KEYS = ("heads", "layer_name", "probe_layer", "read_layer", "mechanism")
+NAMING_KEYS = ("heads", "layer_name", "probe_layer", "read_layer", "mechanism", "site")
 
 
 def claims(summary: dict) -> dict:

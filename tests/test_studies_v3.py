@@ -72,10 +72,17 @@ def test_ablating_the_induction_heads_costs_what_the_card_says(repetition):
 
 
 def test_the_induction_heads_carry_the_loops_the_card_sees(repetition):
+    """The card: ablating the induction heads ends every loop. The study sees the same, and beside
+    it that ablating as many random other heads ends many loops too (on v3: 0.44 of them on
+    average, up to 0.69 in 5 draws), so that loops end is no proof by itself: a sixth draw could
+    land past 1. The loop claim does not clear; the repeated-half loss (against random init) carries
+    the evidence."""
     name, card, summary = repetition
     loops = card["loops"]
     assert loops["loop_rate"] > 0 and loops["loop_rate_induction_heads_ablated"] == 0
-    assert summary["loops_broken"] >= 0.9 and summary["loops_broken_clears_control"], name
+    assert summary["loops_broken"] >= 0.9 and summary["loops_broken"] > summary["loops_broken_control_max"], name
+    assert summary["loops_broken_control_mean"] > 0.2 and not summary["loops_broken_clears_control"], name
+    assert summary["repeated_half_loss_increase_vs_random_init_clears_control"], name
 
 
 def test_the_hostile_register_clears_its_control_where_the_card_says_and_only_there(toxicity):

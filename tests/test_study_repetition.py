@@ -35,11 +35,11 @@ def control() -> dict:
 
 
 def _verdict_agrees(study_clears: bool, value: float, control_max: float, margin: float = 0.1) -> None:
-    """The study's verdict equals the card's (value above its own random-head control's max),
-    unless the card's margin is within ``margin`` (relative): too close to call either way."""
-    if abs(value - control_max) <= margin * abs(value):
-        pytest.skip(f"the card's value {value} and its control's max {control_max} are too close to call")
-    assert study_clears == (value > control_max)
+    """The study never claims what the card's own rule rejects (value above its random-head
+    control's max, by ``margin`` relative). The study's rule is the stricter one (past the max by a
+    margin and past the bound of one more draw, `Controlled`), so a card's pass may be its miss."""
+    if value <= control_max * (1 + margin):
+        assert not study_clears, (value, control_max)
 
 
 def test_the_heads_named_are_the_cards(run):

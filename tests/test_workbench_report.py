@@ -77,10 +77,10 @@ def test_provenance_records_versions_commit_and_command():
 def test_a_number_with_a_control_is_shown_beside_it_in_one_row(tmp_path):
     from microscope.analysis.controls import Controlled
     from microscope.workbench.report import Section, render_report
-    numbers = {**Controlled(0.91, (0.05, 0.11), "random init x2").headline("top_induction_score"),
+    numbers = {**Controlled(0.91, (0.05, 0.11, 0.08, 0.07, 0.09), "random init x5").headline("top_induction_score"),
                **Controlled(0.04, (0.08, 0.12), "random init x2").headline("weak_claim"), "loop_rate": 0.5}
     page = render_report("controls", [Section("repetition", numbers=numbers)])
-    assert "random init x2: mean 0.08, max 0.11, needs a gap of 0.091 · clears" in page
-    assert "random init x2: mean 0.1, max 0.12, needs a gap of 0.012 · does NOT clear" in page
+    assert "random init x5: 5 draws, mean 0.08, sd 0.02236, max 0.11, needs a gap of 0.091 · clears" in page
+    assert "random init x2: 2 draws, mean 0.1, sd 0.02828, max 0.12, needs a gap of 1.082 · does NOT clear" in page
     assert "top_induction_score_control_mean" not in page      # folded into the value's row
     assert "loop_rate" in page

@@ -273,9 +273,12 @@ class InstructionsResult(Result):
         dialogue contrast (bare minus cued dialogue rate: the cue switches dialogue off); the
         decision layer under both lenses (``decision_layer_name``: 'embed' or 'Lk', the residual
         stream after block k, see `studies.layers`) with the separation there and its control;
-        the cue's logit difference; the strongest patched component with its share restored
-        against the other components and its effect against random-init models; the share of the
-        cue's effect that zero, mean and resample ablation of it remove, against the others."""
+        the cue's logit difference; the strongest patched component (``strongest_patch_component``)
+        with its share restored against the other components and its effect against random-init
+        models; the share of the cue's effect that zero, mean and resample ablation of it remove,
+        against the others. The layer and component claims rest on the cue's logit difference
+        clearing its control; ``strongest_patch_site`` names the component only when its share
+        and its effect both clear."""
         rates = self.rates()
         out: dict = {}
         for key, value in rates.items():
@@ -288,25 +291,31 @@ class InstructionsResult(Result):
             null = [b - c for b, c in zip(self.null_rates[f"bare_dialogue_rate{suffix}"],
                                           self.null_rates[f"cued_dialogue_rate{suffix}"])]
             out.update(round_headline(Controlled(contrast, null, "random init").headline(f"dialogue_contrast{suffix}")))
+        # which layer decides and which component carries the cue rest on the cue having an effect
+        cue = Controlled(self.measure.gap, self.null_gap, "random init")
         for claim in self.claims.values():
-            out.update(claim.headline("decision_layer", "decision_separation"))
+            out.update(claim.resting_on("cue_logit_diff", cue.clears).headline("decision_layer", "decision_separation"))
         out["decision_separation_by_layer"] = [rounded(v, 3) for v in self.claims["logit_lens"].values.tolist()]
         out["decision_separation_by_layer_tuned_lens"] = [rounded(v, 3) for v in
                                                           self.claims["tuned_lens"].values.tolist()]
-        out.update(round_headline(Controlled(self.measure.gap, self.null_gap, "random init").headline("cue_logit_diff")))
+        out.update(round_headline(cue.headline("cue_logit_diff")))
         best = self.strongest
         others = [i for i in range(len(self.components)) if i != best]
         restored = self.measure.restored()
-        out["strongest_patch_site"] = self.components[best]
-        out.update(round_headline(Controlled(float(restored[best]), restored[others].tolist(),
-                                       "each other head and MLP").headline("strongest_patch_restored")))
         effect = float(restored[best]) * self.measure.gap
-        out.update(round_headline(Controlled(effect, self.null_strongest_effect,
-                                       "strongest component of random init").headline("strongest_patch_effect")))
-        for method in ABLATIONS:
-            drop = self.measure.dropped(method)
-            out.update(round_headline(Controlled(float(drop[best]), drop[others].tolist(), "each other head and MLP")
-                                .headline(f"strongest_ablation_drop_{method}")))
+        carried = {"strongest_patch_restored": Controlled(float(restored[best]), restored[others].tolist(),
+                                                          "each other head and MLP"),
+                   "strongest_patch_effect": Controlled(effect, self.null_strongest_effect,
+                                                        "strongest component of random init"),
+                   **{f"strongest_ablation_drop_{method}": Controlled(
+                       float(self.measure.dropped(method)[best]), self.measure.dropped(method)[others].tolist(),
+                       "each other head and MLP") for method in ABLATIONS}}
+        carried = {k: c.resting_on("cue_logit_diff", cue.clears) for k, c in carried.items()}
+        out["strongest_patch_component"] = self.components[best]     # what the strongest_* numbers are about
+        named = carried["strongest_patch_restored"].clears and carried["strongest_patch_effect"].clears
+        out["strongest_patch_site"] = self.components[best] if named else None
+        for key, claim in carried.items():
+            out.update(round_headline(claim.headline(key)))
         out["pairs"] = len(self.pair_cued)
         out["prompts"] = len(self.prompts)
         return out

@@ -20,7 +20,7 @@ can be told apart.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -91,9 +91,12 @@ def read_last_token(scope, texts: Sequence[str], seed: int = 0, lens_steps: int 
 
 
 def first_clearing(values: torch.Tensor, null: torch.Tensor, floor: float) -> int | None:
-    """First index from which ``values`` [point] is >= ``floor`` and above ``null`` [draw, point]'s
-    max at every later point (None: not at the last point)."""
-    return first_layer_from(((values >= floor) & (values > null.max(0).values)).tolist())
+    """First index from which ``values`` [point] is >= ``floor`` and clears ``null`` [draw, point]
+    (`Controlled`: past its max by the margin and its prediction bound) at every later point
+    (None: not at the last point)."""
+    clears = [float(v) >= floor and Controlled(float(v), tuple(null[:, i].tolist()), "").clears
+              for i, v in enumerate(values)]
+    return first_layer_from(clears)
 
 
 @dataclass
@@ -102,7 +105,8 @@ class LayerClaim:
 
     values: [point]; null: [draw, point]; kl: [point] nats; layers: point labels; floor: the
     least value a claimed layer needs; statistic, control: what the values and the null's draws
-    are (they name the control in the headline)."""
+    are (they name the control in the headline); unmet: the claim this one rests on, when that
+    one does not clear (`Controlled.unmet`): then no layer is named."""
 
     lens: str
     layers: list[str]
@@ -112,10 +116,15 @@ class LayerClaim:
     floor: float
     statistic: str
     control: str
+    unmet: str = ""
 
     @property
     def index(self) -> int | None:
-        return first_clearing(self.values, self.null, self.floor)
+        return None if self.unmet else first_clearing(self.values, self.null, self.floor)
+
+    def resting_on(self, premise: str, premise_clears: bool) -> "LayerClaim":
+        """This claim, resting on the claim ``premise``: a layer is named only if that one clears."""
+        return self if premise_clears else replace(self, unmet=premise)
 
     @property
     def name(self) -> str | None:
@@ -128,7 +137,7 @@ class LayerClaim:
         suffix = "" if self.lens == "logit_lens" else f"_{self.lens}"
         at = len(self.layers) - 1 if self.index is None else self.index
         claim = Controlled(float(self.values[at]), tuple(self.null[:, at].tolist()),
-                           control=f"{self.statistic} at {self.layers[at]}: {self.control}")
+                           control=f"{self.statistic} at {self.layers[at]}: {self.control}", unmet=self.unmet)
         return {f"{key}_name{suffix}": self.name,
                 f"{key}_kl_{self.lens}": None if self.index is None else rounded(self.kl[self.index]),
                 **round_headline(claim.headline(f"{value_key}{suffix}"))}

@@ -14,18 +14,21 @@ difference between the two word classes).
 - probes (Hewitt & Liang 2019): a linear probe (`probes.train_probes`, ridge: least squares on
   +-1 labels, standardised features, L2 strength ``probe_ridge`` per training example) on the
   last-token residual at each lens point of the in-distribution prompts (pairs split by parity); selectivity =
-  accuracy - accuracy on shuffled labels (``n_shuffles``); the probe layer is the first point
+  accuracy - accuracy on shuffled labels (``n_shuffles``; the accuracy claim rests on the
+  selectivity's: random features read token identity too); the probe layer is the first point
   whose selectivity clears the random-init null's max m at that point by ``headroom`` of the room
   to the best selectivity (m + headroom * (1 - chance - m)): a margin, so that one more random
   model, one draw among many layers, does not clear it by luck;
 - where the register is read, under the logit lens and a tuned lens fitted in the same run
   (`tuned_lens.fit_tuned_lens`): the hostile-minus-friendly gap of the lens log-odds on the
   evaluation pairs per point; the read layer is the first point from which the gap stays at least
-  half the output's gap (None when the output's gap is not at least twice the largest gap of a
-  random-init model: one more random model must not pass by luck). The lenses' KL to the output on held-out text is kept beside;
+  half the output's gap (None when the output's gap does not clear its random-init control: a
+  layer that reads an effect the model does not have is noise). The lenses' KL to the output on
+  held-out text is kept beside;
 - cue heads: activation patching of each head's output (``attn.hook_z``, every position) from
   the hostile into the friendly prompt of each fit pair: the share of the model's log-odds gap it
-  restores (of one nat when the model shows no gap). A head is named when its share clears the
+  restores (of one nat when the model shows no gap). A head is named when the output's gap
+  clears its random-init control (no cue heads for a cue without effect) and its share clears the
   random-init null (the largest effect of any head of ``seeds`` random-init models, in units of the
   same gap) by ``headroom`` of the room to 1. Then the claim that they
   matter: zero, mean and resample ablation of the cue heads on the evaluation hostile prompts
@@ -141,7 +144,8 @@ class ToxicityResult(Result):
         out["probe_selectivity"] = Controlled(rounded(self.selectivity[layer]), [rounded(x) for x in self.null_selectivity[:, layer]],
                                               init + f" at {self.layers[layer]}")
         out["probe_accuracy"] = Controlled(rounded(self.accuracy[layer]), [rounded(self.shuffled_accuracy[layer])],
-                                           f"shuffled labels at {self.layers[layer]}")
+                                           f"shuffled labels at {self.layers[layer]}"
+                                           ).resting_on("probe_selectivity", out["probe_selectivity"].clears)
         out["output_log_odds_gap"] = Controlled(rounded(self.lens_gap["logit_lens"][-1]), self.null["output_log_odds_gap"], init)
         for method in ABLATIONS:
             if method in self.cue_drop and self.cue_drop_random.get(method):
@@ -393,7 +397,10 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     probe_bar = [null_threshold(null_selectivity[:, i], headroom, top=1 - chance) for i in range(len(points))]
     probe_layer = next((i for i in range(len(points)) if selectivity[i] >= probe_bar[i]), None)
     cue_threshold = null_threshold(cue_null, headroom)
-    cue_heads = named_heads(patch, cue_threshold)
+    # heads carry the cue only if the cue has an effect beyond random init: the output's gap first
+    output_gap = Controlled(rounded((eval_h.log_odds(scope, words) - eval_f.log_odds(scope, words)).mean()),
+                            null["output_log_odds_gap"], "random init")
+    cue_heads = named_heads(patch, cue_threshold) if output_gap.clears else []
 
     # the cue heads matter: ablations on the evaluation hostile prompts against random heads / random init
     config = scope.model.config
@@ -421,7 +428,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
         gap = torch.stack([(o[:, :, words[0]].logsumexp(-1) - o[:, :, words[1]].logsumexp(-1)) for o in odds])
         lens_gap[name] = (gap[0] - gap[1]).mean(-1)
         read_layer[name] = first_layer_from([bool(g >= 0.5 * lens_gap[name][-1]) for g in lens_gap[name]]) \
-            if lens_gap[name][-1] > 2 * max(map(abs, null["output_log_odds_gap"])) else None
+            if output_gap.clears else None
     report(progress, "tuned lens, read layers")
 
     # the hostile direction at the probe layer (else the most selective block output: the pairs'
