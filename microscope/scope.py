@@ -92,11 +92,14 @@ class Scope:
             yield self
 
     def run(self, prompts: Prompts, attention_mask: torch.Tensor | None = None,
-            hooks: HookFns | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] with `hooks` applied (gradients flow if enabled by the caller)."""
+            hooks: HookFns | None = None, *, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits [B, T, vocab] with `hooks` applied (gradients flow if enabled by the caller);
+        ``logits_to_keep`` k > 0: only the last k positions' [B, k, vocab] (on a 50k vocabulary the
+        unembedding of every position is most of a small model's forward)."""
         input_ids, attention_mask = self._inputs(prompts, attention_mask)
         with self.hooks(hooks):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              logits_to_keep=logits_to_keep).logits
 
     def run_with_cache(self, prompts: Prompts, names: str | Sequence[str] | None = None,
                        positions: CachePositions = None, attention_mask: torch.Tensor | None = None,

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from microscope.analysis.head_scores import induction_scores
+from microscope.analysis.head_scores import NAMING_MARGIN, induction_scores
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
 from microscope.names import act_name, head_label
@@ -45,8 +45,13 @@ class InductionPatterns(Result):
                 for (l, h), s, p in zip(self.heads, self.scores, self.patterns)]
 
     def summary(self) -> dict:
-        return {"heads": [head_label(l, h) for l, h in self.heads], "scores": [round(s, 4) for s in self.scores],
-                "chance": round(self.chance, 4), "prompt": self.prompt}
+        """The heads whose patterns are shown (the best induction scores, whatever they are) and, of
+        those, the ones named induction heads: scoring `head_scores.NAMING_MARGIN` above chance, as
+        `head_scores` names them."""
+        return {"patterns_shown": [head_label(l, h) for l, h in self.heads], "scores": [round(s, 4) for s in self.scores],
+                "chance": round(self.chance, 4), "prompt": self.prompt,
+                "induction_heads": [head_label(l, h) for (l, h), s in zip(self.heads, self.scores)
+                                    if s > self.chance + NAMING_MARGIN]}
 
 
 def induction_patterns(scope, store, *, n_heads: int = 2, where: dict | None = None) -> InductionPatterns:

@@ -72,6 +72,17 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * positions).argmax(-1)
 
 
+def last_token_logits(scope, ids: torch.Tensor, mask: torch.Tensor, hooks: dict | None = None) -> torch.Tensor:
+    """Logits [batch, vocab] at each row's last real token (``hooks`` in force), unembedding only
+    the trailing positions that hold one (``logits_to_keep``: on a 50k vocabulary the unembedding
+    of every position is most of a small model's forward)."""
+    last = last_positions(mask)
+    keep = int(ids.shape[1] - last.min())
+    logits = scope.run(ids, attention_mask=mask, hooks=hooks, logits_to_keep=keep)
+    rows = torch.arange(len(ids), device=logits.device)
+    return logits[rows, (last - (ids.shape[1] - keep)).to(logits.device)]
+
+
 def select_position(attention_mask: torch.Tensor, position: int | str = "last") -> torch.Tensor:
     """LongTensor [batch]: one position per prompt. ``"last"`` or -1 is the last real token,
     ``-k`` the k-th from each prompt's end, ``k >= 0`` the same index in every prompt."""

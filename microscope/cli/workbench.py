@@ -56,12 +56,19 @@ def run_command(
     model: str = typer.Option(None, help="Run the spec on this model instead of its own: an HF folder, a hub "
                                          "id (facebook/opt-1.3b), organism or random:opt-125m. Results go "
                                          "to the spec's folder with the model's name appended."),
+    param: list[str] = typer.Option(None, "--param", help="STEP.KEY=VALUE (a TOML value) over the spec's "
+                                                          "[params.STEP], e.g. --param toxicity.seeds=[1,2]; "
+                                                          "repeat the flag for more."),
 ) -> None:
     """Run one experiment spec; results carry provenance (commit, versions, seed, weights hash)."""
-    from microscope.workbench.experiments import run_experiment
+    from microscope.workbench.experiments import parse_param, run_experiment
 
+    overrides: dict[str, dict] = {}
+    for text in param or []:
+        step, key, value = parse_param(text)
+        overrides.setdefault(step, {})[key] = value
     _run_and_report(lambda: run_experiment(spec, out_dir=out, command=command_line(), library=directory,
-                                           model=model))
+                                           model=model, params=overrides))
 
 
 @experiments_app.command("list")

@@ -291,15 +291,44 @@ class ExperimentRun:
                 f"<ul>{files}</ul></div>")
 
 
+def parse_param(text: str) -> tuple[str, str, object]:
+    """``"toxicity.seeds=[1, 2]"`` -> ``("toxicity", "seeds", [1, 2])``: a step, one of its
+    parameters and a TOML value (a bare word that is not TOML is a string: ``prompts=mine``)."""
+    target, sep, value = text.partition("=")
+    step, dot, key = target.strip().partition(".")
+    if not sep or not dot or not step or not key:
+        raise ExperimentSpecError(f"--param {text!r}: write STEP.KEY=VALUE, e.g. toxicity.seeds=[1, 2]")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return step, key.strip(), parsed
+
+
+def with_params(spec: ExperimentSpec, overrides: Mapping[str, Mapping]) -> ExperimentSpec:
+    """`spec` with ``overrides`` ({step: {parameter: value}}) written over its [params.STEP]
+    tables; a step the spec does not run is an error (its parameters are checked by `preflight`)."""
+    stray = [step for step in overrides if step not in spec.analysis]
+    if stray:
+        raise ExperimentSpecError(f"{spec.path}: --param {stray[0]}.…: {stray[0]!r} is not a step of this spec "
+                                  f"{list(spec.analysis)}")
+    params = {step: dict(table) for step, table in spec.params.items()}
+    for step, table in overrides.items():
+        params.setdefault(step, {}).update(table)
+    return replace(spec, params=params)
+
+
 def run_experiment(spec: ExperimentSpec | str | Path, *, out_dir: str | Path | None = None,
                    command: str | None = None, progress: bool = True,
-                   library: str | Path | None = None, model: str | None = None) -> ExperimentRun:
+                   library: str | Path | None = None, model: str | None = None,
+                   params: Mapping[str, Mapping] | None = None) -> ExperimentRun:
     """Run every step of `spec` (a spec, a spec file, or a name found in the libraries, see
     `find_spec`) on its model and write results.json (+ CSVs, report.html).
 
     out_dir overrides [outputs] dir; library: the team's spec folder searched by name; model: any
     `microscope.load` source run instead of the spec's (results then default to
-    ``<[outputs] dir>-<model>``, so runs on different models do not share a folder). command:
+    ``<[outputs] dir>-<model>``, so runs on different models do not share a folder); params:
+    {step: {parameter: value}} over the spec's [params.STEP] (`with_params`). command:
     recorded in the provenance (default: this process's argv). progress: show the steps' progress
     (`workbench.progress`: a live bar in a terminal or notebook, plain lines in a batch log).
     Spec, argument and model problems raise `MicroscopeError`s before any long work starts."""
@@ -314,6 +343,8 @@ def run_experiment(spec: ExperimentSpec | str | Path, *, out_dir: str | Path | N
         name = Path(model).name if Path(model).is_dir() else model      # a folder by its own name
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip("/")).strip("-")
         spec = replace(spec, model=model, out_dir=spec.out_dir.with_name(f"{spec.out_dir.name}-{slug}"))
+    if params:
+        spec = with_params(spec, params)
     functions = preflight(spec)
     out = Path(out_dir) if out_dir is not None else spec.out_dir
     started = time.perf_counter()

@@ -62,7 +62,8 @@ def head_ablation(scope, task: CircuitTask) -> dict[str, torch.Tensor]:
             corrupt[name].copy_(where_present(~task.clean_only, corrupt[name], clean_cache[name]))
 
     def metric(hooks=None) -> float:
-        return float(task.metric(scope.run(task.clean, attention_mask=task.mask, hooks=hooks)))
+        return float(task.metric(scope.run(task.clean, attention_mask=task.mask, hooks=hooks,
+                                          logits_to_keep=task.positions_read)))
     clean = metric()
     return {"zeroed": torch.tensor([[clean - metric(ablate_heads([(l, h)])) for h in range(c.num_attention_heads)]
                                     for l in range(c.num_hidden_layers)]),

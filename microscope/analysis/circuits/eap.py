@@ -162,7 +162,7 @@ def _routed_gradients(scope, graph: CircuitGraph, task: CircuitTask, shift: torc
 
     router = EdgeRouter(scope.model, graph, leaf, embed_fn=None if shift is None else _shifted(shift))
     with torch.enable_grad(), scope.hooks(router.hooks()):
-        metric = task.metric(scope.run(task.clean, attention_mask=task.mask))
+        metric = task.metric(scope.run(task.clean, attention_mask=task.mask, logits_to_keep=task.positions_read))
         got = torch.autograd.grad(metric, list(leaves.values()))
     return router.senders(), ((key, grad.permute(2, 3, 0, 1, 4).flatten(2)) for key, grad in zip(leaves, got))
 

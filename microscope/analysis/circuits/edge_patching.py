@@ -74,16 +74,19 @@ def patch_deltas(graph: CircuitGraph, ablated: torch.Tensor, values: torch.Tenso
 
 @torch.no_grad()
 def run_with_ablated_edges(scope, graph: CircuitGraph, task: CircuitTask, ablated: torch.Tensor,
-                           values: torch.Tensor | None = None, ablation: str = "corrupt") -> torch.Tensor:
+                           values: torch.Tensor | None = None, ablation: str = "corrupt", *,
+                           logits_to_keep: int = 0) -> torch.Tensor:
     """Logits [batch, pos, vocab] of the clean prompts with the edges marked in `ablated` (bool
     [S, R]) fed their ablation `values` (default: `ablation_values(..., ablation)`); with
-    `ablated` [n, S, R], n copies of the batch, one per mask: logits [n * batch, pos, vocab]."""
+    `ablated` [n, S, R], n copies of the batch, one per mask: logits [n * batch, pos, vocab].
+    ``logits_to_keep`` k > 0: only the last k positions' (`task.positions_read`: all the metric reads)."""
     if values is None:
         values = ablation_values(scope, graph, task, ablation)
     copies = len(ablated) if ablated.dim() == 3 else 1
     router = EdgeRouter(scope.model, graph, patch_deltas(graph, ablated.bool() & graph.upstream, values))
     with scope.hooks(router.hooks()):
-        return scope.run(task.clean.repeat(copies, 1), attention_mask=task.mask.repeat(copies, 1))
+        return scope.run(task.clean.repeat(copies, 1), attention_mask=task.mask.repeat(copies, 1),
+                         logits_to_keep=logits_to_keep)
 
 
 @torch.no_grad()
@@ -93,7 +96,7 @@ def ablated_metrics(scope, graph: CircuitGraph, task: CircuitTask, ablated: torc
     per_run = max(1, max_batch // len(task))
     out = []
     for chunk in ablated.split(per_run):
-        logits = run_with_ablated_edges(scope, graph, task, chunk, values)
+        logits = run_with_ablated_edges(scope, graph, task, chunk, values, logits_to_keep=task.positions_read)
         out += [task.metric(part) for part in logits.split(len(task))]
     return torch.stack(out).cpu()
 
@@ -102,7 +105,7 @@ def ablated_metrics(scope, graph: CircuitGraph, task: CircuitTask, ablated: torc
 def exact_edge_effects(scope, graph: CircuitGraph, task: CircuitTask, ablation: str = "corrupt") -> torch.Tensor:
     """[n_edges]: metric(one edge ablated) - metric(clean), every edge of `graph` in turn."""
     values = ablation_values(scope, graph, task, ablation)
-    clean = task.metric(scope.run(task.clean, attention_mask=task.mask)).cpu()
+    clean = task.metric(scope.run(task.clean, attention_mask=task.mask, logits_to_keep=task.positions_read)).cpu()
     masks = torch.zeros(graph.n_edges, graph.n_senders, graph.n_receivers, dtype=torch.bool)
     masks[torch.arange(graph.n_edges), graph.edges[:, 0], graph.edges[:, 1]] = True
     return ablated_metrics(scope, graph, task, masks, values) - clean

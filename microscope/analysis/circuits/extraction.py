@@ -49,8 +49,9 @@ def faithfulness_curve(scope, graph: CircuitGraph, task: CircuitTask, scores: to
                        ks: list[int] | None = None, ablation: str = "corrupt") -> FaithfulnessCurve:
     """Faithfulness of the top-k edges by |score| ([n_edges]) for each k in `ks` (`edge_grid`)."""
     values = ablation_values(scope, graph, task, ablation)
-    clean = float(task.metric(scope.run(task.clean, attention_mask=task.mask)))
-    corrupt = float(task.metric(run_with_ablated_edges(scope, graph, task, graph.upstream, values)))
+    clean = float(task.metric(scope.run(task.clean, attention_mask=task.mask, logits_to_keep=task.positions_read)))
+    corrupt = float(task.metric(run_with_ablated_edges(scope, graph, task, graph.upstream, values,
+                                                       logits_to_keep=task.positions_read)))
     order = scores.abs().argsort(descending=True)
     ks = ks or edge_grid(graph.n_edges)
     rank = torch.empty(graph.n_edges, dtype=torch.long)

@@ -120,12 +120,14 @@ class CircuitResult(Result):
             "minimal_edges_random_init": [minimal_circuit(c, self.target) for c in self.controls],
             "metric_gap_random_init_max": round(max(abs(c.clean - c.corrupt) for c in self.controls), 4)
             if self.controls else None,
-            "circuit_heads": self.circuit_heads(),
         })
+        # heads are named only for an effect beyond random init: the circuit's recovered metric
+        found = self.recovered().clears if self.controls else True
+        out["circuit_heads"] = self.circuit_heads() if found else []
         for method in ("patched", "zeroed"):
-            heads = self.ablation_heads(method)
+            heads = self.ablation_heads(method) if found else []
             out[f"{method}_heads"] = heads
-            out[f"{method}_heads_in_circuit"] = set(heads) <= set(self.circuit_heads())
+            out[f"{method}_heads_in_circuit"] = set(heads) <= set(out["circuit_heads"])
         if self.controls:
             out.update({k: (round(v, 4) if isinstance(v, float) else v)
                         for k, v in self.recovered().headline("recovered_metric").items()})

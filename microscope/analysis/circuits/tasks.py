@@ -55,10 +55,18 @@ class CircuitTask:
     def __len__(self) -> int:
         return len(self.clean)
 
+    @property
+    def positions_read(self) -> int:
+        """How many trailing positions the metric reads (each prompt's last token, wherever padding
+        puts it): the ``logits_to_keep`` of every run of the task."""
+        return int(self.mask.shape[1] - last_positions(self.mask).min())
+
     def per_prompt(self, logits: torch.Tensor) -> torch.Tensor:
-        """[batch] log-odds of good vs bad at each prompt's last token, from logits [batch, pos, vocab]."""
+        """[batch] log-odds of good vs bad at each prompt's last token, from logits [batch, k, vocab]
+        of the last k >= `positions_read` positions (all of them, or ``logits_to_keep=k``)."""
         rows = torch.arange(len(logits), device=logits.device)
-        return self.log_odds(logits[rows, last_positions(self.mask).to(logits.device)])
+        offset = self.mask.shape[1] - logits.shape[1]
+        return self.log_odds(logits[rows, (last_positions(self.mask) - offset).to(logits.device)])
 
     def log_odds(self, last: torch.Tensor) -> torch.Tensor:
         """[batch] log-odds of good vs bad from the logits at each prompt's last token [batch, vocab]."""

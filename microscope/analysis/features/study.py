@@ -195,8 +195,11 @@ class FeatureStudy(Result):
         auroc, hits = self.auroc, self.word_hits
         return {"hook": self.model.dictionary.hook,
                 **{f"selection_auroc[{h}]": v for h, v in self.selection_auroc.items()},
-                "hostile_latent": self.model.chosen, **auroc.headline("hostile_latent_auroc"),
-                "insult_latent": self.model.word_latent, **hits.headline("insult_words_in_top10"),
+                # the latents the numbers are about, and named only when their numbers clear
+                "auroc_measured_on": self.model.chosen, "target_words_measured_on": self.model.word_latent,
+                "hostile_latent": self.model.chosen if auroc.clears else None, **auroc.headline("hostile_latent_auroc"),
+                "insult_latent": self.model.word_latent if hits.clears else None,
+                **hits.headline("insult_words_in_top10"),
                 "fvu": self.reconstruction["fvu"],
                 "l0": self.reconstruction["l0"], "dead_share": self.reconstruction["dead_share"],
                 "dense_share": self.reconstruction["dense_share"], **self.ce,

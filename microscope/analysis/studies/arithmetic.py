@@ -137,8 +137,8 @@ class ArithmeticResult(Result):
         return rounded(sum(self.mirror_text[i] == str(self.a[i] - self.b[i]) for i in rows) / len(rows))
 
     def mechanism(self, split: str) -> str | None:
-        """The one of `MECHANISMS` whose share of the wrong answers is > 0.5 and above every
-        random-init model's, else 'other'; None when no subtraction is answered wrongly."""
+        """The one of `MECHANISMS` whose share of the wrong answers is > 0.5 and clears its
+        random-init control (`Controlled`), else 'other'; None when no subtraction is answered wrongly."""
         shares, end = self.mirror_shares(split), split_suffix(split)
         if not shares[f"subtraction_wrong{end}"]:
             return None
@@ -146,7 +146,7 @@ class ArithmeticResult(Result):
             key = f"subtraction_wrong_{share_name}{end}"
             share = shares[key]
             null = [n[key] or 0.0 for n in self.null_shares[split]]
-            if share > 0.5 and share > max(null):
+            if share > 0.5 and Controlled(share, null, "random init").clears:
                 return name
         return "other"
 

@@ -29,7 +29,8 @@ import plotly.graph_objects as go
 import torch
 
 from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
-from microscope.analysis.inputs import first_token_id, last_positions, task_value, token_batch, word_class_ids
+from microscope.analysis.inputs import (first_token_id, last_positions, last_token_logits, task_value, token_batch,
+                                        word_class_ids)
 from microscope.analysis.progress import Progress, report
 from microscope.analysis.results import Result
 from microscope.analysis.studies.base import greedy_new_tokens, round_headline, rounded, rows_of, split_of, split_suffix
@@ -125,9 +126,7 @@ def set_last_token(scope, ids: torch.Tensor, mask: torch.Tensor, component: Comp
         index = (rows, last) if head is None else (rows, last, head)
         out[index] = values.to(out.device, out.dtype)
         return out
-    with scope.hooks({name: put}):
-        logits = scope.run(ids, attention_mask=mask)
-    return logits.float()[rows, last.to(logits.device)].cpu()
+    return last_token_logits(scope, ids, mask, {name: put}).float().cpu()
 
 
 def _values(acts: dict[str, torch.Tensor], component: Component) -> torch.Tensor:

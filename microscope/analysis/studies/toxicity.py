@@ -58,7 +58,7 @@ from threadpoolctl import threadpool_limits
 
 from microscope.analysis.controls import (DEFAULT_SEEDS, Controlled, random_directions, random_heads,
                                           random_init_scopes, shuffled)
-from microscope.analysis.inputs import (distinct_word_classes, end_aligned, last_positions, task_value, token_batch,
+from microscope.analysis.inputs import (distinct_word_classes, end_aligned, last_token_logits, task_value, token_batch,
                                         where_present)
 from microscope.analysis.lens import logit_lens, point_label, residual_points, vocab_projection
 from microscope.analysis.probes import live_features, train_probes
@@ -233,26 +233,21 @@ def _label(layers: list[str], index: int | None) -> str | None:
     return None if index is None else layers[index]
 
 
-def _log_odds(logits: torch.Tensor, last: torch.Tensor, insult_ids: torch.Tensor, praise_ids: torch.Tensor) -> torch.Tensor:
-    """[batch] log P(insults) - log P(praises) at each row's ``last`` position; logits [batch, pos, vocab]."""
-    x = logits[torch.arange(len(logits)), last].float()
+def _log_odds(last: torch.Tensor, insult_ids: torch.Tensor, praise_ids: torch.Tensor) -> torch.Tensor:
+    """[batch] log P(insults) - log P(praises) from the logits at each row's last token [batch, vocab]."""
+    x = last.float()
     return x[:, insult_ids].logsumexp(-1) - x[:, praise_ids].logsumexp(-1)
 
 
 @dataclass
 class _Batch:
-    """Token ids [batch, pos], mask, last positions [batch] of some prompts."""
+    """Token ids [batch, pos] and mask of some prompts."""
 
     ids: torch.Tensor
     mask: torch.Tensor
 
-    @property
-    def last(self) -> torch.Tensor:
-        return last_positions(self.mask)
-
     def log_odds(self, scope, words: tuple[torch.Tensor, torch.Tensor], hooks: dict | None = None) -> torch.Tensor:
-        logits = scope.run(self.ids, attention_mask=self.mask, hooks=hooks).float().cpu()
-        return _log_odds(logits, self.last, *words)
+        return _log_odds(last_token_logits(scope, self.ids, self.mask, hooks).cpu(), *words)
 
 
 def _pairs(scope, hostile: list[str], friendly: list[str]) -> tuple[_Batch, _Batch]:
