@@ -44,6 +44,9 @@ def test_a_claim_must_lie_where_one_more_draw_of_the_null_rarely_lands():
     assert few.prediction_bound > 10                  # t(1 dof, 99%) = 31.8 times the spread
     many = Controlled(1.0, (-0.5, 0.8, 0.1, 0.0, -0.2, 0.3, 0.2, -0.1, 0.05, 0.15), "random init")
     assert many.prediction_bound < 1.1 and Controlled(1.2, many.null, "random init").clears
+    # an outlying draw past the bound: the max is the bar, the bound adds nothing past it
+    outlier = Controlled(150.0, (0.0,) * 19 + (100.0,), "random heads")
+    assert outlier.prediction_bound < 100.0 and outlier.gap_needed == pytest.approx(15.0) and outlier.clears
     # a null of one value is a fixed reference (a chance level): the margins alone apply
     assert Controlled(0.5, (0.25,), "chance").clears and Controlled(0.5, (0.25,), "chance").spread == 0.0
     # false positives on exchangeable normal draws: about `level`, whatever the number of draws

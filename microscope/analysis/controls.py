@@ -106,7 +106,9 @@ class Controlled:
     @property
     def gap_needed(self) -> float:
         """How far past the control's extreme the value must lie to clear it."""
-        past_bound = abs(self.prediction_bound - self.extreme)
+        bound_past_extreme = self.prediction_bound - self.extreme if self.higher_is_claim \
+            else self.extreme - self.prediction_bound     # < 0 when an outlying draw lies past the bound
+        past_bound = max(bound_past_extreme, 0.0)
         return max(self.margin * max(abs(self.value), abs(self.extreme)), self.min_gap, past_bound)
 
     @property

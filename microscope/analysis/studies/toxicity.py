@@ -393,13 +393,14 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     probe_layer = next((i for i in range(len(points)) if selectivity[i] >= probe_bar[i]), None)
     cue_threshold = null_threshold(cue_null, headroom)
     # heads carry the cue only if the cue has an effect beyond random init: the output's gap first
-    output_gap = Controlled(rounded((eval_h.log_odds(scope, words) - eval_f.log_odds(scope, words)).mean()),
+    hostile_odds = eval_h.log_odds(scope, words)
+    output_gap = Controlled(rounded((hostile_odds - eval_f.log_odds(scope, words)).mean()),
                             null["output_log_odds_gap"], "random init")
     cue_heads = named_heads(patch, cue_threshold) if output_gap.clears else []
 
     # the cue heads matter: ablations on the evaluation hostile prompts against random heads / random init
     config = scope.model.config
-    clean_odds = eval_h.log_odds(scope, words).mean()
+    clean_odds = hostile_odds.mean()
     cue_drop, cue_drop_random = {}, {}
     if cue_heads:
         draws = [random_heads(config.num_hidden_layers, config.num_attention_heads, len(cue_heads), exclude=cue_heads,
