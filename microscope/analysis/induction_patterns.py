@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from microscope.analysis.head_scores import NAMING_MARGIN, induction_scores
+from microscope.analysis.head_scores import induction_scores
 from microscope.analysis.results import Result
 from microscope.errors import AnalysisInputError
 from microscope.names import act_name, head_label
@@ -24,7 +24,8 @@ class InductionPatterns(Result):
     """The attention patterns of the top induction heads on one prompt, read back from a store.
 
     heads: the (layer, head) pairs, best induction score first; scores: their scores;
-    patterns: [len(heads), query, key] attention probabilities; tokens: the prompt's tokens."""
+    patterns: [len(heads), query, key] attention probabilities; tokens: the prompt's tokens;
+    named: the labels of every head `head_scores` names an induction head (`HeadScores.named_heads`)."""
 
     heads: list[tuple[int, int]]
     scores: list[float]
@@ -33,6 +34,7 @@ class InductionPatterns(Result):
     tokens: list[str]
     patterns: np.ndarray
     store: str
+    named: list[str]
     title: str = "attention patterns of the induction heads"
 
     def to_frame(self) -> pd.DataFrame:
@@ -46,12 +48,10 @@ class InductionPatterns(Result):
 
     def summary(self) -> dict:
         """The heads whose patterns are shown (the best induction scores, whatever they are) and, of
-        those, the ones named induction heads: scoring `head_scores.NAMING_MARGIN` above chance, as
-        `head_scores` names them."""
+        those, the ones `head_scores` names induction heads (`HeadScores.named_heads`)."""
         return {"patterns_shown": [head_label(l, h) for l, h in self.heads], "scores": [round(s, 4) for s in self.scores],
                 "chance": round(self.chance, 4), "prompt": self.prompt,
-                "induction_heads": [head_label(l, h) for (l, h), s in zip(self.heads, self.scores)
-                                    if s > self.chance + NAMING_MARGIN]}
+                "induction_heads": [head_label(l, h) for l, h in self.heads if head_label(l, h) in self.named]}
 
 
 def induction_patterns(scope, store, *, n_heads: int = 2, where: dict | None = None) -> InductionPatterns:
@@ -76,4 +76,4 @@ def induction_patterns(scope, store, *, n_heads: int = 2, where: dict | None = N
         values.append(float(row.score))
         patterns.append(store[name].prompt(prompt)[store[name].heads.index(head)].astype(np.float32))
     return InductionPatterns(heads, values, scores.chance, prompt, store.tokens(prompt), np.stack(patterns),
-                             str(getattr(store, "path", "")))
+                             str(getattr(store, "path", "")), scores.named_heads())
