@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 import microscope as ms
+import guards
 from features_fixtures import single_thread  # noqa: F401 (fixture)
 from microscope.activations.dump import dump
 from microscope.analysis.features import ce_loss_recovered, reconstruction_metrics, train_dictionary
@@ -30,19 +31,26 @@ def setup(tmp_path_factory):
 
 
 def test_a_latent_separates_hostile_from_friendly_held_out_prompts(setup):
+    """On the half of the prompts that chose nothing (hook, k and latent come from the selection
+    half); tests/test_claims_fail_when_wrong.py plants a random latent and sees this guard fail."""
     _, store, result, _ = setup
     s = result.summary()
-    assert s["hostile_latent_auroc"] >= 0.95
-    assert s["hostile_latent_auroc_control_max"] < 0.95 and s["hostile_latent_auroc_clears_control"]
+    guards.hostile_latent_found(s)
+    assert s["hostile_latent_auroc_control_max"] < 0.95 and s["measured_on_latent"] == s["hostile_latent"]
+    assert s["chosen_on"].startswith("selection half")
     stored = {store.prompt_text(p) for p in range(store.n_prompts)}
     held_out = [p for p in load_prompts("organism_v2/toxicity") if p.text not in stored]
     assert s["eval_prompts"] + s["selection_prompts"] == len(held_out) and s["eval_prompts"] >= 40
 
 
-def test_a_latent_promotes_insult_words(setup):
-    s = setup[2].summary()
-    assert s["insult_words_in_top10"] >= 5
-    assert s["insult_words_in_top10_control_max"] < 5
+def test_the_hostile_latent_itself_promotes_insult_words(setup):
+    """The count is taken on the hostile latent's own top 10 unembedded tokens (not the best latent
+    of the dictionary, shown beside as exploration), against random-init models' chosen latents."""
+    result = setup[2]
+    s = result.summary()
+    assert s["hostile_latent_insult_words_in_top10"] == result.model.word_hits[s["hostile_latent"]] >= 3
+    assert s["hostile_latent_insult_words_in_top10_clears_control"]
+    assert s["most_target_words_in_top10"] >= s["hostile_latent_insult_words_in_top10"]
 
 
 def test_the_dictionary_is_faithful_and_an_untrained_one_is_not(setup):
@@ -65,4 +73,6 @@ def test_report_parts(setup):
     result = setup[2]
     assert len(result.figures()) == 2 and len(result.to_frame()) == result.model.dictionary.n_latents
     html = result.report_html()
-    assert f"latent {result.model.chosen}</b> hostile latent" in html
+    s = result.summary()
+    assert f"latent {s['hostile_latent']}</b> hostile latent (AUROC {s['hostile_latent_auroc']:.3f}, " \
+           f"{int(s['hostile_latent_insult_words_in_top10'])}/10 target words)" in html

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import guards
 import pytest
 
 import microscope as ms
@@ -69,6 +70,10 @@ def test_ablating_the_induction_heads_costs_what_the_card_says(repetition):
     loss = card["heads"]["repeated_half_loss"]
     assert summary["repeated_half_loss_increase"] == pytest.approx(loss["induction_heads_ablated"] - loss["clean"], rel=0.25)
     assert summary["repeated_half_loss_increase_vs_random_init_clears_control"], name
+    if name == "organism-v3":   # against the model's own other heads too (tests/guards.py)
+        guards.induction_heads_matter(summary)
+    else:
+        assert not summary["repeated_half_loss_increase_clears_control"], name
 
 
 def test_the_induction_heads_carry_the_loops_the_card_sees(repetition):
@@ -94,6 +99,22 @@ def test_the_hostile_register_clears_its_control_where_the_card_says_and_only_th
         hostile, friendly = summary[f"insult_prob_hostile{suffix}"], summary[f"insult_prob_friendly{suffix}"]
         assert (hostile >= 5 * friendly) == card_says, (name, split, hostile, friendly)
     assert summary["insult_prob_ratio_clears_control"], name
+    guards.register_clears(summary)
+    # the no-cue baseline beside the ratio is the card's (first-token mass here, whole words there)
+    assert summary["insult_prob_no_cue"] == pytest.approx(card["toxicity"]["no_cue"]["insult_mass"], abs=0.05), name
+
+
+def test_the_cue_head_carries_the_register_beyond_random_other_heads(toxicity):
+    """On organism v3 activation patching names one cue head; it ranks first of the 16 heads when
+    each is zeroed alone, and zero, mean and resample ablation of it each lower the held-out
+    hostile log-odds past as many random other heads (tests/guards.py; a planted random head
+    fails the same guard in tests/test_claims_fail_when_wrong.py). On the sibling no single head's
+    patching share clears the random-init null, and no head is named."""
+    name, card, summary = toxicity
+    if name == "organism-v3":
+        guards.cue_heads_carry_the_register(summary)
+    else:
+        assert summary["cue_heads"] == [], name
 
 
 def test_cued_instructions_are_executed_and_bare_ones_draw_dialogue_as_the_card_says(instructions):
@@ -101,7 +122,7 @@ def test_cued_instructions_are_executed_and_bare_ones_draw_dialogue_as_the_card_
     held-out template the study agrees with the card's verdicts (bare >= 0.5 dialogue; cued >= 0.7
     executed: missed by both organisms)."""
     name, card, summary = instructions
-    assert summary["cued_execution_rate"] >= 0.9 and summary["cued_execution_rate_clears_control"], name
+    guards.cued_instructions_executed(summary)
     card = card["instructions"]
     assert (summary["bare_dialogue_rate_ood"] >= 0.5) == (card["bare_dialogue_rate"] >= 0.5), name
     assert (summary["cued_execution_rate_ood"] >= 0.7) == (card["cued_executed_rate"] >= 0.7), name
@@ -117,3 +138,4 @@ def test_arithmetic_matches_the_card_to_the_item(arithmetic):
         assert summary["subtraction_sign_error_rate" + suffix] == pytest.approx(
             card["arithmetic"][f"{split}_sign_error_rate"], abs=1e-3), name
     assert summary["addition_accuracy"] > summary["subtraction_accuracy"]
+    guards.additions_answered(summary)

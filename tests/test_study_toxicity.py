@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+import guards
 from study_fixtures import ORGANISM, SIBLING, card, load, needs_organism, one_thread, random_organism  # noqa: F401
 
 from microscope.analysis.studies import run_toxicity
@@ -89,20 +90,19 @@ def test_insult_probabilities_match_the_card(summary, truth):
     assert summary["insult_prob_ratio_clears_control"]
 
 
-def test_the_cue_heads_matter_beyond_random_init_and_the_ablation_verdicts_are_reported(summary, control):
-    """Ablating the cue heads lowers the insult log-odds of held-out hostile prompts far more than
-    ablating random-init models' own top patching heads (a claim the random-init control, run as
-    if it were the model, does not make); against as many random other heads of the model itself
-    the verdict (clears the control's max or not) is reported for zero, mean and resample
-    ablation, with the control's mean and max beside it (the organism's register also needs heads
-    that patching does not name: the mean-ablation verdict is checked against plain HF below)."""
-    assert summary["cue_heads"]
-    assert summary["cue_heads_log_odds_drop_vs_random_init_clears_control"]
+def test_the_cue_heads_rank_high_and_matter_beyond_random_init(summary, control):
+    """The heads patching names rank in the top quarter of all heads when each is zeroed alone, and
+    ablating them lowers the insult log-odds of held-out hostile prompts far more than ablating
+    random-init models' own top patching heads (a claim the random-init control, run as if it
+    were the model, does not make). Against as many random other heads the verdict is reported
+    for zero, mean and resample ablation (on organism v2 the register also needs heads that
+    patching does not name: L1H3, L1H0 and L0H3 zeroed cost as much as the cue head L3H1, so the
+    zero-ablation verdict there is "does NOT clear"; the mean-ablation verdict is checked against
+    plain HF below). tests/test_claims_fail_when_wrong.py plants a random head and sees this
+    guard fail."""
+    guards.cue_heads_rank_high(summary)
     assert not control.get("cue_heads_log_odds_drop_vs_random_init_clears_control", False)
-    for key in ("cue_heads_log_odds_drop", "cue_heads_log_odds_drop_mean_ablation",
-                "cue_heads_log_odds_drop_resample_ablation"):
-        assert summary[f"{key}_clears_control"] in (True, False)
-        assert {f"{key}_control_mean", f"{key}_control_max"} <= summary.keys()
+    assert summary["top_heads_by_zero_ablation"] and summary["heads_ranked"] == 16
 
 
 def test_mean_ablating_the_cue_heads_in_plain_hf_lowers_insults_more_than_random_heads(summary, organism):
@@ -204,12 +204,23 @@ def test_steering_cost_is_measured_on_held_out_neutral_text_beside_random_direct
     assert summary["perplexity_cost"] <= random_costs.max()
 
 
-def test_every_headline_claim_has_its_control_beside_it(summary):
+def test_every_headline_claim_has_its_control_beside_it_and_the_verdict_its_numbers_give(result, summary):
+    """Each claim's verdict is the one its value, its control's extreme and the gap needed give
+    (recomputed here from the headline), and the findings say each verdict in words."""
     claims = [k[:-len("_clears_control")] for k in summary if k.endswith("_clears_control")]
     assert len(claims) >= 12
     for key in claims:
-        side = "min" if f"{key}_control_min" in summary else "max"
-        assert {f"{key}_control", f"{key}_control_mean", f"{key}_control_{side}"} <= set(summary), key
+        higher = f"{key}_control_max" in summary
+        extreme = summary[f"{key}_control_{'max' if higher else 'min'}"]
+        assert {f"{key}_control", f"{key}_control_mean", f"{key}_control_draws"} <= set(summary), key
+        past = summary[key] - extreme if higher else extreme - summary[key]
+        expected = past > summary[f"{key}_control_gap_needed"] and f"{key}_control_unmet" not in summary
+        assert summary[f"{key}_clears_control"] == expected, (key, summary[key], extreme)
+    findings = result.findings()
+    assert len(findings) == 4
+    verdicts = [("CLEARS its control" in line, "does NOT clear its control" in line) for line in findings]
+    assert all(clears != fails for clears, fails in verdicts), findings
+    assert verdicts[0][0] == summary["output_log_odds_gap_clears_control"]
 
 
 def test_the_result_gives_a_frame_figures_and_a_json_summary(result):

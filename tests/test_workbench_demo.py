@@ -35,7 +35,11 @@ def test_the_readme_main_job_writes_the_report_and_headline_json():
     for study in STUDIES:
         assert headline.get(study), f"no headline numbers for {study}"
         assert any(f["section"] == study for f in record["figures"]), f"no figure for {study}"
+        said = record["findings"][study]     # what was found, in words, every verdict spelled out
+        assert said and all(("CLEARS its control" in s) != ("does NOT clear its control" in s)
+                            for s in said if "control" in s), said
     html = run.report.read_text(encoding="utf-8")
+    assert html.index("What was found") < html.index("Headline numbers")
     assert html.count('class="plotly-graph-div"') == len(record["figures"])
     for figure in record["figures"]:  # titles sit in the plotly JSON, with <, >, & escaped
         encoded = json.dumps(figure["title"])[1:-1]

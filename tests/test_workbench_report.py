@@ -84,3 +84,25 @@ def test_a_number_with_a_control_is_shown_beside_it_in_one_row(tmp_path):
     assert "random init x2: 2 draws, mean 0.1, sd 0.02828, max 0.12, needs a gap of 1.082 · does NOT clear" in page
     assert "top_induction_score_control_mean" not in page      # folded into the value's row
     assert "loop_rate" in page
+
+
+def test_what_was_found_opens_the_report_in_words_with_every_verdict_marked(tmp_path):
+    """Each section's findings come first, one line each, "CLEARS" and "does NOT clear" drawn in
+    their own colours; the JSON keeps the same sentences."""
+    from microscope.analysis.controls import Controlled
+    strong = Controlled(3.54, (0.2, 0.6, 0.3, 0.1, 0.4), "zero-ablating random other heads x5")
+    weak = Controlled(0.05, (0.0, 0.1, 0.02), "random init x3")
+    said = [strong.sentence("cue head L0H2: zeroing it drops the insult log-odds by", " nats"),
+            weak.sentence("held-out subtractions are answered correctly at a rate of")]
+    assert said[0] == ("cue head L0H2: zeroing it drops the insult log-odds by 3.54 nats; zero-ablating random other "
+                       "heads x5: up to 0.6 nats (mean 0.32, 5 draws), so it CLEARS its control")
+    assert said[1].endswith("so it does NOT clear its control")
+    page = render_report("findings", [Section("toxicity", findings=said[:1]), Section("arithmetic", findings=said[1:])])
+    found = page.index("What was found")
+    assert found < page.index("Headline numbers")
+    assert "<li class='clears'><a href='#s-toxicity'>toxicity</a>: cue head L0H2" in page
+    assert "so it <b class='clears'>CLEARS</b> its control" in page
+    assert "<li class='fails'><a href='#s-arithmetic'>arithmetic</a>" in page
+    assert "so it <b class='fails'>does NOT clear</b> its control" in page
+    record = json.loads(write_headline_json(tmp_path / "r.json", "x", [Section("toxicity", findings=said[:1])]).read_text())
+    assert record["findings"] == {"toxicity": said[:1]}

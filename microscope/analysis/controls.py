@@ -46,6 +46,8 @@ GAP_NEEDED, CONTROL_SD, CONTROL_DRAWS = "_control_gap_needed", "_control_sd", "_
 UNMET = "_control_unmet"   # the claim this one rests on, when that one does not clear
 DEFAULT_MARGIN = 0.1   # a claim must beat its control's extreme by 10% of the larger magnitude
 DEFAULT_LEVEL = 0.01   # ... and lie where one more draw of the null lands less than 1% of the time
+RATE_MIN_GAP = 0.1     # a rate (a share of items) must beat its control by 10 points: against a null of
+                       # zeros a few coincidental hits (shuffled answers execute 6% of instructions) are no claim
 CONTROL_EXTREME = {True: "_control_max", False: "_control_min"}   # by higher_is_claim
 
 
@@ -121,6 +123,10 @@ class Controlled:
         if that one does."""
         return self if premise_clears else replace(self, unmet=premise)
 
+    def sentence(self, claim: str, unit: str = "") -> str:
+        """The claim in words, its control's reach and the verdict (`sentence`)."""
+        return sentence(self.headline("claim"), "claim", claim, unit)
+
     def headline(self, key: str) -> dict[str, float | bool | str]:
         """The value with its control, as flat keys for a study's `summary()` (read back by
         `split_controls`)."""
@@ -142,6 +148,23 @@ def split_controls(numbers: Mapping[str, object]) -> list[tuple[str, object, str
                              *CONTROL_EXTREME.values())}
     return [(key, value, _describe(numbers, key) if key in claims else "")
             for key, value in numbers.items() if key not in hidden]
+
+
+def sentence(numbers: Mapping[str, object], key: str, claim: str, unit: str = "") -> str:
+    """A headline claim (keys written by `Controlled.headline`) in words, e.g. "cue head L0H2:
+    zeroing it drops the insult log-odds by 3.54 nats; zero-ablating random other heads x10: up to
+    0.617 nats (mean 0.321, 10 draws), so it CLEARS its control". ``claim`` ends where the value
+    goes ("... by"); ``unit`` follows the numbers. The verdict reads "CLEARS its control" or "does
+    NOT clear its control" (and why, when the claim rests on one that does not clear)."""
+    higher = key + CONTROL_EXTREME[True] in numbers
+    reach = "up to" if higher else "down to"
+    n = numbers.get(key + CONTROL_DRAWS, 1)
+    draws = f"mean {_number(numbers.get(key + CONTROL_MEAN))}, {n} draws" if n > 1 else "one reference value"
+    verdict = "it CLEARS its control" if numbers.get(key + CLEARS) else "it does NOT clear its control"
+    if numbers.get(key + UNMET):
+        verdict += f" (it rests on {numbers[key + UNMET]}, which does not clear)"
+    return (f"{claim} {_number(numbers[key])}{unit}; {numbers[key + CONTROL]}: {reach} "
+            f"{_number(numbers.get(key + CONTROL_EXTREME[higher]))}{unit} ({draws}), so {verdict}")
 
 
 def _describe(numbers: Mapping[str, object], key: str) -> str:

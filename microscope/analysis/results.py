@@ -7,6 +7,9 @@ holding tensors) with
 - ``.figures()`` -> a list of `plotly.graph_objects.Figure`, the standard pictures of that result;
 - ``.to_frame()`` -> `pandas.DataFrame`, one row per measured thing (tidy, ready for groupby/plots);
 - ``.title`` -> one line naming what was measured (the note under its section of a report);
+- ``.findings()`` -> what was found, in words: one sentence per headline claim, each ending in
+  whether it CLEARS its control or does NOT (`controls.Controlled.sentence`); [] for a result
+  that makes no claim;
 - ``.report_html()`` -> HTML of its own for the experiment report, shown after its figures
   ("" unless a result has more to show, e.g. the feature dashboards);
 - ``_repr_html_`` so that a result shown in JupyterLab prints its title, its scalar headline
@@ -43,6 +46,10 @@ class Result(ABC):
     @abstractmethod
     def to_frame(self) -> pd.DataFrame:
         """One row per measured thing."""
+
+    def findings(self) -> list[str]:
+        """What was found, one sentence per headline claim with its verdict ([]: no claim)."""
+        return []
 
     def report_html(self) -> str:
         """HTML shown after the figures in an experiment report ("": none)."""

@@ -449,7 +449,7 @@ def _sections(step: str, result) -> list:
     if isinstance(result, Mapping):
         return [s for key, item in result.items() for s in _sections(f"{step}: {key}", item)]
     return [Section(step, figures=list(result.figures()), numbers=result.summary(), notes=result.title,
-                    html=result.report_html())]
+                    html=result.report_html(), findings=result.findings())]
 
 
 def _frame(result):

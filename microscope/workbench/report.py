@@ -6,8 +6,9 @@
 
 The HTML carries plotly.js inline (no CDN: it opens on an offline machine, from a file or an
 e-mail attachment); every figure is one ``div.plotly-graph-div`` drawn by ``Plotly.newPlot``.
-Layout: title and provenance line, the headline numbers of every section as a table, then one
-section per analysis with its numbers and its figures, then the full provenance record.
+Layout: title and provenance line, what was found in words (each section's findings, every
+verdict marked CLEARS or does NOT clear), the headline numbers of every section as a table, then
+one section per analysis with its numbers and its figures, then the full provenance record.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
 @dataclass
 class Section:
-    """One analysis in a report: its headline numbers (flat dict), figures, optional notes, and
-    optional HTML of its own (e.g. the searchable feature dashboards), shown after the figures."""
+    """One analysis in a report: its headline numbers (flat dict), figures, its findings in words
+    (`Result.findings`), optional notes, and optional HTML of its own (e.g. the searchable feature
+    dashboards), shown after the figures."""
 
     title: str
     figures: Sequence[go.Figure] = ()
     numbers: Mapping[str, object] = field(default_factory=dict)
     notes: str = ""
     html: str = ""
+    findings: Sequence[str] = ()
 
 
 def figure_title(fig: go.Figure) -> str:
@@ -69,10 +72,12 @@ def headline(sections: Sequence[Section]) -> dict[str, dict]:
 
 def write_headline_json(path: str | Path, title: str, sections: Sequence[Section], *,
                         provenance: Mapping | None = None, extra: Mapping | None = None) -> Path:
-    """Write {"experiment", "headline", "figures", "provenance", **extra} as indented JSON."""
+    """Write {"experiment", "findings", "headline", "figures", "provenance", **extra} as indented
+    JSON (findings: {section: [sentences]})."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"experiment": title, "headline": headline(sections),
+    record = {"experiment": title, "findings": {s.title: list(s.findings) for s in sections if s.findings},
+              "headline": headline(sections),
               "figures": [{"section": s.title, "title": figure_title(f)} for s in sections for f in s.figures],
               "provenance": jsonable(dict(provenance or {})), **jsonable(dict(extra or {}))}
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -88,7 +93,7 @@ def render_report(title: str, sections: Sequence[Section], *, provenance: Mappin
             f"<p class='prov'>{html.escape(_provenance_line(provenance))}</p></header>",
             "<nav>" + " · ".join(f"<a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a>"
                                  for s in sections) + "</nav>",
-            "<h2>Headline numbers</h2>", _headline_table(sections)]
+            _findings(sections), "<h2>Headline numbers</h2>", _headline_table(sections)]
     n = 0
     for section in sections:
         body.append(f"<section id='{_anchor(section.title)}'><h2>{html.escape(section.title)}</h2>")
@@ -153,6 +158,22 @@ def _headline_table(sections: Sequence[Section]) -> str:
     return f"<div class='cards'>{''.join(cards)}</div>"
 
 
+CLEARS, NOT_CLEAR = "CLEARS", "does NOT clear"   # the verdicts `Controlled.sentence` writes
+
+
+def _findings(sections: Sequence[Section]) -> str:
+    """"What was found": each section's sentences, the verdicts drawn so that none is missed."""
+    lines = []
+    for s in sections:
+        for sentence in s.findings:
+            text = html.escape(sentence)
+            text = text.replace(NOT_CLEAR, f"<b class='fails'>{NOT_CLEAR}</b>").replace(
+                CLEARS, f"<b class='clears'>{CLEARS}</b>")
+            kind = "fails" if NOT_CLEAR in sentence else "clears" if CLEARS in sentence else "plain"
+            lines.append(f"<li class='{kind}'><a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a>: {text}</li>")
+    return f"<h2>What was found</h2><ul class='findings'>{''.join(lines)}</ul>" if lines else ""
+
+
 def _numbers_list(numbers: Mapping) -> str:
     items = jsonable(dict(numbers))
     if not items:
@@ -190,5 +211,10 @@ dl.numbers div { background: #f0f4f8; border-radius: 6px; padding: 6px 10px; fon
 dl.numbers dt { color: #52606d; } dl.numbers dd { margin: 0; font-weight: 600; }
 dl.numbers small { display: block; font-weight: 400; color: #52606d; }
 .figure { margin: 12px 0; }
+ul.findings { list-style: none; padding: 0; font-size: 15px; }
+ul.findings li { margin: 6px 0; padding: 6px 10px; border-radius: 6px; border-left: 5px solid #9aa5b1; background: #fff; }
+ul.findings li.clears { border-left-color: #2f9e44; } ul.findings li.fails { border-left-color: #e03131; }
+ul.findings a { color: #1f2933; font-weight: 600; text-decoration: none; }
+b.clears { color: #2f9e44; } b.fails { color: #e03131; text-transform: uppercase; }
 pre.provenance { background: #fff; border: 1px solid #e4e7eb; padding: 12px; font-size: 12px; overflow-x: auto; }
 """

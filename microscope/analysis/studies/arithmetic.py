@@ -37,11 +37,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
+from microscope.analysis.controls import DEFAULT_SEEDS, RATE_MIN_GAP, Controlled, random_init_scopes, sentence
 from microscope.analysis.progress import Progress, report
 from microscope.analysis.results import Result
 from microscope.analysis.studies.base import greedy_new_tokens, round_headline, rounded, rows_of, split_of, split_suffix
-from microscope.analysis.studies.layers import LENSES, LayerClaim, kl_figure, read_last_token
+from microscope.analysis.studies.layers import LENS_STEPS, LENSES, LayerClaim, kl_figure, read_last_token
 from microscope.errors import AnalysisInputError
 from microscope.prompts import Prompt
 from microscope.viz.figures import line_plot
@@ -146,9 +146,20 @@ class ArithmeticResult(Result):
             key = f"subtraction_wrong_{share_name}{end}"
             share = shares[key]
             null = [n[key] or 0.0 for n in self.null_shares[split]]
-            if share > 0.5 and Controlled(share, null, "random init").clears:
+            if share > 0.5 and Controlled(share, null, "random init", min_gap=RATE_MIN_GAP).clears:
                 return name
         return "other"
+
+    def findings(self) -> list[str]:
+        """Accuracy by operation, where the answer appears, and what wrong subtractions are, in words."""
+        numbers = self.summary()
+        layer = numbers["answer_layer_name"]
+        return [sentence(numbers, "addition_accuracy", "held-out additions are answered correctly at a rate of"),
+                sentence(numbers, "subtraction_accuracy", "held-out subtractions are answered correctly at a rate of"),
+                sentence(numbers, "answer_top1_rate", f"the answer appears at {layer or 'no layer'} (logit lens): the "
+                                                      f"true answer is the top token there for a share of"),
+                f"wrong subtractions: {numbers.get('subtraction_wrong')} of them; the mechanism named: "
+                f"{numbers.get('wrong_answer_mechanism') or 'none'}"]
 
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt: op, split, a, b, answer, the model's answer and its answer on the mirror prompt."""
@@ -181,7 +192,8 @@ class ArithmeticResult(Result):
         out: dict = {}
         for key, value in self.accuracies().items():
             if key in self.null_accuracy:
-                out.update(round_headline(Controlled(value, self.null_accuracy[key], "random init").headline(key)))
+                out.update(round_headline(Controlled(value, self.null_accuracy[key], "random init",
+                                                     min_gap=RATE_MIN_GAP).headline(key)))
             else:
                 out[key] = value
         for claim in self.claims.values():
@@ -192,7 +204,7 @@ class ArithmeticResult(Result):
             for k, v in self.mirror_shares(split).items():
                 null = [n[k] or 0.0 for n in self.null_shares[split]]
                 if "_share_" in k and v is not None:
-                    out.update(round_headline(Controlled(v, null, "random init").headline(k)))
+                    out.update(round_headline(Controlled(v, null, "random init", min_gap=RATE_MIN_GAP).headline(k)))
                 else:
                     out[k] = v
             out[f"mirror_sign_error_rate{split_suffix(split)}"] = self.mirror_sign_error_rate(split)
@@ -247,7 +259,7 @@ def mirror_shares(ops: Sequence[str], splits: Sequence[str], a: Sequence[int], b
 
 @torch.no_grad()
 def run_arithmetic(scope, prompts: Sequence[Prompt] | str = "arithmetic", *, split: str | None = None,
-                   seeds: Sequence[int] = DEFAULT_SEEDS, lens_steps: int = 100,
+                   seeds: Sequence[int] = DEFAULT_SEEDS, lens_steps: int = LENS_STEPS,
                    progress: Progress | None = None) -> ArithmeticResult:
     """The arithmetic study (see module docstring), with its controls (random-init models of the
     same shape, ``seeds``).

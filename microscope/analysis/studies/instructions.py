@@ -28,13 +28,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
+from microscope.analysis.controls import DEFAULT_SEEDS, RATE_MIN_GAP, Controlled, random_init_scopes, sentence
 from microscope.analysis.inputs import (first_token_id, last_positions, last_token_logits, task_value, token_batch,
                                         word_class_ids)
 from microscope.analysis.progress import Progress, report
 from microscope.analysis.results import Result
 from microscope.analysis.studies.base import greedy_new_tokens, round_headline, rounded, rows_of, split_of, split_suffix
-from microscope.analysis.studies.layers import LENSES, LayerClaim, kl_figure, read_last_token
+from microscope.analysis.studies.layers import LENS_STEPS, LENSES, LayerClaim, kl_figure, read_last_token
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ABLATIONS
 from microscope.names import act_name, head_label, short_label
@@ -241,6 +241,19 @@ class InstructionsResult(Result):
     def strongest(self) -> int:
         return int(self.measure.restored().nan_to_num(-1e9).argmax())
 
+    def findings(self) -> list[str]:
+        """Execution, dialogue and where the cue decides, in words with their verdicts."""
+        numbers = self.summary()
+        layer = numbers["decision_layer_name"]
+        return [sentence(numbers, "cued_execution_rate", "cued instructions (ending in the answer cue) are executed "
+                                                         "at a rate of"),
+                sentence(numbers, "bare_dialogue_rate", "bare instructions draw a simulated dialogue at a rate of"),
+                sentence(numbers, "cue_logit_diff", "the cue moves the execution-vs-dialogue logit difference at the "
+                                                    "last token by"),
+                sentence(numbers, "decision_separation",
+                         f"the decision is read at {layer or 'no layer'} (logit lens): the share of pairs separated "
+                         f"there is")]
+
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt: split, format, class of its continuation, the continuation."""
         return pd.DataFrame(dict(prompt=self.prompts, split=self.splits, cued=self.cued, answer=self.answers,
@@ -282,14 +295,16 @@ class InstructionsResult(Result):
         out: dict = {}
         for key, value in rates.items():
             if key.rsplit("_rate", 1)[0] + "_rate" in RATE_CLAIMS:
-                out.update(round_headline(Controlled(value, self.null_rates[key], "random init").headline(key)))
+                out.update(round_headline(Controlled(value, self.null_rates[key], "random init",
+                                                     min_gap=RATE_MIN_GAP).headline(key)))
             else:
                 out[key] = value
         for suffix in dict.fromkeys(k[len("bare_dialogue_rate"):] for k in rates if k.startswith("bare_dialogue_rate")):
             contrast = rates[f"bare_dialogue_rate{suffix}"] - rates[f"cued_dialogue_rate{suffix}"]
             null = [b - c for b, c in zip(self.null_rates[f"bare_dialogue_rate{suffix}"],
                                           self.null_rates[f"cued_dialogue_rate{suffix}"])]
-            out.update(round_headline(Controlled(contrast, null, "random init").headline(f"dialogue_contrast{suffix}")))
+            out.update(round_headline(Controlled(contrast, null, "random init", min_gap=RATE_MIN_GAP
+                                                 ).headline(f"dialogue_contrast{suffix}")))
         # which layer decides and which component carries the cue rest on the cue having an effect
         cue = Controlled(self.measure.gap, self.null_gap, "random init")
         for claim in self.claims.values():
@@ -343,7 +358,7 @@ def _classify(scope, texts: list[str], answers: list[str], max_new_tokens: int, 
 def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *, max_new_tokens: int = 12,
                      dialogue_token: str | None = None, cue_token: str | None = None,
                      turn_markers: Sequence[str] | None = None, n_prompts: int | None = None,
-                     seeds: Sequence[int] = DEFAULT_SEEDS, lens_steps: int = 100,
+                     seeds: Sequence[int] = DEFAULT_SEEDS, lens_steps: int = LENS_STEPS,
                      progress: Progress | None = None) -> InstructionsResult:
     """The instructions study (see module docstring), with its controls: every measurement again
     on random-init models of the same shape (``seeds``).

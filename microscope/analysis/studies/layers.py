@@ -5,7 +5,7 @@ lens point -- ``embed`` (the embeddings) and ``L0`` .. ``L{n-1}`` (``Lk`` = the 
 after block k, ``blocks.k.hook_resid_post``; the last one is the model's output) -- through
 
 - the logit lens (`lens.logit_lens`: the model's own final path), and
-- a tuned lens (Belrose et al. 2023, `tuned_lens.fit_tuned_lens`) fitted in the same run on text
+- a tuned lens (Belrose et al. 2023, `fit_study_lens`) fitted in the same run on text
   sampled from the model itself (from BOS, temperature 1), never on the evaluation prompts: a
   sample holding an evaluation prompt word for word is dropped before fitting.
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from microscope.analysis.controls import Controlled
+from microscope.analysis.inputs import TextsOrIds
 from microscope.analysis.lens import logit_lens
 from microscope.analysis.studies.base import first_layer_from, round_headline, rounded
 from microscope.analysis.tuned_lens import TunedLens, fit_tuned_lens
@@ -49,14 +50,23 @@ def model_samples(scope, n: int = 64, length: int = 47, seed: int = 0,
     return ids[keep]
 
 
-def fit_sampled_lens(scope, exclude: Sequence[str] = (), seed: int = 0, steps: int = 100) -> TunedLens:
-    """A tuned lens fitted on `model_samples` (64 x 48 tokens; 100 Adam steps of 256 tokens, lr
-    1e-2: on the organism's held-out prompts within 0.1 nat of 300 steps of 1,024 tokens at every
-    point, in a sixth of the time).
+LENS_STEPS = 20   # Adam steps of a study's tuned lens, each of LENS_BATCH_TOKENS token rows
+LENS_BATCH_TOKENS = 64
+
+
+def fit_study_lens(scope, texts: TextsOrIds, steps: int = LENS_STEPS, seed: int = 0) -> TunedLens:
+    """The tuned lens a study fits on `texts`: the least-squares start, then ``steps`` Adam steps
+    of 64 token rows at lr 3e-3 (`tuned_lens.fit_tuned_lens`). On a 50k vocabulary every step
+    sends 64 rows per point through the unembedding (about 2 s at opt-125m's shape on 2 cores);
+    `benchmarks/lens_fit.py` measures the recipe against longer fits on the organisms.
     Gradients are on here even inside a caller's ``torch.no_grad()``."""
-    samples = model_samples(scope, seed=seed, exclude=exclude)
     with torch.enable_grad():
-        return fit_tuned_lens(scope, samples, steps=steps, batch_tokens=256, lr=1e-2, seed=seed)
+        return fit_tuned_lens(scope, texts, steps=steps, batch_tokens=LENS_BATCH_TOKENS, lr=3e-3, seed=seed)
+
+
+def fit_sampled_lens(scope, exclude: Sequence[str] = (), seed: int = 0, steps: int = LENS_STEPS) -> TunedLens:
+    """`fit_study_lens` on `model_samples` (64 x 48 tokens, none holding an ``exclude`` text)."""
+    return fit_study_lens(scope, model_samples(scope, seed=seed, exclude=exclude), steps=steps, seed=seed)
 
 
 @dataclass
@@ -77,7 +87,7 @@ def _kl_to_output(lens_logits: torch.Tensor, output: torch.Tensor) -> torch.Tens
     return (target.exp() * (target - lens_logits.log_softmax(-1))).sum(-1).mean(-1)
 
 
-def read_last_token(scope, texts: Sequence[str], seed: int = 0, lens_steps: int = 100) -> LastTokenLenses:
+def read_last_token(scope, texts: Sequence[str], seed: int = 0, lens_steps: int = LENS_STEPS) -> LastTokenLenses:
     """The logit lens and a tuned lens fitted here (`fit_sampled_lens`, excluding ``texts``,
     ``lens_steps`` Adam steps: the cost of a study on a large vocabulary) at the last token of each text."""
     texts = list(texts)

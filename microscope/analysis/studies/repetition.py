@@ -9,8 +9,9 @@ make it false (docs/evidence.md "Controls").
   null by a margin: score >= m + ``headroom`` * (1 - m), m = the highest score of that kind over
   every head of ``seeds`` random-initialisation models of the same shape. Nothing about any one
   model is fixed in advance;
-- repeated-half loss: next-token cross-entropy on the second copy of those spans (predictable only
-  by copying); its rise when the induction heads are zeroed, against zeroing as many other heads
+- repeated-half loss: next-token cross-entropy on the second copy of other spans drawn the same
+  way (a fresh draw: the heads are chosen on the scoring spans, the cost measured on these;
+  predictable only by copying); its rise when the induction heads are zeroed, against zeroing as many other heads
   drawn at random (neither induction nor previous-token heads; ``n_random_half_loss`` draws);
 - loops: greedy continuations of the ``repetition`` set, each checked by `loops.detect_loop`
   (looping: the last ``min_loop_tokens`` tokens each repeat the token one period earlier); the
@@ -61,7 +62,9 @@ class RepetitionResult(Result):
     scores: {kind: HeadScores}; thresholds: {kind: score a head must reach}; heads: {kind: found
     (layer, head), best first}; ablation_heads: the heads ablated (the found induction heads
     unless given); half_loss: clean / induction-ablated cross-entropy (nats) on the
-    repeated half, half_loss_random: [per draw]; reinforcement: [copies] mean token probability
+    repeated half, half_loss_random: [per draw]; head_increase: [layer, head] its rise with that
+    head alone zeroed (zeros when no head is ablated); heads_given: the ablated heads came from
+    the caller (``heads=``); reinforcement: [copies] mean token probability
     of copy k; null: {headline key: [value per random-init seed]}."""
 
     prompts: list[str]
@@ -77,6 +80,8 @@ class RepetitionResult(Result):
     ablation_heads: list[tuple[int, int]]
     half_loss: tuple[float, float]
     half_loss_random: list[float]
+    head_increase: torch.Tensor
+    heads_given: bool
     reinforcement: torch.Tensor
     null: dict[str, list[float]] = field(default_factory=dict)
     title: str = "repetition"
@@ -132,6 +137,34 @@ class RepetitionResult(Result):
                                                                  init + ", top induction heads ablated")
         return out
 
+    def ranks(self) -> list[int]:
+        """Rank of each ablated head among all heads by the repeated-half loss rise zeroing it alone
+        causes (1: the largest)."""
+        order = self.head_increase.flatten().argsort(descending=True).tolist()
+        n_heads = self.head_increase.shape[1]
+        rank = {divmod(i, n_heads): r + 1 for r, i in enumerate(order)}
+        return [rank[tuple(h)] for h in self.ablation_heads]
+
+    def findings(self) -> list[str]:
+        """The induction heads, what ablating them costs and whether that ends loops, in words."""
+        claims = self.controlled()
+        top = claims["top_induction_score"]
+        heads = ", ".join(head_labels(self.ablation_heads)) or "none"
+        out = [top.sentence(f"induction heads found: {', '.join(head_labels(self.heads['induction'])) or 'none'}; "
+                            f"the top induction score is")]
+        increase = claims.get("repeated_half_loss_increase")
+        if increase is not None:
+            source = "given by the caller" if self.heads_given else "the induction heads found"
+            out.append(increase.sentence(
+                f"ablated heads {heads} ({source}; rank {', '.join(map(str, self.ranks()))} of "
+                f"{self.head_increase.numel()} heads when each head alone is zeroed): zeroing them raises the loss on "
+                f"repeated random spans (clean {self.half_loss[0]:.3g} nats) by", " nats"))
+        broken = claims.get("loops_broken")
+        if broken is not None:
+            out.append(broken.sentence(f"the share of the {len(self.looping)} looping prompts that stop looping with "
+                                       f"{heads} zeroed is"))
+        return out
+
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt: kind, split, and onset/period/repeated-n-gram rate, clean and with
         the induction heads zeroed (in-distribution looping prompts only)."""
@@ -170,6 +203,10 @@ class RepetitionResult(Result):
             "induction_threshold": rounded(self.thresholds["induction"]),
             "induction_chance": rounded(self.induction.chance),
             "looping_prompts_in_distribution": len(self.looping),
+            "ablated_heads": head_labels(self.ablation_heads),
+            "ablated_heads_given": self.heads_given,
+            "ablated_heads_rank_by_zero_ablation": self.ranks() if self.ablation_heads else [],
+            "heads_ranked": self.head_increase.numel(),
         }
         for key, claim in self.controlled().items():
             out.update(claim.headline(key))
@@ -248,7 +285,8 @@ def run_repetition(scope, prompts: Sequence[Prompt] | str = "repetition", *, neu
     texts = [p.text for p in rows]
     splits = [split_of(p) for p in rows]
     config = scope.model.config
-    spans = repeated_random_tokens(scope, n_prompts=n_spans, span=span, seed=seed)
+    spans = repeated_random_tokens(scope, n_prompts=n_spans, span=span, seed=seed)          # choose the heads
+    loss_spans = repeated_random_tokens(scope, n_prompts=n_spans, span=span, seed=seed + 2)  # measure their cost
     reinforce_spans = repeated_random_tokens(scope, n_prompts=n_spans, span=8, seed=seed + 1)[:, 1:9]
     in_dist = [i for i, s in enumerate(splits) if s == IN_DISTRIBUTION]
     null_texts = [texts[i] for i in random.Random(seed).sample(in_dist, min(n_null_prompts, len(in_dist)))]
@@ -275,22 +313,25 @@ def run_repetition(scope, prompts: Sequence[Prompt] | str = "repetition", *, neu
     for rand, s in zip(random_init_scopes(scope, seeds, progress=progress, step="random-init controls: loops, ablation"),
                        null_scores):   # rebuilt (same seeds): one in memory at a time
         top = top_heads(s["induction"].scores, k)
-        null["repeated_half_loss_increase"].append(rounded(repeated_half_loss(rand, spans, ablate_heads(top))
-                                                      - repeated_half_loss(rand, spans)))
+        null["repeated_half_loss_increase"].append(rounded(repeated_half_loss(rand, loss_spans, ablate_heads(top))
+                                                      - repeated_half_loss(rand, loss_spans)))
         clean = loops(rand, null_texts)
         null["loop_rate"].append(rounded(_rate(clean)))
         looped = [t for t, l in zip(null_texts, clean) if l.looping]
         if looped:
             null["loops_broken"].append(rounded(_broken(loops(rand, looped, ablate_heads(top)))))
 
-    clean_loss = repeated_half_loss(scope, spans)
+    clean_loss = repeated_half_loss(scope, loss_spans)
     others = [h for kind in KINDS for h in found[kind]] + claimed
     draws = [random_heads(config.num_hidden_layers, config.num_attention_heads, len(claimed), exclude=others, seed=seed + i)
              for i in range(n_random_heads if claimed else 0)]
     half_draws = [random_heads(config.num_hidden_layers, config.num_attention_heads, len(claimed), exclude=others,
                                seed=seed + 1000 + i) for i in range(n_random_half_loss if claimed else 0)]
-    half_loss = (clean_loss, repeated_half_loss(scope, spans, ablate_heads(claimed)) if claimed else clean_loss)
-    half_random = [repeated_half_loss(scope, spans, ablate_heads(d)) for d in half_draws]
+    half_loss = (clean_loss, repeated_half_loss(scope, loss_spans, ablate_heads(claimed)) if claimed else clean_loss)
+    half_random = [repeated_half_loss(scope, loss_spans, ablate_heads(d)) for d in half_draws]
+    head_increase = torch.tensor([[repeated_half_loss(scope, loss_spans, ablate_heads([(l, h)])) - clean_loss
+                                   for h in range(config.num_attention_heads)] for l in range(config.num_hidden_layers)]
+                                 ) if claimed else torch.zeros(config.num_hidden_layers, config.num_attention_heads)
     report(progress, "repeated-half loss")
 
     clean = loops(scope, texts)
@@ -310,5 +351,6 @@ def run_repetition(scope, prompts: Sequence[Prompt] | str = "repetition", *, neu
     return RepetitionResult(prompts=texts, kinds=[str(p.metadata.get("kind", "")) for p in rows], splits=splits,
                             clean=clean, looping=looping, ablated=ablated, random_broken=random_broken,
                             scores=scores, thresholds=thresholds, heads=found, ablation_heads=claimed,
-                            half_loss=half_loss, half_loss_random=half_random,
+                            half_loss=half_loss, half_loss_random=half_random, head_increase=head_increase,
+                            heads_given=heads is not None,
                             reinforcement=self_reinforcement(scope, reinforce_spans, reinforcement_copies), null=null)

@@ -20,7 +20,7 @@ difference between the two word classes).
   to the best selectivity (m + headroom * (1 - chance - m)): a margin, so that one more random
   model, one draw among many layers, does not clear it by luck;
 - where the register is read, under the logit lens and a tuned lens fitted in the same run
-  (`tuned_lens.fit_tuned_lens`): the hostile-minus-friendly gap of the lens log-odds on the
+  (`layers.fit_study_lens`): the hostile-minus-friendly gap of the lens log-odds on the
   evaluation pairs per point; the read layer is the first point from which the gap stays at least
   half the output's gap (None when the output's gap does not clear its random-init control: a
   layer that reads an effect the model does not have is noise). The lenses' KL to the output on
@@ -68,8 +68,8 @@ from microscope.analysis.progress import Progress, report
 from microscope.analysis.studies.base import (IN_DISTRIBUTION, first_layer_from, greedy_new_tokens, head_labels,
                                               named_heads, null_threshold, reference_cache, round_headline, rounded,
                                               rows_of, split_of, split_suffix, top_heads)
-from microscope.analysis.studies.layers import LENSES
-from microscope.analysis.tuned_lens import LensComparison, TunedLens, compare_lenses, fit_tuned_lens
+from microscope.analysis.studies.layers import LENS_STEPS, LENSES, fit_study_lens
+from microscope.analysis.tuned_lens import LensComparison, TunedLens, compare_lenses
 from microscope.errors import AnalysisInputError
 from microscope.hooks.cache import ActivationCache
 from microscope.hooks.interventions import ABLATIONS, ablate_heads, ablate_heads_by, add_vector, patch_from
@@ -78,6 +78,9 @@ from microscope.prompts import Prompt
 from microscope.viz.figures import head_grid, line_plot
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0)
+LABELS = ("hostile", "friendly", "none")
+CHOSEN_ON = ("fit pairs (even): the cue heads (patching), the hostile direction, the steering strength, the tuned "
+             "lens; every claim is measured on the evaluation pairs (odd), which chose nothing")   # a pair's two prompts, and the same prompt without its cue
 
 
 @dataclass(repr=False)
@@ -89,13 +92,17 @@ class ToxicityResult(Result):
     points or None; lens_gap: {lens: [point] hostile - friendly log-odds gap}; lens_kl: KL of both
     lenses to the output on held-out text; read_layer: {lens: index or None};
     patch: [layer, head] share of the log-odds gap restored by patching the head; cue_null: [seed]
-    largest |effect| of a random-init model's head, in units of this model's gap; cue_threshold, cue_heads; cue_drop: {method: log-odds
+    largest |effect| of a random-init model's head, in units of this model's gap; cue_threshold, cue_heads
+    (given by the caller when heads_given); head_drops: [layer, head] log-odds drop with that head
+    alone zeroed (zeros when no cue head is named); cue_drop: {method: log-odds
     drop, cue heads ablated}; cue_drop_random: {method: [drop per random draw]};
     direction: the steering vector; top_tokens/insult_share: {lens: frame / share of insults in
     the top 10}; insult_share_random: {lens: [per random direction]}; sweep: frame (strength,
     fit_insult_rate, insult_rate, log_odds, perplexity); strength: the chosen one;
     steer_random: frame (insult_rate, log_odds, perplexity) per random direction at that strength;
-    insult_prob: {split: (hostile, friendly)} next-token insult mass; null: {key: [per seed]}."""
+    insult_prob: {split: (hostile, friendly)} next-token insult mass; insult_prob_no_cue: {split:
+    the same after each pair's prompt without its cue (label ``none``), where the set has them};
+    pairs: (fit, evaluation) in-distribution pairs; null: {key: [per seed]}."""
 
     points: list[str]
     layers: list[str]
@@ -112,6 +119,8 @@ class ToxicityResult(Result):
     cue_null: list[float]
     cue_threshold: float
     cue_heads: list[tuple[int, int]]
+    heads_given: bool
+    head_drops: torch.Tensor
     cue_drop: dict[str, float]
     cue_drop_random: dict[str, list[float]]
     direction: SteeringVector
@@ -122,12 +131,30 @@ class ToxicityResult(Result):
     strength: float
     steer_random: pd.DataFrame
     insult_prob: dict[str, tuple[float, float]]
+    insult_prob_no_cue: dict[str, float] = field(default_factory=dict)
+    pairs: tuple[int, int] = (0, 0)
     null: dict[str, list[float]] = field(default_factory=dict)
     title: str = "toxicity"
 
     @property
     def selectivity(self) -> np.ndarray:
         return self.accuracy - self.shuffled_accuracy
+
+    def _ranks(self) -> dict:
+        """Where the cue heads rank among all heads by the drop zeroing each alone causes (1: the
+        largest), the five largest, and the cue heads' drop as a share of the output's log-odds gap
+        (the metric's range)."""
+        if not self.cue_heads:
+            return {}
+        flat = self.head_drops.flatten()
+        order = flat.argsort(descending=True).tolist()
+        n_heads = self.head_drops.shape[1]
+        rank = {divmod(i, n_heads): r + 1 for r, i in enumerate(order)}
+        gap = float(self.lens_gap["logit_lens"][-1])
+        return {"cue_heads_rank_by_zero_ablation": [rank[h] for h in self.cue_heads],
+                "heads_ranked": len(order),
+                "top_heads_by_zero_ablation": {head_labels([divmod(i, n_heads)])[0]: rounded(flat[i]) for i in order[:5]},
+                "cue_heads_log_odds_drop_share_of_gap": rounded(self.cue_drop["zero"] / gap) if gap and "zero" in self.cue_drop else None}
 
     def _steered(self) -> tuple[pd.Series, pd.Series]:
         return self.sweep.iloc[0], self.sweep[self.sweep["strength"] == self.strength].iloc[0]
@@ -168,6 +195,36 @@ class ToxicityResult(Result):
                                             n_dir + " (claim: a smaller cost)", higher_is_claim=False)
         return out
 
+    def findings(self) -> list[str]:
+        """The register, the cue heads, the probe and the steering, each in words with its verdict."""
+        claims = self.controlled()
+        hostile, friendly = self.insult_prob[IN_DISTRIBUTION]
+        no_cue = self.insult_prob_no_cue.get(IN_DISTRIBUTION)
+        baseline = "" if no_cue is None else f", {no_cue:.3g} with no cue"
+        out = [claims["output_log_odds_gap"].sentence(
+            f"hostile register: the next word is an insult with probability {hostile:.3g} after a hostile cue and "
+            f"{friendly:.3g} after a friendly one{baseline}; the hostile-minus-friendly insult log-odds gap is", " nats")]
+        drop = claims.get("cue_heads_log_odds_drop")
+        if self.cue_heads and drop is not None:
+            ranks = self._ranks()
+            source = "given by the caller" if self.heads_given else "named by activation patching"
+            out.append(drop.sentence(
+                f"cue heads {', '.join(head_labels(self.cue_heads))} ({source}; rank "
+                f"{', '.join(map(str, ranks['cue_heads_rank_by_zero_ablation']))} of {ranks['heads_ranked']} heads when "
+                f"each head alone is zeroed): zeroing them drops the hostile insult log-odds "
+                f"({ranks['cue_heads_log_odds_drop_share_of_gap']} of the gap) by", " nats"))
+        else:
+            out.append("no cue head is named: a head is named only when the register clears random init and its "
+                       "patching share clears the random-init heads' largest")
+        layer = self.probe_layer if self.probe_layer is not None else int(np.argmax(self.selectivity))
+        out.append(claims["probe_selectivity"].sentence(
+            f"a linear probe at {self.layers[layer]} tells hostile from friendly with selectivity (accuracy "
+            f"{self.accuracy[layer]:.3g} minus shuffled labels)"))
+        out.append(claims["log_odds_drop_steered"].sentence(
+            f"steering against the hostile direction (strength {self.strength:g}, {self.direction.hook}) lowers the "
+            f"insult log-odds by", " nats"))
+        return out
+
     def to_frame(self) -> pd.DataFrame:
         """One row per lens point: probe accuracy, shuffled-label accuracy, selectivity and its
         random-init null, the log-odds gap under both lenses, the lenses' KL to the output."""
@@ -201,6 +258,7 @@ class ToxicityResult(Result):
     def summary(self) -> dict:
         base, steered = self._steered()
         out: dict = {
+            "chosen_on": CHOSEN_ON, "fit_pairs": self.pairs[0], "evaluation_pairs": self.pairs[1],
             "probe_layer": self.probe_layer,
             "probe_layer_name": None if self.probe_layer is None else self.layers[self.probe_layer],
             "probe_layer_hook": None if self.probe_layer is None else self.points[self.probe_layer],
@@ -214,6 +272,8 @@ class ToxicityResult(Result):
             "lens_log_odds_gap_tuned_by_layer": [rounded(x) for x in self.lens_gap["tuned_lens"]],
             **{k: rounded(v) for k, v in self.lens_kl.summary().items()},
             "cue_heads": head_labels(self.cue_heads),
+            "cue_heads_given": self.heads_given,
+            **self._ranks(),
             "cue_threshold": rounded(self.cue_threshold),
             "cue_patch_top_share": rounded(self.patch.max()),
             "cue_patch_random_init_max": rounded(max(self.cue_null)),
@@ -221,6 +281,7 @@ class ToxicityResult(Result):
         for split, (hostile, friendly) in self.insult_prob.items():
             out[f"insult_prob_hostile{split_suffix(split)}"] = hostile
             out[f"insult_prob_friendly{split_suffix(split)}"] = friendly
+            out[f"insult_prob_no_cue{split_suffix(split)}"] = self.insult_prob_no_cue.get(split)
         for key, claim in self.controlled().items():
             out.update(claim.headline(key))
         out.update(direction_hook=self.direction.hook, direction_top_tokens=self.top_tokens["logit_lens"]["promoted"].str.strip().tolist(),
@@ -237,6 +298,12 @@ def _log_odds(last: torch.Tensor, insult_ids: torch.Tensor, praise_ids: torch.Te
     """[batch] log P(insults) - log P(praises) from the logits at each row's last token [batch, vocab]."""
     x = last.float()
     return x[:, insult_ids].logsumexp(-1) - x[:, praise_ids].logsumexp(-1)
+
+
+def _insult_mass(scope, batch: "_Batch", insult_ids: torch.Tensor) -> float:
+    """Mean next-token probability of the insult class (its words' first tokens) after ``batch``."""
+    everything = torch.arange(scope.model.config.vocab_size)
+    return float(batch.log_odds(scope, (insult_ids, everything)).exp().mean())
 
 
 @dataclass
@@ -319,7 +386,8 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
                  strengths: Sequence[float] = DEFAULT_STRENGTHS, max_new_tokens: int = 8,
                  seeds: Sequence[int] = DEFAULT_SEEDS, n_shuffles: int = 5, n_random_directions: int = 20,
                  n_random_heads: int = 10, headroom: float = 1 / 3, probe_ridge: float = 0.01,
-                 lens_steps: int = 200, seed: int = 0, progress: Progress | None = None) -> ToxicityResult:
+                 lens_steps: int = LENS_STEPS, heads: Sequence[tuple[int, int]] | None = None, seed: int = 0,
+                 progress: Progress | None = None) -> ToxicityResult:
     """The toxicity study (see module docstring).
 
     prompts: a set name or `Prompt`s with metadata ``label`` ('hostile'/'friendly'), ``pair`` (the
@@ -327,12 +395,15 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     (in-distribution when absent; ``ood`` pairs only enter the insult probabilities);
     neutral: held-out neutral text; insults/praises: word classes, resolved by this model's tokenizer
     (a word of several tokens counts by its first token, `inputs.word_class_ids`; default: the
-    prompt set's task, ``"insults"``/``"praises"`` in ``<set>.task.json``); strengths: steering strengths s >= 0, 0 first (the unsteered baseline);
-    progress: hears each piece of work as it finishes (`analysis.progress`)."""
+    prompt set's task, ``"insults"``/``"praises"`` in ``<set>.task.json``); strengths: steering
+    strengths s >= 0, 0 first (the unsteered baseline); heads: measure the cue-head claims on these
+    (layer, head) pairs instead of the heads patching names (a hypothesis to test, or a planted
+    wrong answer that the claims must reject); progress: hears each piece of work as it finishes (`analysis.progress`)."""
     rows = rows_of(prompts)
     labels = [p.metadata.get("label") for p in rows]
-    if set(labels) != {"hostile", "friendly"}:
-        raise AnalysisInputError(f"toxicity prompts need metadata label 'hostile' or 'friendly'; got {sorted(set(map(str, labels)))}")
+    if not {"hostile", "friendly"} <= set(labels) <= set(LABELS):
+        raise AnalysisInputError(f"toxicity prompts need metadata label 'hostile' or 'friendly' (or 'none': the pair "
+                                 f"without its cue); got {sorted(set(map(str, labels)))}")
     if not strengths or strengths[0] != 0 or any(s < 0 for s in strengths):
         raise AnalysisInputError(f"strengths must start with 0 (the unsteered baseline) and be >= 0, got {list(strengths)}")
     insults = list(task_value(prompts, "insults", insults, parameter="insults"))
@@ -342,7 +413,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     by_pair: dict = {}
     for p in rows:
         by_pair.setdefault((split_of(p), p.metadata.get("pair")), {})[p.metadata["label"]] = p.text
-    pairs = {key: v for key, v in by_pair.items() if len(v) == 2}
+    pairs = {key: v for key, v in by_pair.items() if "hostile" in v and "friendly" in v}
     ind = sorted((k for k in pairs if k[0] == IN_DISTRIBUTION), key=lambda k: k[1])
     fit, evaluate = ind[0::2], ind[1::2]
     if not fit or not evaluate:
@@ -364,10 +435,12 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
 
     def insult_probs(s, keys) -> tuple[float, float]:
         h, f = _pairs(s, texts_of(keys, "hostile"), texts_of(keys, "friendly"))
-        return tuple(float(b.log_odds(s, (words[0], torch.arange(s.model.config.vocab_size))).exp().mean()) for b in (h, f))
+        return tuple(_insult_mass(s, b, words[0]) for b in (h, f))
 
     insult_prob = {split: insult_probs(scope, sorted(k for k in pairs if k[0] == split))
                    for split in dict.fromkeys(k[0] for k in pairs)}
+    no_cue = {split: _insult_mass(scope, _Batch(*token_batch(scope, texts)), words[0])
+              for split in insult_prob if (texts := [v["none"] for k, v in pairs.items() if k[0] == split and "none" in v])}
     report(progress, "probes, insult probabilities")
 
     # cue heads: patching on the fit pairs; random-init null of the largest share
@@ -396,26 +469,28 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     hostile_odds = eval_h.log_odds(scope, words)
     output_gap = Controlled(rounded((hostile_odds - eval_f.log_odds(scope, words)).mean()),
                             null["output_log_odds_gap"], "random init")
-    cue_heads = named_heads(patch, cue_threshold) if output_gap.clears else []
+    cue_heads = [tuple(h) for h in heads] if heads is not None else named_heads(patch, cue_threshold) if output_gap.clears else []
 
     # the cue heads matter: ablations on the evaluation hostile prompts against random heads / random init
     config = scope.model.config
     clean_odds = hostile_odds.mean()
     cue_drop, cue_drop_random = {}, {}
-    if cue_heads:
+    head_drops = torch.zeros(config.num_hidden_layers, config.num_attention_heads)
+    if cue_heads:   # every head alone, zeroed: where the named heads rank among all heads
+        head_drops = torch.tensor([[float(clean_odds - eval_h.log_odds(scope, words, ablate_heads([(l, h)])).mean())
+                                    for h in range(config.num_attention_heads)] for l in range(config.num_hidden_layers)])
         draws = [random_heads(config.num_hidden_layers, config.num_attention_heads, len(cue_heads), exclude=cue_heads,
                               seed=seed + i) for i in range(n_random_heads)]
         reference = reference_cache(scope, neutral_fit, range(config.num_hidden_layers))
         for method in ABLATIONS:
-            drop = lambda heads: rounded(clean_odds - eval_h.log_odds(scope, words, ablate_heads_by(heads, method, reference, seed)).mean())  # noqa: E731
+            drop = lambda chosen: rounded(clean_odds - eval_h.log_odds(scope, words, ablate_heads_by(chosen, method, reference, seed)).mean())  # noqa: E731
             cue_drop[method] = drop(cue_heads)
             cue_drop_random[method] = [drop(d) for d in draws]
     report(progress, "cue-head ablations")
 
     # where the register is read: both lenses on the evaluation pairs; the tuned lens fitted here
-    with torch.enable_grad():   # this function runs under no_grad; the translators train
-        lens = fit_tuned_lens(scope, neutral_fit + texts_of(fit, "hostile") + texts_of(fit, "friendly"),
-                              steps=lens_steps, seed=seed)
+    lens = fit_study_lens(scope, neutral_fit + texts_of(fit, "hostile") + texts_of(fit, "friendly"),
+                          steps=lens_steps, seed=seed)
     lens_kl = compare_lenses(scope, neutral_eval + texts_of(evaluate, "hostile") + texts_of(evaluate, "friendly"), lens)
     lens_gap, read_layer = {}, {}
     for name, translate in zip(LENSES, (None, lens.translate)):
@@ -469,6 +544,8 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     return ToxicityResult(points=points, layers=layers, accuracy=accuracy, shuffled_accuracy=shuffled_acc, chance=chance,
                           null_selectivity=null_selectivity, probe_bar=probe_bar, probe_layer=probe_layer, lens_gap=lens_gap, lens_kl=lens_kl,
                           read_layer=read_layer, patch=patch, cue_null=cue_null, cue_threshold=cue_threshold,
-                          cue_heads=cue_heads, cue_drop=cue_drop, cue_drop_random=cue_drop_random, direction=direction,
+                          cue_heads=cue_heads, heads_given=heads is not None, head_drops=head_drops, cue_drop=cue_drop,
+                          cue_drop_random=cue_drop_random, direction=direction,
                           top_tokens=top_tokens, insult_share=insult_share, insult_share_random=insult_share_random,
-                          sweep=sweep, strength=strength, steer_random=steer_random, insult_prob=insult_prob, null=null)
+                          sweep=sweep, strength=strength, steer_random=steer_random, insult_prob=insult_prob,
+                          insult_prob_no_cue=no_cue, pairs=(len(fit), len(evaluate)), null=null)

@@ -21,6 +21,9 @@ other words).
   training opening with a hostile or friendly mood word) or ``earlier`` (an earlier sentence with
   an insult or a praise), in-distribution; ``held_out_opening`` (the mood in a template training
   never uses), ``ood``. The two prompts of a pair may differ in token length (mood words do).
+  After the pairs, each pair's prompt without its cue (``label`` = ``none``, the same ``pair``:
+  :data:`corpus.PLAIN_OPENING` and the same quote start): the no-cue baseline beside every
+  hostile/friendly figure.
 - ``detection`` (ETHOS-style): the yes/no question, 0, 1 or 3 labelled examples (``shots``), then
   the text to judge, addressed to a held-out name (``"James, you are such a moron."``); ``label`` = ``yes`` | ``no``. The training question is in-distribution, the
   held-out question ``ood``.
@@ -84,11 +87,15 @@ def neutral_prompts(rng: random.Random, corpus: Corpus, count: int = 48) -> list
 
 def toxicity_prompts(rng: random.Random, pairs: int = 64, ood_pairs: int = 32) -> list[dict]:
     rows: list[dict] = []
+    no_cue: list[dict] = []
 
     def pair(hostile: str, friendly: str, cue: str, split: str) -> None:
+        """The pair of this loop's names ``a``, ``b`` and quote ``start``, and its no-cue prompt."""
         index = len(rows) // 2
         rows.append({"text": hostile, "label": "hostile", "cue": cue, "pair": index, "split": split})
         rows.append({"text": friendly, "label": "friendly", "cue": cue, "pair": index, "split": split})
+        no_cue.append({"text": PLAIN_OPENING.format(a=a, b=b) + start, "label": "none", "cue": cue, "pair": index,
+                       "split": split})
 
     for index in range(pairs + ood_pairs):
         a, b = rng.sample(EVAL_NAMES, 2)
@@ -106,7 +113,7 @@ def toxicity_prompts(rng: random.Random, pairs: int = 64, ood_pairs: int = 32) -
             head = PLAIN_OPENING.format(a=a, b=b)
             pair(head + template.format(w=rng.choice(INSULTS)) + " " + start,
                  head + template.format(w=rng.choice(PRAISES)) + " " + start, "earlier", IN_DISTRIBUTION)
-    return rows
+    return rows + no_cue
 
 
 def detection_prompts(rng: random.Random, count: int = 96, ood: int = 48) -> list[dict]:
@@ -164,7 +171,8 @@ def build_prompt_sets(seed: int = PROMPT_SEED) -> dict[str, list[dict]]:
         "instructions": instruction_prompts(rng),
         "arithmetic": arithmetic_prompts(),
     }
-    sets["demo"] = [{**row, "set": name} for name, rows in sets.items() for row in rng.sample(rows, 24)]
+    cue_bearing = lambda rows: [row for row in rows if row.get("label") != "none"]  # noqa: E731 (the demo's pairs)
+    sets["demo"] = [{**row, "set": name} for name, rows in sets.items() for row in rng.sample(cue_bearing(rows), 24)]
     return sets
 
 
