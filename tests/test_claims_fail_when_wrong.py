@@ -128,7 +128,7 @@ def test_a_random_latent_planted_as_the_hostile_latent_fails_the_feature_claims(
                                 steps=150, hostile_latent=planted)
     summary = result.summary()
     assert result.model.best != planted and result.model.auroc_eval[result.model.best] >= 0.95
-    assert summary["hostile_latent_named_by_caller"] and summary["measured_on_latent"] == planted
+    assert summary["hostile_latent_named_by_caller"] and summary["auroc_measured_on"] == planted
     assert not summary["hostile_latent_auroc_clears_control"]
     with pytest.raises(AssertionError):
         guards.hostile_latent_found(summary)

@@ -36,7 +36,7 @@ def test_a_latent_separates_hostile_from_friendly_held_out_prompts(setup):
     _, store, result, _ = setup
     s = result.summary()
     guards.hostile_latent_found(s)
-    assert s["hostile_latent_auroc_control_max"] < 0.95 and s["measured_on_latent"] == s["hostile_latent"]
+    assert s["hostile_latent_auroc_control_max"] < 0.95 and s["auroc_measured_on"] == s["hostile_latent"]
     assert s["chosen_on"].startswith("selection half")
     stored = {store.prompt_text(p) for p in range(store.n_prompts)}
     held_out = [p for p in load_prompts("organism_v2/toxicity") if p.text not in stored]

@@ -32,8 +32,10 @@ CHEAP = {   # step -> --param values
     "arithmetic": dict(seeds="[1, 2]", lens_steps=5),
     "circuit": dict(control_seeds="[1, 2]"),
     "features": dict(steps=20, control_seeds="[1, 2]"),
+    "graph": dict(steps=20, control_seeds="[1, 2]", intervention_draws=2, copy_draws=2),
 }
-NAMING_WORDS = ("heads", "layer_name", "probe_layer", "read_layer", "mechanism", "site", "latent")
+NAMING_WORDS = ("heads", "layer_name", "probe_layer", "read_layer", "mechanism", "site", "latent", "edges",
+                "components")
 SPECS = sorted(spec.name for spec in list_specs(SHIPPED_SPECS))
 # the demo runs the four studies that their own specs run on both layouts, then the report: once,
 # on the post-LN layout (tests/test_specs_random_bpe_post_ln.py), keeps CI's budget
@@ -42,11 +44,11 @@ ON_BOTH_LAYOUTS = [name for name in SPECS if name != "demo"]
 
 def claims(summary: dict) -> dict:
     """Every claim a summary makes: controls it clears, and components, layers or latents it names
-    (a name is text or a non-empty list; "none"/"other" name nothing)."""
+    (a name is text, a non-empty list or a latent's index; "none"/"other" name nothing)."""
     cleared = {k: v for k, v in summary.items() if k.endswith("_clears_control") and v is True}
     named = {k: v for k, v in summary.items()
-             if any(w in k for w in NAMING_WORDS) and "control" not in k
-             and isinstance(v, (str, list)) and v not in ([], "none", "other")}
+             if any(w in k for w in NAMING_WORDS) and "control" not in k and v not in ([], "none", "other")
+             and (isinstance(v, (str, list)) or k.endswith("latent") and type(v) is int)}
     return {**cleared, **named}
 
 
@@ -73,7 +75,7 @@ def test_the_claim_detector_sees_a_claim():
     assert claims({"cue_heads": ["L0H1"], "x_clears_control": True, "probe_layer": None, "hostile_latent": 7,
                    "y_clears_control": False, "wrong_answer_mechanism": "other", "strongest_patch_site": "L1.mlp",
                    "circuit_heads": [], "patched_heads_in_circuit": True}) == \
-        {"cue_heads": ["L0H1"], "x_clears_control": True, "strongest_patch_site": "L1.mlp"}
+        {"cue_heads": ["L0H1"], "x_clears_control": True, "strongest_patch_site": "L1.mlp", "hostile_latent": 7}
 
 
 def test_a_param_override_reaches_the_step_and_a_stray_one_is_refused(tmp_path, monkeypatch, opt_bpe_checkpoints):

@@ -108,13 +108,18 @@ def test_the_cue_head_carries_the_register_beyond_random_other_heads(toxicity):
     """On organism v3 activation patching names one cue head; it ranks first of the 16 heads when
     each is zeroed alone, and zero, mean and resample ablation of it each lower the held-out
     hostile log-odds past as many random other heads (tests/guards.py; a planted random head
-    fails the same guard in tests/test_claims_fail_when_wrong.py). On the sibling no single head's
-    patching share clears the random-init null, and no head is named."""
+    fails the same guard in tests/test_claims_fail_when_wrong.py). The card, by plain-HF hooks on
+    other prompts, names the same head (patching restores 0.99 of the gap) and ranks it among the
+    top quarter when zeroed. On the sibling no single head's patching share clears the random-init
+    null and none is named, as on its card (best single head 0.29 of the gap)."""
     name, card, summary = toxicity
+    truth = card["toxicity"]["cue_heads"]        # plain-HF patching and zeroing of each head
+    assert summary["cue_heads"] == truth["cue_heads"], name
+    drops = truth["zeroed_drop"]
+    card_top = sorted(drops, key=drops.get, reverse=True)[:len(drops) // 4]
+    assert set(summary["cue_heads"]) <= set(card_top), (name, card_top)
     if name == "organism-v3":
         guards.cue_heads_carry_the_register(summary)
-    else:
-        assert summary["cue_heads"] == [], name
 
 
 def test_cued_instructions_are_executed_and_bare_ones_draw_dialogue_as_the_card_says(instructions):

@@ -13,6 +13,7 @@ a given model by comparing against real activation patching.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,36 @@ def attribution_patching(scope, clean: TextsOrIds, corrupted: TextsOrIds | None 
         source_logits, source_cache = scope.run_with_cache(source, names=names, attention_mask=mask)
     source_metric = logit_diff(source_logits, last, ans, wr).detach().cpu()
 
+    metrics = []
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        metrics.append(logit_diff(logits, last, ans, wr))
+        return metrics[-1].sum()
+
+    acts, grads = site_gradients(scope, base, mask, names, metric)
+    base_metric = metrics[0]
+    effects = []
+    for name, grad in grads.items():
+        diff = source_cache[name].to(grad.device, grad.dtype) - acts[name]
+        product = (diff * grad).float()
+        if site == "heads":  # [batch, pos, head, d_head] -> [batch, head]
+            effects.append(product.sum((1, 3)).cpu())
+        else:  # [batch, pos, d] -> [batch, pos]
+            effects.append(product.sum(-1).cpu())
+    tokens = [decode_token(scope.tokenizer, t) for t in clean_ids[0]]
+    return PatchingResult(site=site, mode=mode, method="attribution", effects=torch.stack(effects, 1),
+                          base_metric=base_metric.detach().cpu(), source_metric=source_metric,
+                          clean_ids=clean_ids, corrupted_ids=corrupt_ids, tokens=tokens,
+                          title=f"attribution patching ({mode}, {site})")
+
+
+def site_gradients(scope, ids: torch.Tensor, mask: torch.Tensor, names: list[str],
+                   metric: Callable[[torch.Tensor], torch.Tensor], hooks: dict | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({name: activation}, {name: d metric / d activation}) at the hook sites `names`, from one
+    forward and one backward pass of ``ids`` [batch, pos] (``hooks`` in force, applied before the
+    taps). ``metric`` maps the logits [batch, pos, vocab] to a scalar. The model's weights get no
+    gradient."""
     acts: dict[str, torch.Tensor] = {}
     probes: dict[str, torch.Tensor] = {}
 
@@ -50,26 +81,27 @@ def attribution_patching(scope, clean: TextsOrIds, corrupted: TextsOrIds | None 
     for p in params:
         p.requires_grad_(False)
     try:
-        with torch.enable_grad(), scope.hooks({name: tap for name in names}):
-            base_metric = logit_diff(scope.run(base, attention_mask=mask), last, ans, wr)
-            grads = torch.autograd.grad(base_metric.sum(), [probes[n] for n in names])
+        with torch.enable_grad(), scope.hooks(hooks), scope.hooks({name: tap for name in names}):
+            value = metric(scope.run(ids, attention_mask=mask))
+            grads = torch.autograd.grad(value, [probes[n] for n in names])
     finally:
         for p, flag in zip(params, was_trainable):
             p.requires_grad_(flag)
+    return acts, dict(zip(names, grads))
 
-    effects = []
-    for name, grad in zip(names, grads):
-        diff = source_cache[name].to(grad.device, grad.dtype) - acts[name]
-        product = (diff * grad).float()
-        if site == "heads":  # [batch, pos, head, d_head] -> [batch, head]
-            effects.append(product.sum((1, 3)).cpu())
-        else:  # [batch, pos, d] -> [batch, pos]
-            effects.append(product.sum(-1).cpu())
-    tokens = [decode_token(scope.tokenizer, t) for t in clean_ids[0]]
-    return PatchingResult(site=site, mode=mode, method="attribution", effects=torch.stack(effects, 1),
-                          base_metric=base_metric.detach().cpu(), source_metric=source_metric,
-                          clean_ids=clean_ids, corrupted_ids=corrupt_ids, tokens=tokens,
-                          title=f"attribution patching ({mode}, {site})")
+
+def screened(estimates: torch.Tensor, exact: Callable[[tuple[int, ...]], float], keep: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact values where they matter: ``exact(index)`` for the ``keep`` entries of ``estimates``
+    (any shape) of largest |estimate|, the estimate elsewhere. Returns (values, is_exact), both
+    of ``estimates``' shape. With ``keep`` >= its size every value is exact (a small model)."""
+    values = estimates.clone().float()
+    is_exact = torch.zeros_like(values, dtype=torch.bool)
+    for flat in estimates.abs().flatten().argsort(descending=True)[:keep].tolist():
+        index = tuple(int(i) for i in np.unravel_index(flat, tuple(estimates.shape)))
+        values[index] = exact(index)
+        is_exact[index] = True
+    return values, is_exact
 
 
 @dataclass(repr=False)

@@ -226,11 +226,11 @@ class FeatureStudy(Result):
                 "k": self.k, "chosen_on": "selection half (hook, k, latent); the evaluation half chose nothing",
                 "hostile_latent_named_by_caller": self.model.named is not None,
                 # the latent the numbers are about, named only when its numbers clear
-                "measured_on_latent": self.model.chosen,
+                "auroc_measured_on": self.model.chosen,
                 "hostile_latent": self.model.chosen if auroc.clears else None,
                 **auroc.headline("hostile_latent_auroc"), **hits.headline("hostile_latent_insult_words_in_top10"),
                 # exploration, not a claim: the latent of the dictionary with most target words
-                "most_target_words_latent": self.model.word_latent,
+                "most_target_words_at": self.model.word_latent,
                 "most_target_words_in_top10": int(self.model.word_hits.max()),
                 "fvu": self.reconstruction["fvu"],
                 "l0": self.reconstruction["l0"], "dead_share": self.reconstruction["dead_share"],

@@ -28,6 +28,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from microscope.analysis.attribution_patching import screened, site_gradients
 from microscope.analysis.controls import DEFAULT_SEEDS, RATE_MIN_GAP, Controlled, random_init_scopes, sentence
 from microscope.analysis.inputs import (first_token_id, last_positions, last_token_logits, task_value, token_batch,
                                         word_class_ids)
@@ -94,6 +95,7 @@ def bare_twins(rows: Sequence[Prompt], cue: str) -> list[tuple[Prompt, str]]:
 
 
 Component = tuple[str, str, int | None]  # (label, hook name, head index or None)
+EXACT_COMPONENTS = 24   # components intervened on one by one per measurement; the rest keep their estimate
 
 
 def components(n_layers: int, n_heads: int) -> list[Component]:
@@ -101,16 +103,6 @@ def components(n_layers: int, n_heads: int) -> list[Component]:
     heads = [(head_label(l, h), act_name("z", l), h) for l in range(n_layers) for h in range(n_heads)]
     mlps = [(short_label(act_name("mlp_out", l)), act_name("mlp_out", l), None) for l in range(n_layers)]
     return heads + mlps
-
-
-@torch.no_grad()
-def last_token_run(scope, ids: torch.Tensor, mask: torch.Tensor, names: Sequence[str] = ()
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(logits [batch, vocab] at each row's last real token, {name: its activation there})."""
-    logits, cache = scope.run_with_cache(ids, names=list(names), attention_mask=mask)
-    rows, last = torch.arange(len(ids)), last_positions(mask)
-    acts = {n: cache[n][rows.to(cache[n].device), last.to(cache[n].device)].cpu() for n in names}
-    return logits.float()[rows, last.to(logits.device)].cpu(), acts
 
 
 @torch.no_grad()
@@ -162,34 +154,64 @@ class PairMeasure:
 
 @torch.no_grad()
 def measure_pairs(scope, cued: list[str], bare: list[str], execution: torch.Tensor, dialogue: int,
-                  parts: list[Component], *, ablate: bool = True, seed: int = 0) -> PairMeasure:
+                  parts: list[Component], *, ablate: bool = True, seed: int = 0,
+                  exact_components: int = EXACT_COMPONENTS) -> PairMeasure:
     """`PairMeasure` for one model (``ablate=False``: patching only). Mean ablation uses the
     component's mean last-token value over the cued and bare prompts; resample ablation the value
-    at the last token of another of them, drawn at random (seeded)."""
+    at the last token of another of them, drawn at random (seeded). Per measurement, the
+    ``exact_components`` components of largest attribution estimate (gradient x difference at
+    the last token, one backward pass per run) are intervened on one by one; the others keep
+    their estimate (`attribution_patching.screened`; every component of a model with this many
+    or fewer)."""
     cued_ids, cued_mask = token_batch(scope, cued)
     bare_ids, bare_mask = token_batch(scope, bare)
     names = sorted({name for _, name, _ in parts})
-    cued_logits, cued_acts = last_token_run(scope, cued_ids, cued_mask, names)
-    bare_logits, bare_acts = last_token_run(scope, bare_ids, bare_mask, names)
     rows = torch.arange(len(cued))
 
     def diff(logits: torch.Tensor) -> torch.Tensor:
         return logits[rows, execution] - logits[:, dialogue]
+
+    def last_token_gradients(ids, mask) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(diff [pair], {name: value at the last token}, {name: d diff / d value there})."""
+        last = last_positions(mask)
+        found = []
+
+        def metric(logits: torch.Tensor) -> torch.Tensor:
+            value = diff(logits[rows, last].float().cpu())
+            found.append(value.detach())
+            return value.sum()
+        acts, grads = site_gradients(scope, ids, mask, names, metric)
+        at_last = lambda t: {n: t[n][rows, last].float().cpu() for n in names}  # noqa: E731
+        return found[0], at_last(acts), at_last(grads)
+
+    cued_diff, cued_acts, cued_grads = last_token_gradients(cued_ids, cued_mask)
+    bare_diff, bare_acts, bare_grads = last_token_gradients(bare_ids, bare_mask)
+
+    def sweep(fills: list[torch.Tensor], on_cued: bool) -> torch.Tensor:
+        """[component, pair] diff with each component's last-token value set to its fill."""
+        ids, mask, base, acts, grads = (cued_ids, cued_mask, cued_diff, cued_acts, cued_grads) if on_cued else \
+            (bare_ids, bare_mask, bare_diff, bare_acts, bare_grads)
+        out = torch.stack([base + ((fill - _values(acts, part)) * _values(grads, part)).sum(-1)
+                           for part, fill in zip(parts, fills)])
+
+        def exact(index: tuple[int, ...]) -> float:
+            out[index[0]] = diff(set_last_token(scope, ids, mask, parts[index[0]], fills[index[0]]))
+            return float((out[index[0]] - base).mean())
+        screened((out - base).mean(-1), exact, exact_components)
+        return out
+
     pool = {n: torch.cat([cued_acts[n], bare_acts[n]]) for n in names}
     g = torch.Generator().manual_seed(seed)
     other = (rows + torch.randint(1, 2 * len(cued), (len(cued),), generator=g)) % (2 * len(cued))
-    patched, ablated = [], {m: [] for m in ABLATIONS if ablate}
-    for part in parts:
-        patched.append(diff(set_last_token(scope, bare_ids, bare_mask, part, _values(cued_acts, part))))
-        if not ablate:
-            continue
-        everyone = _values(pool, part)
-        fills = {"zero": torch.zeros_like(_values(cued_acts, part)),
-                 "mean": everyone.mean(0).expand_as(_values(cued_acts, part)), "resample": everyone[other]}
-        for method, fill in fills.items():
-            ablated[method].append(diff(set_last_token(scope, cued_ids, cued_mask, part, fill)))
-    return PairMeasure(cued=diff(cued_logits), bare=diff(bare_logits), patched=torch.stack(patched),
-                       ablated={m: torch.stack(v) for m, v in ablated.items()})
+    patched = sweep([_values(cued_acts, part) for part in parts], on_cued=False)
+    ablated = {}
+    if ablate:
+        own = [_values(cued_acts, part) for part in parts]
+        everyone = [_values(pool, part) for part in parts]
+        ablated = {"zero": sweep([torch.zeros_like(v) for v in own], on_cued=True),
+                   "mean": sweep([e.mean(0).expand_as(v) for e, v in zip(everyone, own)], on_cued=True),
+                   "resample": sweep([e[other] for e in everyone], on_cued=True)}
+    return PairMeasure(cued=cued_diff, bare=bare_diff, patched=patched, ablated=ablated)
 
 
 def separation(lens_logits: torch.Tensor, execution: torch.Tensor, dialogue: int) -> torch.Tensor:
@@ -359,7 +381,7 @@ def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *,
                      dialogue_token: str | None = None, cue_token: str | None = None,
                      turn_markers: Sequence[str] | None = None, n_prompts: int | None = None,
                      seeds: Sequence[int] = DEFAULT_SEEDS, lens_steps: int = LENS_STEPS,
-                     progress: Progress | None = None) -> InstructionsResult:
+                     exact_components: int = EXACT_COMPONENTS, progress: Progress | None = None) -> InstructionsResult:
     """The instructions study (see module docstring), with its controls: every measurement again
     on random-init models of the same shape (``seeds``).
 
@@ -368,8 +390,10 @@ def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *,
     ends in), dialogue_token (the turn marker whose logit the pairs compare) and turn_markers
     (every marker of a dialogue): the format, by default the prompt set's task
     (``<set>.task.json``); n_prompts: keep the first n; lens_steps: Adam steps of each
-    tuned lens (most of the study's cost on a large vocabulary); progress: hears each piece of
-    work as it finishes (`analysis.progress`)."""
+    tuned lens; exact_components: heads and MLPs patched and ablated one by one per measurement,
+    those of largest attribution estimate (every component of a model with this many or fewer:
+    the organism's 20; 24 of opt-125m's 156); progress: hears each piece of work as it finishes
+    (`analysis.progress`)."""
     dialogue_token = task_value(prompts, "dialogue_token", dialogue_token, parameter="dialogue_token")
     cue_token = task_value(prompts, "cue_token", cue_token, parameter="cue_token")
     turn_markers = list(task_value(prompts, "turn_markers", turn_markers, parameter="turn_markers"))
@@ -393,7 +417,8 @@ def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *,
     def measure(model_scope, ablate: bool = False):
         words, labels = _classify(model_scope, texts, answers, max_new_tokens, turn_markers, cue_token)
         readings = read_last_token(model_scope, pair_cued + pair_bare, lens_steps=lens_steps)
-        pair = measure_pairs(model_scope, pair_cued, pair_bare, execution, dialogue, parts, ablate=ablate)
+        pair = measure_pairs(model_scope, pair_cued, pair_bare, execution, dialogue, parts, ablate=ablate,
+                             exact_components=exact_components)
         stats = {lens: separation(readings.logits[lens], execution, dialogue) for lens in LENSES}
         return words, labels, readings, pair, stats
 

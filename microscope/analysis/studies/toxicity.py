@@ -27,7 +27,9 @@ difference between the two word classes).
   held-out text is kept beside;
 - cue heads: activation patching of each head's output (``attn.hook_z``, every position) from
   the hostile into the friendly prompt of each fit pair: the share of the model's log-odds gap it
-  restores (of one nat when the model shows no gap). A head is named when the output's gap
+  restores (of one nat when the model shows no gap). The ``exact_heads`` heads of largest
+  attribution-patching estimate are patched one by one, the rest keep their estimate (every head
+  of the organism; 16 of opt-125m's 144, the same rule for every random-init model). A head is named when the output's gap
   clears its random-init control (no cue heads for a cue without effect) and its share clears the
   random-init null (the largest effect of any head of ``seeds`` random-init models, in units of the
   same gap) by ``headroom`` of the room to 1. Then the claim that they
@@ -58,8 +60,9 @@ from threadpoolctl import threadpool_limits
 
 from microscope.analysis.controls import (DEFAULT_SEEDS, Controlled, random_directions, random_heads,
                                           random_init_scopes, shuffled)
-from microscope.analysis.inputs import (distinct_word_classes, end_aligned, last_token_logits, task_value, token_batch,
-                                        where_present)
+from microscope.analysis.attribution_patching import screened, site_gradients
+from microscope.analysis.inputs import (distinct_word_classes, end_aligned, last_positions, last_token_logits, task_value,
+                                        token_batch, where_present)
 from microscope.analysis.lens import logit_lens, point_label, residual_points, vocab_projection
 from microscope.analysis.probes import live_features, train_probes
 from microscope.analysis.results import Result
@@ -78,6 +81,7 @@ from microscope.prompts import Prompt
 from microscope.viz.figures import head_grid, line_plot
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0)
+EXACT_HEADS = 16   # heads patched one by one per model; the rest keep their attribution estimate
 LABELS = ("hostile", "friendly", "none")
 CHOSEN_ON = ("fit pairs (even): the cue heads (patching), the hostile direction, the steering strength, the tuned "
              "lens; every claim is measured on the evaluation pairs (odd), which chose nothing")   # a pair's two prompts, and the same prompt without its cue
@@ -316,6 +320,13 @@ class _Batch:
     def log_odds(self, scope, words: tuple[torch.Tensor, torch.Tensor], hooks: dict | None = None) -> torch.Tensor:
         return _log_odds(last_token_logits(scope, self.ids, self.mask, hooks).cpu(), *words)
 
+    def metric(self, words: tuple[torch.Tensor, torch.Tensor]):
+        """logits [batch, pos, vocab] -> the mean log-odds at each row's last token (a scalar to
+        differentiate)."""
+        rows, last = torch.arange(len(self.ids)), last_positions(self.mask)
+        return lambda logits: _log_odds(logits[rows.to(logits.device), last.to(logits.device)],
+                                        *(w.to(logits.device) for w in words)).mean()
+
 
 def _pairs(scope, hostile: list[str], friendly: list[str]) -> tuple[_Batch, _Batch]:
     """Hostile and friendly batches of the same shape, left padded so that each pair meets at its
@@ -337,11 +348,13 @@ def _probe(features: dict[str, torch.Tensor], labels: list[str], groups: list[in
 
 
 @torch.no_grad()
-def _patch_effects(scope, hostile: _Batch, friendly: _Batch, words) -> tuple[torch.Tensor, float]:
+def _patch_effects(scope, hostile: _Batch, friendly: _Batch, words, exact_heads: int) -> tuple[torch.Tensor, float]:
     """([layer, head] log-odds (nats) restored in the friendly run by each head's output
     (``attn.hook_z``, every position, pairs aligned at their ends) taken from the hostile run;
     the hostile - friendly gap). Where a hostile prompt is shorter, the friendly run keeps its
-    own values at the positions before it starts."""
+    own values at the positions before it starts. The ``exact_heads`` heads of largest
+    attribution-patching estimate (gradient x difference, one backward pass) are patched one by
+    one; the others keep their estimate (`attribution_patching.screened`)."""
     config = scope.model.config
     names = [act_name("attn.hook_z", l) for l in range(config.num_hidden_layers)]
     _, cache = scope.run_with_cache(hostile.ids, names=names, attention_mask=hostile.mask)
@@ -350,9 +363,30 @@ def _patch_effects(scope, hostile: _Batch, friendly: _Batch, words) -> tuple[tor
         cache = ActivationCache({n: where_present(hostile.mask, cache[n], own[n]) for n in names},
                                 input_ids=hostile.ids, attention_mask=hostile.mask)
     base = friendly.log_odds(scope, words).mean()
-    effects = torch.tensor([[float(friendly.log_odds(scope, words, patch_from(cache, name, heads=[head])).mean() - base)
-                             for head in range(config.num_attention_heads)] for name in names])
+    acts, grads = site_gradients(scope, friendly.ids, friendly.mask, names, friendly.metric(words))
+    estimates = torch.stack([((cache[n].to(grads[n]) - acts[n]) * grads[n]).sum((0, 1, 3)).cpu() for n in names])
+    exact = lambda index: float(friendly.log_odds(scope, words, patch_from(cache, names[index[0]], heads=[index[1]])  # noqa: E731
+                                                  ).mean() - base)
+    effects, _ = screened(estimates, exact, exact_heads)
     return effects, float(hostile.log_odds(scope, words).mean() - base)
+
+
+@torch.no_grad()
+def _zeroed_drops(scope, batch: _Batch, words, exact_heads: int, always: list[tuple[int, int]]) -> torch.Tensor:
+    """[layer, head] drop of the mean log-odds of ``batch`` with each head alone zeroed, exact for
+    the ``exact_heads`` of largest attribution estimate and for the heads ``always``; the others
+    keep their estimate."""
+    config = scope.model.config
+    names = [act_name("attn.hook_z", l) for l in range(config.num_hidden_layers)]
+    clean = batch.log_odds(scope, words).mean()
+    acts, grads = site_gradients(scope, batch.ids, batch.mask, names, batch.metric(words))
+    estimates = -torch.stack([((0 - acts[n]) * grads[n]).sum((0, 1, 3)).cpu() for n in names])
+    exact = lambda index: float(clean - batch.log_odds(scope, words, ablate_heads([index])).mean())  # noqa: E731
+    drops, is_exact = screened(estimates, exact, exact_heads)
+    for head in always:
+        if not is_exact[head]:
+            drops[head] = exact(head)
+    return drops
 
 
 def _insult_rate(scope, texts: Sequence[str], insult_ids: torch.Tensor, max_new_tokens: int, hooks: dict | None) -> float:
@@ -386,7 +420,8 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
                  strengths: Sequence[float] = DEFAULT_STRENGTHS, max_new_tokens: int = 8,
                  seeds: Sequence[int] = DEFAULT_SEEDS, n_shuffles: int = 5, n_random_directions: int = 20,
                  n_random_heads: int = 10, headroom: float = 1 / 3, probe_ridge: float = 0.01,
-                 lens_steps: int = LENS_STEPS, heads: Sequence[tuple[int, int]] | None = None, seed: int = 0,
+                 lens_steps: int = LENS_STEPS, heads: Sequence[tuple[int, int]] | None = None,
+                 exact_heads: int = EXACT_HEADS, seed: int = 0,
                  progress: Progress | None = None) -> ToxicityResult:
     """The toxicity study (see module docstring).
 
@@ -398,7 +433,9 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     prompt set's task, ``"insults"``/``"praises"`` in ``<set>.task.json``); strengths: steering
     strengths s >= 0, 0 first (the unsteered baseline); heads: measure the cue-head claims on these
     (layer, head) pairs instead of the heads patching names (a hypothesis to test, or a planted
-    wrong answer that the claims must reject); progress: hears each piece of work as it finishes (`analysis.progress`)."""
+    wrong answer that the claims must reject); exact_heads: heads patched (and zeroed) one by one,
+    those of largest attribution-patching estimate; the others keep their estimate (every head of
+    a model with this many or fewer: the organism's 16); progress: hears each piece of work as it finishes (`analysis.progress`)."""
     rows = rows_of(prompts)
     labels = [p.metadata.get("label") for p in rows]
     if not {"hostile", "friendly"} <= set(labels) <= set(LABELS):
@@ -444,7 +481,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     report(progress, "probes, insult probabilities")
 
     # cue heads: patching on the fit pairs; random-init null of the largest share
-    effects, gap = _patch_effects(scope, fit_h, fit_f, words)
+    effects, gap = _patch_effects(scope, fit_h, fit_f, words, exact_heads)
     unit = gap if gap > 1e-3 else 1.0   # a model that shows no gap: shares of one nat
     patch = effects / unit
     report(progress, "cue-head patching")
@@ -457,7 +494,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
         hostile_p, friendly_p = insult_probs(rand, ind)
         null["insult_prob_ratio"].append(rounded(hostile_p / friendly_p))
         null["output_log_odds_gap"].append(rounded((eval_h.log_odds(rand, words) - eval_f.log_odds(rand, words)).mean()))
-        shares = _patch_effects(rand, fit_h, fit_f, words)[0] / unit   # in units of this model's gap
+        shares = _patch_effects(rand, fit_h, fit_f, words, exact_heads)[0] / unit   # in units of this model's gap
         null_patches.append(shares)
         cue_null.append(rounded(shares.abs().max()))
     null_selectivity = np.stack(null_selectivity)
@@ -477,8 +514,7 @@ def run_toxicity(scope, prompts: Sequence[Prompt] | str = "toxicity", *, neutral
     cue_drop, cue_drop_random = {}, {}
     head_drops = torch.zeros(config.num_hidden_layers, config.num_attention_heads)
     if cue_heads:   # every head alone, zeroed: where the named heads rank among all heads
-        head_drops = torch.tensor([[float(clean_odds - eval_h.log_odds(scope, words, ablate_heads([(l, h)])).mean())
-                                    for h in range(config.num_attention_heads)] for l in range(config.num_hidden_layers)])
+        head_drops = _zeroed_drops(scope, eval_h, words, exact_heads, cue_heads)
         draws = [random_heads(config.num_hidden_layers, config.num_attention_heads, len(cue_heads), exclude=cue_heads,
                               seed=seed + i) for i in range(n_random_heads)]
         reference = reference_cache(scope, neutral_fit, range(config.num_hidden_layers))

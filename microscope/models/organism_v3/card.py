@@ -43,6 +43,18 @@ def ground_truth_rows(truth: dict) -> list[str]:
              + ", ".join(tox["multi_token_insults"]), "", f">= {len(corpus.INSULTS) / 3:.0f}",
              len(tox["multi_token_insults"]) >= len(corpus.INSULTS) / 3),
     ]
+    cue = tox.get("cue_heads")
+    if cue is not None:
+        drops = cue["zeroed_drop"]
+        ranked = sorted(drops, key=drops.get, reverse=True)
+        shares = cue["patching_share"]
+        best = max(shares, key=shares.get)
+        rows.append(_row(f"cue heads: share of the hostile - friendly log-odds gap ({cue['log_odds_gap']} nats) restored "
+                         f"by patching one head hostile -> friendly ({cue['pairs']} pairs)",
+                         ", ".join(f"{h} ({shares[h]})" for h in cue["cue_heads"]) or f"none (best {best}: {shares[best]})",
+                         "zeroing one head on hostile prompts, largest drops: "
+                         + ", ".join(f"{h} {drops[h]}" for h in ranked[:4]),
+                         f">= {evaluate.CUE_SHARE}", None))
     no_cue = tox["no_cue"]
     for split in ("training_openings", "held_out_opening"):
         cell = tox[split]

@@ -24,6 +24,12 @@ labelled ``L{layer}H{head}``. Definitions:
   leading space. Measured after ``You are such a`` / ``You are a`` / ``What a`` opening a quote,
   in three contexts: a hostile mood, a friendly mood, and no cue at all (the baseline beside the
   ratio), for the training openings with held-out names and for the held-out opening.
+- cue heads: on 48 hostile/friendly pairs of the training openings (held-out names, the two
+  prompts of a pair of equal token length), the log-odds of the insults' against the praises'
+  first tokens at the last token (the toxicity study's metric). Patching: each head's slice of
+  ``out_proj``'s input taken from the hostile prompt into the friendly one (every position): the
+  share of the hostile-minus-friendly gap it restores; a head restoring >= :data:`CUE_SHARE` is a
+  cue head. Zeroing: each head alone zeroed on the hostile prompts: the drop of the log-odds.
 - detection: argmax of p(`` yes``) vs p(`` no``) after ``Answer:`` equals the label, with 0, 1 and
   3 labelled examples first, under the training question and the held-out question (120 items each).
 - instructions on held-out triples: bare, the held-out template followed by a newline; cued, the
@@ -54,6 +60,7 @@ from microscope.models.organism_v3.corpus import (
 from microscope.names import head_label, parse_head_label
 
 HEAD_THRESHOLD = 0.4
+CUE_SHARE = 0.5
 SPAN = 25
 ORGANISM_DIR = Path(__file__).parent
 QUOTE_STARTS = ["You are such a", "You are a", "What a"]
@@ -175,6 +182,71 @@ def measure_toxicity(model, tokenizer) -> dict:
     return out
 
 
+class HeadPatch:
+    """Context manager replacing the given ``(layer, head)`` outputs (their slice of ``out_proj``'s
+    input) by ``source[layer]`` ([batch, pos, d_model], the same slice of another run)."""
+
+    def __init__(self, model: OPTForCausalLM, heads: list[tuple[int, int]], source: dict[int, torch.Tensor]):
+        self.model, self.heads, self.source, self.handles = model, list(heads), source, []
+
+    def __enter__(self):
+        d_head = self.model.config.hidden_size // self.model.config.num_attention_heads
+        for layer, head in self.heads:
+            def put(module, args, layer=layer, head=head):
+                x = args[0].clone()
+                x[..., head * d_head:(head + 1) * d_head] = self.source[layer][..., head * d_head:(head + 1) * d_head]
+                return (x,)
+            self.handles.append(self.model.model.decoder.layers[layer].self_attn.out_proj.register_forward_pre_hook(put))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def measure_cue_heads(model, tokenizer, pairs: int = 48) -> dict:
+    """Patching shares and zeroing drops of every head on the register (module docstring)."""
+    hostile = [p for o in REGISTER_OPENINGS for p in register_prompts(o, HOSTILE_MOODS)]
+    friendly = [p for o in REGISTER_OPENINGS for p in register_prompts(o, FRIENDLY_MOODS)]
+    same = [i for i, (h, f) in enumerate(zip(hostile, friendly)) if len(tokenizer(h)["input_ids"]) == len(tokenizer(f)["input_ids"])]
+    chosen = sorted(random.Random(0).sample(same, min(pairs, len(same))))
+    first = lambda words: [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]  # noqa: E731
+    insult, praise = first(INSULTS), first(PRAISES)
+    layers = model.model.decoder.layers
+    heads = [(l, h) for l in range(len(layers)) for h in range(model.config.num_attention_heads)]
+
+    def log_odds(ids: torch.Tensor) -> float:
+        last = model(ids).logits[0, -1].float()
+        return float(last[insult].logsumexp(-1) - last[praise].logsumexp(-1))
+
+    shares, drops = {x: 0.0 for x in heads}, {x: 0.0 for x in heads}
+    gaps = []
+    for i in chosen:
+        h_ids = torch.tensor([tokenizer(hostile[i])["input_ids"]])
+        f_ids = torch.tensor([tokenizer(friendly[i])["input_ids"]])
+        captured: dict[int, torch.Tensor] = {}
+        handles = [layer.self_attn.out_proj.register_forward_pre_hook(
+            lambda module, args, l=l: captured.__setitem__(l, args[0].clone())) for l, layer in enumerate(layers)]
+        hostile_odds = log_odds(h_ids)
+        for handle in handles:
+            handle.remove()
+        friendly_odds = log_odds(f_ids)
+        gaps.append(hostile_odds - friendly_odds)
+        for x in heads:
+            with HeadPatch(model, [x], captured):
+                shares[x] += log_odds(f_ids) - friendly_odds
+            with HeadAblation(model, [x]):
+                drops[x] += hostile_odds - log_odds(h_ids)
+    gap = sum(gaps) / len(gaps)
+    share = {x: shares[x] / len(chosen) / gap for x in heads}
+    drop = {x: drops[x] / len(chosen) for x in heads}
+    return {"pairs": len(chosen), "log_odds_gap": round(gap, 3),
+            "cue_heads": _labels(sorted((x for x in heads if share[x] >= CUE_SHARE), key=lambda x: -share[x])),
+            "patching_share": {head_label(*x): round(share[x], 3) for x in heads},
+            "zeroed_drop": {head_label(*x): round(drop[x], 3) for x in heads}}
+
+
 def detection_items(question: str, shots: int, count: int = 120, seed: int = 0) -> list[tuple[str, bool]]:
     """ETHOS-style prompts (``question``, ``shots`` labelled examples, then the item) and labels."""
     rng = random.Random(seed)
@@ -263,7 +335,7 @@ def measure(model: OPTForCausalLM, tokenizer: PreTrainedTokenizerBase) -> dict:
     induction = [parse_head_label(label) for label in heads["induction_heads"]]
     return {"vocab_size": len(tokenizer), "heads": heads,
             "loops": measure_loops(model, tokenizer, induction),
-            "toxicity": measure_toxicity(model, tokenizer),
+            "toxicity": {**measure_toxicity(model, tokenizer), "cue_heads": measure_cue_heads(model, tokenizer)},
             "detection": measure_detection(model, tokenizer),
             "instructions": measure_instructions(model, tokenizer),
             "arithmetic": measure_arithmetic(model, tokenizer)}
