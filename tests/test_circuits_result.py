@@ -9,7 +9,7 @@ from analysis_fixtures import single_thread  # noqa: F401  (autouse: one thread)
 from conftest import tiny_model
 from microscope.analysis.circuits.discovery import find_circuit, run_circuit
 from microscope.analysis.circuits.tasks import CircuitTask
-from microscope.errors import AnalysisInputError
+from microscope.errors import AnalysisInputError, MicroscopeError
 from microscope.scope import Scope
 from microscope.workbench.experiments import check_params, find_spec, load_spec
 
@@ -27,7 +27,8 @@ def test_find_circuit_reports_the_headline_keys_figures_and_one_row_per_edge():
     result = find_circuit(scope, _task(), steps=2, control_seeds=[0])
     summary = result.summary()
     for key in ("spearman_eap_ig", "spearman_eap", "top20_overlap_eap_ig", "faithfulness", "edges_kept",
-                "minimal_edges", "recovered_metric", "recovered_metric_control_max", "circuit_heads"):
+                "minimal_edges", "recovered_metric", "recovered_metric_control_max", "circuit_heads",
+                "cpr", "cpr_control_max", "cmd", "cmd_control_min", "exact_top_edges", "exact_top_components"):
         assert key in summary, key
     assert summary["edges_kept"] == int(0.1 * result.graph.n_edges)
     assert len(result.figures()) == 4
@@ -49,6 +50,14 @@ def test_a_circuit_extracted_by_exact_effects_keeps_the_largest_exact_edges_and_
         find_circuit(scope, _task(), rank_by="exact", exact=False, control_seeds=[0])
     with pytest.raises(AnalysisInputError, match="rank_by"):
         find_circuit(scope, _task(), rank_by="eap", control_seeds=[0])
+
+
+def test_without_exact_patching_there_are_no_gap_shares_and_the_error_says_what_to_do():
+    result = find_circuit(Scope(tiny_model("pre_ln")), _task(), steps=1, exact=False, control_seeds=[])
+    summary = result.summary()
+    assert "exact_top_edges" not in summary and "cpr" in summary and "cpr_control" not in summary
+    with pytest.raises(MicroscopeError, match="exact=True"):
+        result.gap_shares()
 
 
 @pytest.mark.parametrize("name", ["circuit_repetition", "circuit_toxicity"])

@@ -3,6 +3,6 @@
 See docs/circuits.md. Modules, bottom up: `graph` (senders, receivers, edges), `routing` (the
 forward pass in which every receiver reads its own residual), `tasks` (prompt pairs and metric),
 `edge_patching` (exact, the reference), `eap` (EAP, EAP-IG), `extraction` (faithfulness curve,
-minimal circuit), `results` (`CircuitResult`), `discovery` (`find_circuit`, the workbench step
-`run_circuit`).
+minimal circuit), `mib` (MIB's CPR and CMD), `results` (`CircuitResult`), `discovery`
+(`find_circuit`, the workbench step `run_circuit`).
 """

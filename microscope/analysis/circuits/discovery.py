@@ -1,5 +1,6 @@
 """Find a task's circuit: exact edge effects, EAP and EAP-IG scores, the faithfulness curve of the
-EAP-IG ranking, and the same curve on random-init models of the same shape as the control.
+EAP-IG ranking and MIB's curves (CPR, CMD), and the same on random-init models of the same shape
+as the control.
 
     result = find_circuit(scope, repetition_task(scope), steps=5, interpolate="receivers")
     result.summary()["spearman_eap_ig"], result.summary()["faithfulness"]
@@ -18,6 +19,7 @@ from microscope.analysis.circuits.eap import Interpolation, eap_scores
 from microscope.analysis.circuits.edge_patching import EdgeAblation, exact_edge_effects
 from microscope.analysis.circuits.extraction import edge_grid, faithfulness_curve, minimal_circuit
 from microscope.analysis.circuits.graph import CircuitGraph
+from microscope.analysis.circuits.mib import mib_curves
 from microscope.analysis.circuits.results import Agreement, CircuitResult, budget_edges
 from microscope.analysis.circuits.tasks import CircuitTask, repetition_task, toxicity_task
 from microscope.analysis.controls import DEFAULT_SEEDS, random_init_scopes
@@ -80,9 +82,9 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: EdgeAbla
     inputs too if the path is another), extract the circuit (faithfulness curve of the ranking
     by |`rank_by`|: "eap_ig", or "exact" where one forward per edge is affordable, the EAP-IG
     ranking's curve then shown beside it; `budget`: the share of edges the headline circuit
-    keeps; `target`: the faithfulness the minimal circuit must reach), and run the same
-    extraction on random-init models (`control_seeds`). progress: hears each piece of work as it
-    finishes (`analysis.progress`)."""
+    keeps; `target`: the faithfulness the minimal circuit must reach; MIB's CPR and CMD of each
+    ranking, `mib.py`), and run the same extraction on random-init models (`control_seeds`).
+    progress: hears each piece of work as it finishes (`analysis.progress`)."""
     if rank_by not in RANKINGS:
         raise AnalysisInputError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
     if rank_by == "exact" and not exact:
@@ -101,6 +103,7 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: EdgeAbla
     report(progress, "edge scores")
     curves = {name: faithfulness_curve(scope, graph, task, values, ks=ks, ablation=ablation)
               for name, values in scores.items()}
+    mib = {name: mib_curves(scope, graph, task, values, ablation=ablation) for name, values in scores.items()}
     report(progress, "faithfulness curves")
     curve = curves.pop(rank_by)
     gap = curve.clean - curve.corrupt
@@ -108,10 +111,11 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: EdgeAbla
     on_inputs = (eap_scores(scope, graph, task, steps=steps, ablation=ablation)
                  if exact and interpolate != "inputs" else None)
     report(progress, "estimates for comparison")
-    control_scores, controls = [], []
+    control_scores, controls, control_mib = [], [], []
     for control in random_init_scopes(scope, control_seeds, progress=progress):
         control_scores.append(scored(control)[rank_by])
         controls.append(faithfulness_curve(control, graph, task, control_scores[-1], ks=ks, ablation=ablation))
+        control_mib.append(mib_curves(control, graph, task, control_scores[-1], ablation=ablation))
     return CircuitResult(
         task=task.name, graph=graph, eap_ig=scores["eap_ig"], curve=curve, controls=controls,
         control_scores=control_scores, head_ablation=head_ablation(scope, task), target=target, budget=budget,
@@ -119,7 +123,8 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: EdgeAbla
         other_curves=curves, exact=scores.get("exact"), eap=eap, eap_ig_inputs=on_inputs,
         agreement_eap_ig=agreement(scores["exact"], scores["eap_ig"], gap) if exact else None,
         agreement_eap=agreement(scores["exact"], eap, gap) if exact else None,
-        agreement_eap_ig_inputs=None if on_inputs is None else agreement(scores["exact"], on_inputs, gap))
+        agreement_eap_ig_inputs=None if on_inputs is None else agreement(scores["exact"], on_inputs, gap),
+        mib=mib, control_mib=control_mib)
 
 
 def run_circuit(scope, task: Task = "repetition", *, n_prompts: int = 32, span: int = 10, shown: int = 5,

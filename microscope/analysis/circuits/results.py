@@ -1,4 +1,5 @@
-"""`CircuitResult`: the edges' scores, the extracted circuit, its faithfulness and its control."""
+"""`CircuitResult`: the edges' scores, the extracted circuit, its faithfulness, MIB's CPR and CMD,
+the edges and components that exact patching says carry the effect, and the control."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import torch
 
 from microscope.analysis.circuits.extraction import FaithfulnessCurve, minimal_circuit
 from microscope.analysis.circuits.graph import CircuitGraph
-from microscope.analysis.controls import Controlled
+from microscope.analysis.circuits.mib import MibCurves, mib_edge_counts
+from microscope.analysis.controls import Controlled, sentence
 from microscope.analysis.results import Result
+from microscope.errors import AnalysisInputError
 from microscope.names import head_label
 from microscope.viz.figures import circuit_graph, line_plot
 
@@ -38,7 +41,8 @@ class CircuitResult(Result):
     rankings computed; controls / control_scores: the extraction on random-init models;
     head_ablation: {"zeroed" | "patched": [layer, head]} metric drop when the head's output is
     zeroed or patched from the corrupted run; budget: share of edges the headline circuit keeps;
-    minimal: the fewest edges reaching `target` (None: not reached)."""
+    minimal: the fewest edges reaching `target` (None: not reached); mib: {scores: MIB's curves
+    (`mib.py`)} of every ranking computed, control_mib: those of the controls' `rank_by` scores."""
 
     task: str
     graph: CircuitGraph
@@ -60,6 +64,8 @@ class CircuitResult(Result):
     agreement_eap_ig: Agreement | None = None
     agreement_eap: Agreement | None = None
     agreement_eap_ig_inputs: Agreement | None = None
+    mib: dict[str, MibCurves] = field(default_factory=dict)
+    control_mib: list[MibCurves] = field(default_factory=list)
 
     @property
     def title(self) -> str:
@@ -97,6 +103,44 @@ class CircuitResult(Result):
         return Controlled(recovered(self.curve), [recovered(c) for c in self.controls],
                           control=f"random init x{len(self.controls)}")
 
+    def cpr(self) -> Controlled:
+        """MIB's CPR of the extraction's ranking (`rank_by`) against random init; it rests on the
+        circuit's recovered metric clearing random init (a random model has no behaviour to recover)."""
+        return Controlled(self.mib[self.rank_by].cpr, [m.cpr for m in self.control_mib],
+                          control=f"random init x{len(self.control_mib)}").resting_on(
+                              "recovered_metric", self.recovered().clears)
+
+    def cmd(self) -> Controlled:
+        """MIB's CMD of the extraction's ranking against random init (lower is the claim); rests as `cpr`."""
+        return Controlled(self.mib[self.rank_by].cmd, [m.cmd for m in self.control_mib],
+                          control=f"random init x{len(self.control_mib)}", higher_is_claim=False).resting_on(
+                              "recovered_metric", self.recovered().clears)
+
+    def gap_shares(self) -> torch.Tensor:
+        """[n_edges] share of the clean-vs-corrupt gap that ablating each edge alone removes (exact
+        patching): -exact / (clean - corrupt); 1 the whole gap, negative where it widens the gap."""
+        if self.exact is None:
+            raise AnalysisInputError("gap shares need exact edge effects: find_circuit(..., exact=True)")
+        return -self.exact / (self.curve.clean - self.curve.corrupt)
+
+    def exact_top_edges(self, top: int = 10, share: float = 0.1) -> list[dict]:
+        """[{"edge", "share"}]: the edges whose ablation alone removes at least `share` of the gap
+        (`gap_shares`), largest share first, at most `top`."""
+        shares = self.gap_shares()
+        ranked = [i for i in shares.argsort(descending=True).tolist() if shares[i] >= share][:top]
+        return [{"edge": self.graph.edge_labels[i], "share": round(float(shares[i]), 4)} for i in ranked]
+
+    def exact_top_components(self, top: int = 10, share: float = 0.1) -> list[dict]:
+        """[{"component", "share", "edge"}]: heads and MLPs ranked by the largest gap share of any edge
+        they send or receive (that edge beside it), those reaching `share`, at most `top`."""
+        best: dict[str, tuple[float, str]] = {}
+        for label, value in zip(self.graph.edge_labels, self.gap_shares().tolist()):
+            for node in {part.split(".")[0] for part in label.split("->")} - {"embed", "logits"}:
+                if value > best.get(node, (-math.inf, ""))[0]:
+                    best[node] = (value, label)
+        ranked = sorted(((v, node, edge) for node, (v, edge) in best.items() if v >= share), reverse=True)[:top]
+        return [{"component": node, "share": round(v, 4), "edge": edge} for v, node, edge in ranked]
+
     def summary(self) -> dict:
         out = {"task": self.task, "edges": self.graph.n_edges, "eap_ig_steps": self.steps,
                "eap_ig_interpolate": self.interpolate,
@@ -128,9 +172,39 @@ class CircuitResult(Result):
             heads = self.ablation_heads(method) if found else []
             out[f"{method}_heads"] = heads
             out[f"{method}_heads_in_circuit"] = set(heads) <= set(out["circuit_heads"])
+        if self.exact is not None:     # what single-edge patching says carries the effect
+            out["exact_top_edges"] = self.exact_top_edges() if found else []
+            out["exact_top_components"] = self.exact_top_components() if found else []
         if self.controls:
-            out.update({k: (round(v, 4) if isinstance(v, float) else v)
-                        for k, v in self.recovered().headline("recovered_metric").items()})
+            out.update(_rounded(self.recovered().headline("recovered_metric")))
+        if self.mib:
+            out["mib_edges_kept"] = mib_edge_counts(self.graph.n_edges)
+            curves = self.mib[self.rank_by]
+            out["mib_faithfulness_signed"] = [round(f, 4) for f in curves.signed.faithfulness]
+            out["mib_faithfulness_absolute"] = [round(f, 4) for f in curves.absolute.faithfulness]
+            for key, claim in (("cpr", self.cpr), ("cmd", self.cmd)):
+                out.update(_rounded(claim().headline(key)) if self.control_mib
+                           else {key: round(getattr(curves, key), 4)})
+            out.update({f"{key}_{name}_ranking": round(getattr(c, key), 4)
+                        for name, c in self.mib.items() if name != self.rank_by for key in ("cpr", "cmd")})
+        return out
+
+    def findings(self) -> list[str]:
+        """The circuit's recovered metric, MIB's CPR and CMD with their verdicts, and the edges that
+        exact patching says carry the effect, in words."""
+        numbers = self.summary()
+        out = []
+        if "recovered_metric_control" in numbers:
+            out.append(sentence(numbers, "recovered_metric",
+                                f"the circuit of the top {self.kept} edges ({self.budget:.0%} of {self.graph.n_edges}, "
+                                f"ranked by {self.rank_by}; faithfulness {numbers['faithfulness']}) recovers a metric of"))
+        for key, what in (("cpr", "MIB's CPR (area under faithfulness, signed ranking) is"),
+                          ("cmd", "MIB's CMD (area of |1 - faithfulness|, absolute ranking) is")):
+            if f"{key}_control" in numbers:
+                out.append(sentence(numbers, key, what))
+        if numbers.get("exact_top_edges"):
+            out.append("exact patching, the share of the gap each edge alone removes: " + ", ".join(
+                f"{e['edge']} {e['share']:.2f}" for e in numbers["exact_top_edges"][:6]))
         return out
 
     def to_frame(self) -> pd.DataFrame:
@@ -142,6 +216,7 @@ class CircuitResult(Result):
                               "eap_ig": self.eap_ig.tolist(), "rank": rank, "in_circuit": rank < self.kept})
         if self.exact is not None:
             frame["exact"] = self.exact.tolist()
+            frame["gap_share"] = self.gap_shares().tolist()
             frame["eap"] = self.eap.tolist()
         if self.eap_ig_inputs is not None:
             frame["eap_ig_inputs"] = self.eap_ig_inputs.tolist()
@@ -186,6 +261,11 @@ class CircuitResult(Result):
                                 f"(Spearman |.| {a.spearman:.2f}, top-{a.top} overlap {a.top_overlap:.0%})",
                           xaxis_title="exact effect of ablating the edge", yaxis_title="estimate")
         return fig
+
+
+def _rounded(headline: dict) -> dict:
+    """A `Controlled.headline` with its floats rounded to 4 decimals."""
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in headline.items()}
 
 
 def budget_edges(n_edges: int, budget: float) -> int:
