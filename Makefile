@@ -8,6 +8,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0   # the CPU build; a bare `torch` pulls CUDA
 	$(BIN)/python -m pip install -q -e ".[test,notebooks,interop,xarray,s3,gpu]"
+	$(BIN)/python -m pip install -q --no-deps circuit-tracer==0.5.0   # its frontend models validate our graph JSON; it pins transformers<=4.57
 	touch $(STAMP)
 
 .PHONY: install demo test

@@ -64,3 +64,11 @@ def additions_answered(summary: dict) -> None:
     logit lens."""
     assert summary["addition_accuracy_clears_control"], summary["addition_accuracy"]
     assert summary["answer_layer_name"] is not None and summary["answer_top1_rate_clears_control"]
+
+
+def circuit_beats_random_edges(summary: dict) -> None:
+    """The headline circuit recovers the metric beyond random-init models' own circuits, and keeps
+    more of the gap than as many random edges of the same model."""
+    assert summary["recovered_metric_clears_control"], summary["recovered_metric"]
+    assert summary["faithfulness_vs_random_edges_clears_control"], (summary["faithfulness"],
+                                                                     summary["faithfulness_vs_random_edges_control_max"])

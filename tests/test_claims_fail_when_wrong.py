@@ -132,3 +132,24 @@ def test_a_random_latent_planted_as_the_hostile_latent_fails_the_feature_claims(
     assert not summary["hostile_latent_auroc_clears_control"]
     with pytest.raises(AssertionError):
         guards.hostile_latent_found(summary)
+
+
+def test_the_least_scored_edges_planted_as_the_circuit_fail_the_circuit_claim(organism):
+    """The toxicity task's circuit by EAP (one step, no exact patching: the claim is about the
+    extraction, not the scores' agreement); the planted circuit keeps the edges of least |score|."""
+    from dataclasses import replace
+
+    from microscope.analysis.circuits.discovery import find_circuit
+    from microscope.analysis.circuits.tasks import toxicity_task
+    from microscope.analysis.circuits.extraction import faithfulness_curve
+
+    task = toxicity_task(organism, "toxicity")
+    result = find_circuit(organism, task, steps=1, exact=False, control_seeds=(0, 1, 2))
+    guards.circuit_beats_random_edges(result.summary())                  # the true ranking passes
+    least_first = 1 / (result.eap_ig.abs() + 1e-9)
+    planted = replace(result, curve=faithfulness_curve(organism, result.graph, task, least_first, ks=result.curve.ks))
+    summary = planted.summary()
+    assert not summary["faithfulness_vs_random_edges_clears_control"]
+    assert summary["circuit_heads"] == []
+    with pytest.raises(AssertionError):
+        guards.circuit_beats_random_edges(summary)

@@ -133,7 +133,7 @@ def test_the_workbench_steps_and_the_studies_derive_from_the_registry():
     assert STEPS == (DUMP, *ANALYSES)
     assert list(STUDIES) == [name for name, a in ANALYSES.items() if a.study]
     assert {"toxicity", "repetition", "instructions", "arithmetic", "head_scores", "logit_lens",
-            "induction_patterns", "circuit", "features"} == set(ANALYSES)
+            "induction_patterns", "circuit", "features", "graph"} == set(ANALYSES)
     for name, analysis in ANALYSES.items():
         assert analysis.name == name and callable(analysis.load())
         assert analysis.purpose and "\n" not in analysis.purpose
@@ -159,8 +159,10 @@ def test_microscope_experiments_steps_lists_every_step():
 # --- 5. one home for what the studies share ---------------------------------------------------
 
 def test_no_study_redefines_what_the_studies_share():
-    shared = {"ABLATIONS", "LENSES", "IN_DISTRIBUTION", "_r", "_rounded", "rows_of", "first_clearing", "first_layer_from"}
+    shared = {"ABLATIONS", "LENSES", "IN_DISTRIBUTION", "_r", "_rounded", "rounded", "round_headline", "rows_of",
+              "first_clearing", "first_layer_from"}
     owners = {"ABLATIONS": "hooks/interventions.py", "LENSES": "analysis/studies/layers.py",
+              "rounded": "analysis/results.py", "round_headline": "analysis/results.py",
               "IN_DISTRIBUTION": "analysis/studies/base.py", "rows_of": "analysis/studies/base.py",
               "first_layer_from": "analysis/studies/base.py", "first_clearing": "analysis/studies/layers.py"}
     defined: dict[str, list[str]] = {}

@@ -27,7 +27,8 @@ REQUIRED = {"demo", "induction_heads", "toxicity_probe_steering", "repetition_lo
 # The demo runs in test_workbench_demo.py. The circuit and features specs take 40-90 s each (CI's
 # budget is 15 minutes): their step functions run in test_circuits_*.py and test_features_*.py, and
 # the specs' parameters are checked against those functions below.
-RUN_ELSEWHERE = {"demo", "dump_opt_1_3b", "circuit_repetition", "circuit_toxicity", "features_toxicity"}
+RUN_ELSEWHERE = {"demo", "dump_opt_1_3b", "circuit_repetition", "circuit_toxicity", "features_toxicity",
+                 "attribution_graph_toxicity", "attribution_graph_repetition"}   # step: test_graphs_organism.py
 ORGANISM_SPECS = [name for name in SHIPPED if name not in RUN_ELSEWHERE]
 
 GOOD = """

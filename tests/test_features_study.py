@@ -72,6 +72,8 @@ def test_the_dictionary_is_faithful_and_an_untrained_one_is_not(setup):
 def test_report_parts(setup):
     result = setup[2]
     assert len(result.figures()) == 2 and len(result.to_frame()) == result.model.dictionary.n_latents
+    said = result.findings()
+    assert said[0].startswith(f"latent {result.model.chosen} of the ") and said[0].endswith("so it CLEARS its control")
     html = result.report_html()
     s = result.summary()
     assert f"latent {s['hostile_latent']}</b> hostile latent (AUROC {s['hostile_latent_auroc']:.3f}, " \

@@ -54,4 +54,7 @@ ANALYSES: dict[str, Analysis] = {a.name: a for a in (
              "A task's circuit at edge level: EAP-IG against exact patching, faithfulness, random-init control."),
     Analysis("features", "microscope.analysis.features.study:run_features_study",
              "Sparse dictionaries trained on the store: a latent for the hostile register, random-init control."),
+    Analysis("graph", "microscope.analysis.graphs.study:run_attribution_graph",
+             "One prompt's attribution graph over transcoders from the store: replacement and completeness "
+             "scores, ablations that test it, random-init control."),
 )}

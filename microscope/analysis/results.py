@@ -25,6 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 HTML_ROWS = 8  # rows of the frame shown by _repr_html_
+HEADLINE_DIGITS = 4
 
 Summary = dict[str, float | int | str | list | None]
 
@@ -71,6 +72,16 @@ class Result(ABC):
         return (f"<div><b>{html.escape(type(self).__name__)}</b> {html.escape(self.title)}"
                 f"{'<br>' + line if line else ''}{table}<p><i>{len(frame)} rows: .to_frame(); "
                 f"headline numbers: .summary(); pictures: .figures()</i></p></div>")
+
+
+def rounded(x, digits: int = HEADLINE_DIGITS) -> float:
+    """``x`` (a number, numpy or torch scalar) as a float rounded to ``digits``: a headline number."""
+    return round(float(x), digits)
+
+
+def round_headline(numbers: dict) -> dict:
+    """``numbers`` with every float `rounded` (other values as they are)."""
+    return {k: rounded(v) if isinstance(v, float) else v for k, v in numbers.items()}
 
 
 def _short(value) -> str:

@@ -39,3 +39,6 @@ app.add_typer(experiments_app, name="experiments")
 from microscope.cli.features import features_app  # noqa: E402
 
 app.add_typer(features_app, name="features")
+from microscope.cli.graph import graph_app  # noqa: E402
+
+app.add_typer(graph_app, name="graph")

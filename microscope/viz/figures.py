@@ -7,7 +7,9 @@ Each function takes plain arrays (torch tensors or numpy) and labels and returns
 - `layer_position_heatmap`: layers (or hook points) x token positions, tokens on the x axis;
 - `head_grid`: a [layer, head] grid of per-head numbers;
 - `attention_pattern`: one head's [query, key] pattern with the tokens on both axes;
-- `line_plot`: one or more named series over a shared x axis (layers, coefficients, steps).
+- `line_plot`: one or more named series over a shared x axis (layers, coefficients, steps);
+- `circuit_graph`: an edge-level circuit; `attribution_graph`: a pruned attribution graph laid out
+  by token position and layer.
 """
 
 from __future__ import annotations
@@ -108,4 +110,37 @@ def circuit_graph(nodes: Mapping[str, tuple[float, float]], edges: Sequence[tupl
     for port, color in colors.items():
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=color), name=port))
     fig.update_layout(title=title, xaxis=dict(visible=False), yaxis=dict(visible=False))
+    return fig
+
+
+def attribution_graph(nodes: Sequence[Mapping], edges: Sequence[tuple[str, str, float]], *,
+                      tokens: Sequence[str], n_layers: int, title: str = "") -> go.Figure:
+    """A pruned attribution graph: nodes are dicts {"id", "kind" ("feature" | "error" | "token" |
+    "logit"), "layer" (-1 for inputs, `n_layers` for logits), "pos", "label"} drawn at (token
+    position, layer), nodes sharing a place spread side by side; edges (source id, target id,
+    weight) drawn with width by |weight|, blue when positive, red when negative."""
+    colors = {"feature": "#2463eb", "error": "#9aa5b1", "token": "#1f7a3f", "logit": "#d97706"}
+    places: dict[tuple[int, int], list[Mapping]] = {}
+    for node in nodes:
+        places.setdefault((int(node["layer"]), int(node["pos"])), []).append(node)
+    xy = {}
+    for (layer, pos), group in places.items():
+        for j, node in enumerate(group):
+            xy[node["id"]] = (pos + 0.8 * ((j + 0.5) / len(group) - 0.5), layer)
+    top = max((abs(w) for _, _, w in edges), default=1.0) or 1.0
+    fig = go.Figure()
+    for source, target, weight in edges:
+        (x0, y0), (x1, y1) = xy[source], xy[target]
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="skip",
+                                 line=dict(width=0.5 + 5 * abs(weight) / top,
+                                           color="rgba(36,99,235,0.45)" if weight >= 0 else "rgba(220,38,38,0.45)")))
+    for kind, color in colors.items():
+        chosen = [n for n in nodes if n["kind"] == kind]
+        fig.add_trace(go.Scatter(x=[xy[n["id"]][0] for n in chosen], y=[xy[n["id"]][1] for n in chosen],
+                                 mode="markers", name=kind, marker=dict(size=9, color=color),
+                                 text=[n["label"] for n in chosen], hoverinfo="text"))
+    fig.update_layout(title=title, xaxis=dict(tickmode="array", tickvals=list(range(len(tokens))),
+                                              ticktext=token_labels(tokens), title="position"),
+                      yaxis=dict(tickmode="array", tickvals=list(range(-1, n_layers + 1)),
+                                 ticktext=["input", *[f"L{l}" for l in range(n_layers)], "logits"], title="layer"))
     return fig

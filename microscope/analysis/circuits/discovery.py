@@ -33,6 +33,7 @@ Task = Literal["repetition", "toxicity"]
 TASKS: tuple[str, ...] = get_args(Task)
 Ranking = Literal["eap_ig", "exact"]      # what the circuit is extracted by
 RANKINGS: tuple[str, ...] = get_args(Ranking)
+RANDOM_CIRCUITS = 20   # draws of as many random edges the headline circuit is held against
 
 
 def agreement(exact: torch.Tensor, estimate: torch.Tensor, gap: float, *, share: float = 0.01,
@@ -76,14 +77,16 @@ def head_ablation(scope, task: CircuitTask) -> dict[str, torch.Tensor]:
 def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: EdgeAblation = "corrupt",
                  target: float = 0.8, budget: float = 0.1, exact: bool = True, rank_by: Ranking = "eap_ig",
                  interpolate: Interpolation = "inputs", control_seeds: Sequence[int] = DEFAULT_SEEDS,
-                 progress: Progress | None = None) -> CircuitResult:
+                 random_circuits: int = RANDOM_CIRCUITS, progress: Progress | None = None) -> CircuitResult:
     """Score every edge (EAP-IG with `steps` along the `interpolate` path, "inputs" or
     "receivers" (`eap.py`); EAP and exact patching beside it when `exact`, and then EAP-IG on
     inputs too if the path is another), extract the circuit (faithfulness curve of the ranking
     by |`rank_by`|: "eap_ig", or "exact" where one forward per edge is affordable, the EAP-IG
     ranking's curve then shown beside it; `budget`: the share of edges the headline circuit
     keeps; `target`: the faithfulness the minimal circuit must reach; MIB's CPR and CMD of each
-    ranking, `mib.py`), and run the same extraction on random-init models (`control_seeds`).
+    ranking, `mib.py`), and run the same extraction on random-init models (`control_seeds`); the
+    headline circuit is also held against ``random_circuits`` draws of as many random edges of the
+    same model (a random-init model has no behaviour to recover, so it alone passes any circuit).
     progress: hears each piece of work as it finishes (`analysis.progress`)."""
     if rank_by not in RANKINGS:
         raise AnalysisInputError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
@@ -107,6 +110,10 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: EdgeAbla
     report(progress, "faithfulness curves")
     curve = curves.pop(rank_by)
     gap = curve.clean - curve.corrupt
+    g = torch.Generator().manual_seed(0)
+    random_edges = [faithfulness_curve(scope, graph, task, torch.rand(graph.n_edges, generator=g),
+                                       ks=[budget_edges(graph.n_edges, budget)], ablation=ablation).faithfulness[0]
+                    for _ in range(random_circuits)]
     eap = eap_scores(scope, graph, task, steps=1, ablation=ablation) if exact else None
     on_inputs = (eap_scores(scope, graph, task, steps=steps, ablation=ablation)
                  if exact and interpolate != "inputs" else None)
@@ -124,7 +131,7 @@ def find_circuit(scope, task: CircuitTask, *, steps: int = 5, ablation: EdgeAbla
         agreement_eap_ig=agreement(scores["exact"], scores["eap_ig"], gap) if exact else None,
         agreement_eap=agreement(scores["exact"], eap, gap) if exact else None,
         agreement_eap_ig_inputs=None if on_inputs is None else agreement(scores["exact"], on_inputs, gap),
-        mib=mib, control_mib=control_mib)
+        mib=mib, control_mib=control_mib, random_edge_faithfulness=random_edges)
 
 
 def run_circuit(scope, task: Task = "repetition", *, n_prompts: int = 32, span: int = 10, shown: int = 5,

@@ -15,7 +15,7 @@ from microscope.analysis.circuits.extraction import FaithfulnessCurve, minimal_c
 from microscope.analysis.circuits.graph import CircuitGraph
 from microscope.analysis.circuits.mib import MibCurves, mib_edge_counts
 from microscope.analysis.controls import Controlled, sentence
-from microscope.analysis.results import Result
+from microscope.analysis.results import Result, round_headline
 from microscope.errors import AnalysisInputError
 from microscope.names import head_label
 from microscope.viz.figures import circuit_graph, line_plot
@@ -42,7 +42,8 @@ class CircuitResult(Result):
     head_ablation: {"zeroed" | "patched": [layer, head]} metric drop when the head's output is
     zeroed or patched from the corrupted run; budget: share of edges the headline circuit keeps;
     minimal: the fewest edges reaching `target` (None: not reached); mib: {scores: MIB's curves
-    (`mib.py`)} of every ranking computed, control_mib: those of the controls' `rank_by` scores."""
+    (`mib.py`)} of every ranking computed, control_mib: those of the controls' `rank_by` scores;
+    random_edge_faithfulness: [draw] faithfulness of as many random edges of this model."""
 
     task: str
     graph: CircuitGraph
@@ -66,6 +67,7 @@ class CircuitResult(Result):
     agreement_eap_ig_inputs: Agreement | None = None
     mib: dict[str, MibCurves] = field(default_factory=dict)
     control_mib: list[MibCurves] = field(default_factory=list)
+    random_edge_faithfulness: list[float] = field(default_factory=list)
 
     @property
     def title(self) -> str:
@@ -102,6 +104,11 @@ class CircuitResult(Result):
             return curve.at(self.kept) * (curve.clean - curve.corrupt)
         return Controlled(recovered(self.curve), [recovered(c) for c in self.controls],
                           control=f"random init x{len(self.controls)}")
+
+    def beats_random_edges(self) -> Controlled:
+        """The headline circuit's faithfulness against as many random edges of the same model."""
+        return Controlled(self.curve.at(self.kept), self.random_edge_faithfulness,
+                          control=f"as many random edges of this model x{len(self.random_edge_faithfulness)}")
 
     def cpr(self) -> Controlled:
         """MIB's CPR of the extraction's ranking (`rank_by`) against random init; it rests on the
@@ -166,7 +173,8 @@ class CircuitResult(Result):
             if self.controls else None,
         })
         # heads are named only for an effect beyond random init: the circuit's recovered metric
-        found = self.recovered().clears if self.controls else True
+        found = (self.recovered().clears if self.controls else True) and \
+            (self.beats_random_edges().clears if self.random_edge_faithfulness else True)
         out["circuit_heads"] = self.circuit_heads() if found else []
         for method in ("patched", "zeroed"):
             heads = self.ablation_heads(method) if found else []
@@ -176,14 +184,16 @@ class CircuitResult(Result):
             out["exact_top_edges"] = self.exact_top_edges() if found else []
             out["exact_top_components"] = self.exact_top_components() if found else []
         if self.controls:
-            out.update(_rounded(self.recovered().headline("recovered_metric")))
+            out.update(round_headline(self.recovered().headline("recovered_metric")))
+        if self.random_edge_faithfulness:
+            out.update(round_headline(self.beats_random_edges().headline("faithfulness_vs_random_edges")))
         if self.mib:
             out["mib_edges_kept"] = mib_edge_counts(self.graph.n_edges)
             curves = self.mib[self.rank_by]
             out["mib_faithfulness_signed"] = [round(f, 4) for f in curves.signed.faithfulness]
             out["mib_faithfulness_absolute"] = [round(f, 4) for f in curves.absolute.faithfulness]
             for key, claim in (("cpr", self.cpr), ("cmd", self.cmd)):
-                out.update(_rounded(claim().headline(key)) if self.control_mib
+                out.update(round_headline(claim().headline(key)) if self.control_mib
                            else {key: round(getattr(curves, key), 4)})
             out.update({f"{key}_{name}_ranking": round(getattr(c, key), 4)
                         for name, c in self.mib.items() if name != self.rank_by for key in ("cpr", "cmd")})
@@ -198,6 +208,9 @@ class CircuitResult(Result):
             out.append(sentence(numbers, "recovered_metric",
                                 f"the circuit of the top {self.kept} edges ({self.budget:.0%} of {self.graph.n_edges}, "
                                 f"ranked by {self.rank_by}; faithfulness {numbers['faithfulness']}) recovers a metric of"))
+        if "faithfulness_vs_random_edges_control" in numbers:
+            out.append(sentence(numbers, "faithfulness_vs_random_edges",
+                                f"those {self.kept} edges keep a share of the gap (faithfulness) of"))
         for key, what in (("cpr", "MIB's CPR (area under faithfulness, signed ranking) is"),
                           ("cmd", "MIB's CMD (area of |1 - faithfulness|, absolute ranking) is")):
             if f"{key}_control" in numbers:
@@ -261,11 +274,6 @@ class CircuitResult(Result):
                                 f"(Spearman |.| {a.spearman:.2f}, top-{a.top} overlap {a.top_overlap:.0%})",
                           xaxis_title="exact effect of ablating the edge", yaxis_title="estimate")
         return fig
-
-
-def _rounded(headline: dict) -> dict:
-    """A `Controlled.headline` with its floats rounded to 4 decimals."""
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in headline.items()}
 
 
 def budget_edges(n_edges: int, budget: float) -> int:

@@ -39,7 +39,7 @@ from sklearn.metrics import roc_auc_score
 
 from microscope.activations.dump import dump
 from microscope.activations.reader import open_store
-from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes
+from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_init_scopes, sentence
 from microscope.analysis.features.coder import Dictionary
 from microscope.analysis.features.dashboards import FeatureDashboards, feature_dashboards
 from microscope.analysis.features.metrics import ce_loss_recovered, reconstruction_metrics
@@ -237,6 +237,16 @@ class FeatureStudy(Result):
                 "dense_share": self.reconstruction["dense_share"], **self.ce,
                 "eval_prompts": self.n_eval, "selection_prompts": self.n_select,
                 "tokens_per_s": self.model.dictionary.provenance.get("tokens_per_s_this_run")}
+
+    def findings(self) -> list[str]:
+        """The hostile latent's AUROC and insult words in words, with their verdicts."""
+        numbers = self.summary()
+        named = "named by the caller" if self.model.named is not None else "chosen on the selection half"
+        return [sentence(numbers, "hostile_latent_auroc",
+                         f"latent {self.model.chosen} of the {numbers['hook']} dictionary (k={self.k}; {named}) tells "
+                         f"held-out hostile from friendly prompts (the half that chose nothing) with AUROC"),
+                sentence(numbers, "hostile_latent_insult_words_in_top10",
+                         "the insult words among its top 10 unembedded tokens number")]
 
     def to_frame(self) -> pd.DataFrame:
         frame = self.dashboards.to_frame()

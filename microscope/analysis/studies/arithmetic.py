@@ -39,8 +39,8 @@ import torch
 
 from microscope.analysis.controls import DEFAULT_SEEDS, RATE_MIN_GAP, Controlled, random_init_scopes, sentence
 from microscope.analysis.progress import Progress, report
-from microscope.analysis.results import Result
-from microscope.analysis.studies.base import greedy_new_tokens, round_headline, rounded, rows_of, split_of, split_suffix
+from microscope.analysis.results import Result, round_headline, rounded
+from microscope.analysis.studies.base import greedy_new_tokens, rows_of, split_of, split_suffix
 from microscope.analysis.studies.layers import LENS_STEPS, LENSES, LayerClaim, kl_figure, read_last_token
 from microscope.errors import AnalysisInputError
 from microscope.prompts import Prompt

@@ -1,8 +1,9 @@
 """What the studies share: prompts and their splits, the one rule for split suffixes in headline
-keys, rounding of headline numbers, greedy continuations, first layers, heads named against a
+keys, greedy continuations, first layers, heads named against a
 random-init null, reference activations for ablations (word classes: `analysis.inputs`).
 
-Study results are ordinary analysis `Result`s (`microscope.analysis.results`); the ablation
+Study results are ordinary analysis `Result`s (`microscope.analysis.results`, which also rounds
+headline numbers: `rounded`, `round_headline`); the ablation
 methods are `microscope.hooks.interventions.ABLATIONS`; the lenses are `studies.layers.LENSES`.
 """
 
@@ -17,7 +18,6 @@ from microscope.names import act_name, head_label
 from microscope.prompts import Prompt, load_prompts
 
 IN_DISTRIBUTION = "in_distribution_heldout"   # the split of prompts like the training data (held out)
-HEADLINE_DIGITS = 4
 
 
 def split_of(prompt: Prompt) -> str:
@@ -30,16 +30,6 @@ def split_suffix(split: str) -> str:
     ``_<split>`` for any other (``insult_prob_hostile`` / ``insult_prob_hostile_ood``). Every
     study names its per-split numbers this way, whatever order the prompts come in."""
     return "" if split == IN_DISTRIBUTION else f"_{split}"
-
-
-def rounded(x, digits: int = HEADLINE_DIGITS) -> float:
-    """``x`` (a number, numpy or torch scalar) as a float rounded to ``digits``: a headline number."""
-    return round(float(x), digits)
-
-
-def round_headline(numbers: dict) -> dict:
-    """``numbers`` with every float `rounded` (other values as they are)."""
-    return {k: rounded(v) if isinstance(v, float) else v for k, v in numbers.items()}
 
 
 def first_layer_from(flags: list[bool]) -> int | None:

@@ -27,7 +27,8 @@ import torch
 from microscope.analysis.controls import Controlled
 from microscope.analysis.inputs import TextsOrIds
 from microscope.analysis.lens import logit_lens
-from microscope.analysis.studies.base import first_layer_from, round_headline, rounded
+from microscope.analysis.results import round_headline, rounded
+from microscope.analysis.studies.base import first_layer_from
 from microscope.analysis.tuned_lens import TunedLens, fit_tuned_lens
 from microscope.viz.figures import line_plot
 

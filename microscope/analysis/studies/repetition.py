@@ -40,10 +40,10 @@ import torch
 from microscope.analysis.controls import DEFAULT_SEEDS, Controlled, random_heads, random_init_scopes
 from microscope.analysis.head_scores import HeadScores, pattern_head_scores, repeated_random_tokens
 from microscope.analysis.progress import Progress, report
-from microscope.analysis.results import Result
+from microscope.analysis.results import Result, round_headline, rounded
 from microscope.analysis.studies.base import (IN_DISTRIBUTION, greedy_new_tokens, head_labels, named_heads,
-                                              null_threshold, reference_cache, round_headline, rounded, rows_of,
-                                              split_of, top_heads)
+                                              null_threshold, reference_cache, rows_of, split_of,
+                                              top_heads)
 from microscope.analysis.studies.loops import Loop, detect_loop
 from microscope.errors import AnalysisInputError
 from microscope.hooks.interventions import ABLATIONS, ablate_heads, ablate_heads_by

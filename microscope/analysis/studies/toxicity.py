@@ -65,12 +65,12 @@ from microscope.analysis.inputs import (distinct_word_classes, end_aligned, last
                                         token_batch, where_present)
 from microscope.analysis.lens import logit_lens, point_label, residual_points, vocab_projection
 from microscope.analysis.probes import live_features, train_probes
-from microscope.analysis.results import Result
+from microscope.analysis.results import Result, round_headline, rounded
 from microscope.analysis.steering import SteeringVector, mean_difference_vector
 from microscope.analysis.progress import Progress, report
 from microscope.analysis.studies.base import (IN_DISTRIBUTION, first_layer_from, greedy_new_tokens, head_labels,
-                                              named_heads, null_threshold, reference_cache, round_headline, rounded,
-                                              rows_of, split_of, split_suffix, top_heads)
+                                              named_heads, null_threshold, reference_cache, rows_of, split_of,
+                                              split_suffix, top_heads)
 from microscope.analysis.studies.layers import LENS_STEPS, LENSES, fit_study_lens
 from microscope.analysis.tuned_lens import LensComparison, TunedLens, compare_lenses
 from microscope.errors import AnalysisInputError
