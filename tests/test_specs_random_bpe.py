@@ -44,11 +44,15 @@ ON_BOTH_LAYOUTS = [name for name in SPECS if name != "demo"]
 
 def claims(summary: dict) -> dict:
     """Every claim a summary makes: controls it clears, and components, layers or latents it names
-    (a name is text, a non-empty list or a latent's index; "none"/"other" name nothing)."""
+    (a name is text, a list holding text or records, or a latent's index; "none"/"other" name
+    nothing, and a list of numbers, such as edge counts, names nothing)."""
+    def names(key: str, value) -> bool:
+        if isinstance(value, list):
+            return any(isinstance(item, (str, dict)) for item in value)
+        return isinstance(value, str) and value not in ("none", "other") or key.endswith("latent") and type(value) is int
     cleared = {k: v for k, v in summary.items() if k.endswith("_clears_control") and v is True}
     named = {k: v for k, v in summary.items()
-             if any(w in k for w in NAMING_WORDS) and "control" not in k and v not in ([], "none", "other")
-             and (isinstance(v, (str, list)) or k.endswith("latent") and type(v) is int)}
+             if any(w in k for w in NAMING_WORDS) and "control" not in k and names(k, v)}
     return {**cleared, **named}
 
 
@@ -74,8 +78,10 @@ def test_every_shipped_spec_runs_on_random_pre_ln_weights_and_names_nothing(tmp_
 def test_the_claim_detector_sees_a_claim():
     assert claims({"cue_heads": ["L0H1"], "x_clears_control": True, "probe_layer": None, "hostile_latent": 7,
                    "y_clears_control": False, "wrong_answer_mechanism": "other", "strongest_patch_site": "L1.mlp",
-                   "circuit_heads": [], "patched_heads_in_circuit": True}) == \
-        {"cue_heads": ["L0H1"], "x_clears_control": True, "strongest_patch_site": "L1.mlp", "hostile_latent": 7}
+                   "circuit_heads": [], "patched_heads_in_circuit": True, "minimal_edges_random_init": [23, 171],
+                   "exact_top_edges": [{"edge": "MLP0->L1H0.q", "share": 0.4}]}) == \
+        {"cue_heads": ["L0H1"], "x_clears_control": True, "strongest_patch_site": "L1.mlp", "hostile_latent": 7,
+         "exact_top_edges": [{"edge": "MLP0->L1H0.q", "share": 0.4}]}
 
 
 def test_a_param_override_reaches_the_step_and_a_stray_one_is_refused(tmp_path, monkeypatch, opt_bpe_checkpoints):
