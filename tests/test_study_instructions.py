@@ -127,13 +127,14 @@ def test_the_tuned_lens_never_sees_an_evaluation_prompt():
 def _plain_patch_share(scope, result, component: str) -> float:
     """Share of the logit difference (answer's first word - user:) restored by writing the cued
     run's last-token output of ``component`` ('L1H2' or 'L0.mlp_out') into its twin's run, with
-    plain HF hooks (a head: its slice of out_proj's input; an MLP: fc2's output)."""
+    plain HF hooks (a head: its slice of out_proj's input; an MLP: fc2's output), over the
+    evaluation pairs (the odd ones: the even ones chose the component)."""
     model, tok = scope.model, scope.tokenizer
     layer = int(component[1:].split("H")[0].split(".")[0])
     block = model.model.decoder.layers[layer]
     d_head = model.config.hidden_size // model.config.num_attention_heads
     head = int(component.split("H")[1]) if "H" in component else None
-    answers = [a for a, c in zip(result.answers, result.cued) if c]
+    answers = [a for a, c in zip(result.answers, result.cued) if c][1::2]
     execution = torch.tensor(tok.convert_tokens_to_ids([a.split()[0] for a in answers]))
     user = tok.convert_tokens_to_ids("user:")
     stored = {}
@@ -167,11 +168,12 @@ def _plain_patch_share(scope, result, component: str) -> float:
             handle.remove()
         return logits[rows, execution] - logits[:, user]
 
-    clean = run(result.pair_cued, patch=False)        # stores the cued values
-    patched = run(result.pair_bare, patch=True)
+    cued, bare = result.pair_cued[1::2], result.pair_bare[1::2]
+    clean = run(cued, patch=False)        # stores the cued values
+    patched = run(bare, patch=True)
     with torch.no_grad():
-        enc = tok(result.pair_bare, return_tensors="pt", padding=True)
-        rows, last = torch.arange(len(result.pair_bare)), enc["attention_mask"].sum(1) - 1
+        enc = tok(bare, return_tensors="pt", padding=True)
+        rows, last = torch.arange(len(bare)), enc["attention_mask"].sum(1) - 1
         logits = model(**enc).logits[rows, last]
     bare = logits[rows, execution] - logits[:, user]
     return float((patched - bare).mean() / (clean - bare).mean())

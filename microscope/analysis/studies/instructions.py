@@ -16,7 +16,10 @@ it rather than carrying it out. Measurements, each with its control (docs/eviden
 - patching (denoising): each head's and each MLP's last-token output of the cued run written into
   its twin's run, the share of the logit difference it restores, the strongest against every
   other component and its effect against random-init models; ablation of that component in the
-  cued run (zero, mean, resample) against ablating each other component.
+  cued run (zero, mean, resample) against ablating each other component. The strongest is chosen
+  on the even pairs and every number about it is measured on the odd pairs, which chose nothing
+  (``chosen_on``). Only the last token runs per intervention: the prefixes are cached
+  (`analysis.last_token`).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ import torch
 
 from microscope.analysis.attribution_patching import screened, site_gradients
 from microscope.analysis.controls import DEFAULT_SEEDS, RATE_MIN_GAP, Controlled, random_init_scopes, sentence
-from microscope.analysis.inputs import (first_token_id, last_positions, last_token_logits, task_value, token_batch,
+from microscope.analysis.inputs import (first_token_id, last_positions, task_value, token_batch,
                                         word_class_ids)
+from microscope.analysis.last_token import LastToken
 from microscope.analysis.progress import Progress, report
 from microscope.analysis.results import Result, round_headline, rounded
 from microscope.analysis.studies.base import greedy_new_tokens, rows_of, split_of, split_suffix
@@ -106,24 +110,30 @@ def components(n_layers: int, n_heads: int) -> list[Component]:
 
 
 @torch.no_grad()
-def set_last_token(scope, ids: torch.Tensor, mask: torch.Tensor, component: Component,
-                   values: torch.Tensor) -> torch.Tensor:
-    """Logits [batch, vocab] at the last token with ``component``'s output there set to ``values``
-    ([batch, d] or, for a head, [batch, d_head]): patching, zero, mean and resample ablation alike."""
+def set_last_token(run: LastToken, component: Component, values: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, vocab] at the last token of ``run``'s prompts with ``component``'s output
+    there set to ``values`` ([batch, d] or, for a head, [batch, d_head]): patching, zero, mean and
+    resample ablation alike. Only the last token runs: the prefixes are cached (`LastToken`)."""
     _, name, head = component
-    rows, last = torch.arange(len(ids)), last_positions(mask)
 
     def put(act, hook):
         out = act.clone()
-        index = (rows, last) if head is None else (rows, last, head)
+        index = (slice(None), run.position) if head is None else (slice(None), run.position, head)
         out[index] = values.to(out.device, out.dtype)
         return out
-    return last_token_logits(scope, ids, mask, {name: put}).float().cpu()
+    return run.logits({name: put}).float().cpu()
 
 
 def _values(acts: dict[str, torch.Tensor], component: Component) -> torch.Tensor:
     _, name, head = component
     return acts[name] if head is None else acts[name][:, head]
+
+
+ALL = slice(None)
+# the strongest component is chosen on the even pairs and measured on the odd ones, which chose nothing
+FIT_PAIRS, EVALUATION_PAIRS = slice(0, None, 2), slice(1, None, 2)
+CHOSEN_ON = "fit pairs (even): the strongest component; its shares, effect and ablations are measured on the " \
+            "evaluation pairs (odd)"
 
 
 @dataclass
@@ -138,18 +148,25 @@ class PairMeasure:
     patched: torch.Tensor
     ablated: dict[str, torch.Tensor]
 
-    @property
-    def gap(self) -> float:
-        """Mean logit difference cued - bare: what the cue does."""
-        return float((self.cued - self.bare).mean())
+    def gap(self, pairs: slice = ALL) -> float:
+        """Mean logit difference cued - bare over ``pairs``: what the cue does."""
+        return float((self.cued[pairs] - self.bare[pairs]).mean())
 
-    def restored(self) -> torch.Tensor:
-        """[component] share of the gap that patching the component brings back."""
-        return (self.patched - self.bare[None]).mean(-1) / self.gap
+    def restored(self, pairs: slice = ALL) -> torch.Tensor:
+        """[component] share of the gap that patching the component brings back, over ``pairs``."""
+        return (self.patched[:, pairs] - self.bare[None, pairs]).mean(-1) / self.gap(pairs)
 
-    def dropped(self, method: str) -> torch.Tensor:
+    def dropped(self, method: str, pairs: slice = ALL) -> torch.Tensor:
         """[component] share of the gap that ablating the component removes from the cued run."""
-        return (self.cued[None] - self.ablated[method]).mean(-1) / self.gap
+        return (self.cued[None, pairs] - self.ablated[method][:, pairs]).mean(-1) / self.gap(pairs)
+
+    def strongest(self) -> int:
+        """The component that restores the largest share on the fit pairs (`FIT_PAIRS`)."""
+        return int(self.restored(FIT_PAIRS).nan_to_num(-1e9).argmax())
+
+    def strongest_effect(self) -> float:
+        """The logits the `strongest` component restores on the evaluation pairs."""
+        return float(self.restored(EVALUATION_PAIRS)[self.strongest()]) * self.gap(EVALUATION_PAIRS)
 
 
 @torch.no_grad()
@@ -191,11 +208,14 @@ def measure_pairs(scope, cued: list[str], bare: list[str], execution: torch.Tens
         """[component, pair] diff with each component's last-token value set to its fill."""
         ids, mask, base, acts, grads = (cued_ids, cued_mask, cued_diff, cued_acts, cued_grads) if on_cued else \
             (bare_ids, bare_mask, bare_diff, bare_acts, bare_grads)
+        run = None
         out = torch.stack([base + ((fill - _values(acts, part)) * _values(grads, part)).sum(-1)
                            for part, fill in zip(parts, fills)])
 
         def exact(index: tuple[int, ...]) -> float:
-            out[index[0]] = diff(set_last_token(scope, ids, mask, parts[index[0]], fills[index[0]]))
+            nonlocal run
+            run = run or LastToken(scope, ids, mask)      # the prefixes, once per sweep
+            out[index[0]] = diff(set_last_token(run, parts[index[0]], fills[index[0]]))
             return float((out[index[0]] - base).mean())
         screened((out - base).mean(-1), exact, exact_components)
         return out
@@ -261,7 +281,8 @@ class InstructionsResult(Result):
 
     @property
     def strongest(self) -> int:
-        return int(self.measure.restored().nan_to_num(-1e9).argmax())
+        """Index of the strongest patched component, chosen on the fit pairs."""
+        return self.measure.strongest()
 
     def findings(self) -> list[str]:
         """Execution, dialogue and where the cue decides, in words with their verdicts."""
@@ -287,12 +308,13 @@ class InstructionsResult(Result):
                          y_title="share of pairs separated",
                          title="the cue decides: execution token ahead in the cued prompt, dialogue token in its twin")
         others = [i for i in range(len(self.components)) if i != self.strongest]
-        patch = go.Figure(go.Bar(x=self.components, y=self.measure.restored().tolist()))
+        patch = go.Figure(go.Bar(x=self.components, y=self.measure.restored(EVALUATION_PAIRS).tolist()))
         patch.update_layout(title="patching cued -> bare twin at the last token: share of the logit difference "
-                                  "restored", xaxis_title="component", yaxis_title="share restored")
+                                  "restored (evaluation pairs)", xaxis_title="component", yaxis_title="share restored")
         ablate = go.Figure([go.Bar(name=m, x=[self.components[self.strongest], "others (mean)"],
-                                   y=[float(self.measure.dropped(m)[self.strongest]),
-                                      float(self.measure.dropped(m)[others].mean())]) for m in ABLATIONS])
+                                   y=[float(self.measure.dropped(m, EVALUATION_PAIRS)[self.strongest]),
+                                      float(self.measure.dropped(m, EVALUATION_PAIRS)[others].mean())])
+                           for m in ABLATIONS])
         ablate.update_layout(title="ablating the strongest component vs the others (cued prompts)",
                              yaxis_title="share of the logit difference removed", barmode="group")
         shown = [(f, split) for split in dict.fromkeys(self.splits) for f in ("bare", "cued")]
@@ -328,7 +350,7 @@ class InstructionsResult(Result):
             out.update(round_headline(Controlled(contrast, null, "random init", min_gap=RATE_MIN_GAP
                                                  ).headline(f"dialogue_contrast{suffix}")))
         # which layer decides and which component carries the cue rest on the cue having an effect
-        cue = Controlled(self.measure.gap, self.null_gap, "random init")
+        cue = Controlled(self.measure.gap(), self.null_gap, "random init")
         for claim in self.claims.values():
             out.update(claim.resting_on("cue_logit_diff", cue.clears).headline("decision_layer", "decision_separation"))
         out["decision_separation_by_layer"] = [rounded(v, 3) for v in self.claims["logit_lens"].values.tolist()]
@@ -337,14 +359,14 @@ class InstructionsResult(Result):
         out.update(round_headline(cue.headline("cue_logit_diff")))
         best = self.strongest
         others = [i for i in range(len(self.components)) if i != best]
-        restored = self.measure.restored()
-        effect = float(restored[best]) * self.measure.gap
+        restored = self.measure.restored(EVALUATION_PAIRS)
         carried = {"strongest_patch_restored": Controlled(float(restored[best]), restored[others].tolist(),
                                                           "each other head and MLP"),
-                   "strongest_patch_effect": Controlled(effect, self.null_strongest_effect,
+                   "strongest_patch_effect": Controlled(self.measure.strongest_effect(), self.null_strongest_effect,
                                                         "strongest component of random init"),
                    **{f"strongest_ablation_drop_{method}": Controlled(
-                       float(self.measure.dropped(method)[best]), self.measure.dropped(method)[others].tolist(),
+                       float(self.measure.dropped(method, EVALUATION_PAIRS)[best]),
+                       self.measure.dropped(method, EVALUATION_PAIRS)[others].tolist(),
                        "each other head and MLP") for method in ABLATIONS}}
         carried = {k: c.resting_on("cue_logit_diff", cue.clears) for k, c in carried.items()}
         out["strongest_patch_component"] = self.components[best]     # what the strongest_* numbers are about
@@ -353,6 +375,7 @@ class InstructionsResult(Result):
         for key, claim in carried.items():
             out.update(round_headline(claim.headline(key)))
         out["pairs"] = len(self.pair_cued)
+        out["chosen_on"] = CHOSEN_ON
         out["prompts"] = len(self.prompts)
         return out
 
@@ -434,5 +457,5 @@ def run_instructions(scope, prompts: Sequence[Prompt] | str = "instructions", *,
         pair_cued=pair_cued, pair_bare=pair_bare, layers=readings.layers, claims=claims,
         components=[label for label, _, _ in parts], measure=pair,
         null_rates={k: [r[k] for r in null_rates] for k in null_rates[0]},
-        null_gap=[n[3].gap for n in null],
-        null_strongest_effect=[float((n[3].patched - n[3].bare[None]).mean(-1).max()) for n in null])
+        null_gap=[n[3].gap() for n in null],
+        null_strongest_effect=[n[3].strongest_effect() for n in null])
