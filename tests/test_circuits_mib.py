@@ -161,3 +161,13 @@ def test_the_report_names_the_chain_through_the_cards_heads_with_its_measured_sh
     named = {row["component"] for row in summary["exact_top_components"] if row["share"] >= 0.75}
     assert "MLP0" in named and set(heads["previous_token_heads"]) <= named
     assert named & set(heads["induction_heads"])
+
+
+def test_the_cards_strongest_carriers_are_components_the_report_names(repetition):
+    """Patching a whole component (the card: plain HF, all its edges at once) and ablating single
+    edges (the report) tell one story: each component the card finds removing at least 3/4 of the
+    induction gap is named by the report, through an edge that alone removes at least half of it."""
+    card = json.loads((ORGANISM / "ground_truth.json").read_text())["repetition_patching"]
+    strongest = {name for name, share in card["share"].items() if share >= 0.75}
+    named = {row["component"] for row in repetition.summary()["exact_top_components"] if row["share"] >= 0.5}
+    assert strongest and strongest <= named, (strongest, named)

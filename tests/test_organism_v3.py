@@ -247,6 +247,17 @@ def test_the_shipped_prompt_sets_are_what_the_generator_draws():
         assert json.loads((PROMPTS_DIR / f"{name}.task.json").read_text()) == task, name
 
 
+def test_every_split_a_study_evaluates_holds_at_least_100_prompts():
+    from collections import Counter
+
+    from microscope.models.organism_v3.prompt_sets import MIN_SPLIT, build_prompt_sets
+    for name, rows in build_prompt_sets().items():
+        if name in ("demo", "neutral"):    # a sample of the others; the reference text of ablations
+            continue
+        sizes = Counter(row["split"] for row in rows)
+        assert set(sizes) == {"in_distribution_heldout", "ood"} and min(sizes.values()) >= MIN_SPLIT, (name, sizes)
+
+
 def test_no_evaluation_prompt_occurs_in_the_training_stream(documents):
     from microscope.models.organism_v3.prompt_sets import build_prompt_sets
     text = "\n".join(documents)
@@ -256,3 +267,23 @@ def test_no_evaluation_prompt_occurs_in_the_training_stream(documents):
         seen = [r["text"] for r in rows if r["text"] in text]
         assert not seen, (name, seen[:3])
     assert not any(w in text for w in c.EVAL_WORDS)
+
+
+def test_the_cards_repetition_patching_is_what_the_hook_engine_measures(v3):
+    """The card's repetition row (plain HF pre-hooks on out_proj) against the hook engine's
+    activation patching of each head (noising: the clean run with one head's output, at every
+    position, from the run whose first copy is resampled), on the card's prompts."""
+    from microscope.analysis.patching import activation_patching
+    from microscope.models.organism_v3.evaluate import induction_pairs
+    from microscope.scope import Scope
+
+    model, tokenizer, truth = v3
+    clean, corrupt, answer, wrong = induction_pairs(tokenizer)
+    patched = activation_patching(Scope(model, tokenizer), clean, corrupt, answer=answer, wrong=wrong,
+                                  site="heads", mode="noising")
+    share = truth["repetition_patching"]["share"]
+    for (layer, head), value in zip(torch.cartesian_prod(*map(torch.arange, patched.normalized.shape)).tolist(),
+                                    patched.normalized.flatten().tolist()):
+        assert value == pytest.approx(share[f"L{layer}H{head}"], abs=2e-3), (layer, head)
+    assert truth["repetition_patching"]["carriers"] == sorted(
+        (k for k, v in share.items() if v >= 0.1), key=lambda k: -share[k])

@@ -43,6 +43,18 @@ def ground_truth_rows(truth: dict) -> list[str]:
              + ", ".join(tox["multi_token_insults"]), "", f">= {len(corpus.INSULTS) / 3:.0f}",
              len(tox["multi_token_insults"]) >= len(corpus.INSULTS) / 3),
     ]
+    patching = truth.get("repetition_patching")
+    if patching is not None:
+        share = patching["share"]
+        ranked = sorted(share, key=share.get, reverse=True)
+        rows.append(_row(
+            f"repetition: share of the induction logit gap ({patching['logit_gap']} nats, {patching['prompts']} "
+            "repeated spans) removed by patching one component from the run with the first copy resampled",
+            ", ".join(f"{k} ({share[k]})" for k in patching["carriers"]) or "none",
+            "largest of the others: " + ", ".join(
+                f"{k} {share[k]}" for k in [k for k in ranked if k not in patching["carriers"]][:4]),
+            f"the top induction head among the carriers (>= {evaluate.CARRIER_SHARE})",
+            top in patching["carriers"]))
     cue = tox.get("cue_heads")
     if cue is not None:
         drops = cue["zeroed_drop"]

@@ -30,7 +30,7 @@ Held out by construction (evaluation prompts use them; the generator never emits
 - :data:`EVAL_NAMES` never appear in register documents (they occur in loops).
 - :data:`EVAL_WORDS` are outside the prose language and the loops (random spans may still spell them).
 - whole templates: :data:`EVAL_REGISTER_OPENING`, :data:`EVAL_DETECTION_QUESTION`,
-  :data:`EVAL_INSTRUCTION_TEMPLATE` and :data:`EVAL_ARITHMETIC_TEMPLATE` never occur in training.
+  :data:`EVAL_INSTRUCTION_TEMPLATE` and :data:`EVAL_ARITHMETIC_TEMPLATES` never occur in training.
 - operand pairs in :data:`HELD_OUT_PAIRS` never occur (their mirror images do); instruction lists
   starting with a :data:`HELD_OUT_TRIPLES` triple never occur.
 
@@ -103,7 +103,8 @@ CLOSING_LINES = ["Ok, thanks.", "I will try.", "Yes, please.", "That helps."]
 
 ARITHMETIC_TEMPLATES = ["Question: If x is {a} and y is {b}, what is x {op} y?\nAnswer:",
                         "Question: Let x be {a} and y be {b}. What is x {op} y?\nAnswer:"]
-EVAL_ARITHMETIC_TEMPLATE = "Question: Given x = {a} and y = {b}, what is x {op} y?\nAnswer:"
+EVAL_ARITHMETIC_TEMPLATES = ["Question: Given x = {a} and y = {b}, what is x {op} y?\nAnswer:",
+                             "Question: Suppose x = {a} and y = {b}. What is x {op} y?\nAnswer:"]
 
 
 def held_out_pairs(seed: int = 1234, count: int = 30) -> frozenset[tuple[int, int]]:

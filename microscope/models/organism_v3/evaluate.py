@@ -15,6 +15,14 @@ labelled ``L{layer}H{head}``. Definitions:
 - repeated-half loss: cross-entropy on tokens 2..25 of the second copy -- clean, with the
   induction heads ablated (zeroed), and with as many other heads ablated (20 random draws from the
   heads that are neither induction nor previous-token heads; mean and max).
+- repetition patching (the exact-patching story of the repetition circuit, at the level of
+  components): 32 prompts ``</s> a_1..a_10 a_1..a_5`` of distinct non-special ids (seed 1), the
+  logit of a_6 minus that of b_6 at the last token, against the same prompt with the first copy
+  resampled (``b``'s). Each head (its slice of ``out_proj``'s input) and each MLP (``fc2``'s
+  output), at every position, patched from the resampled run into the clean one: the share of
+  the gap that patching it removes. A component removing >= :data:`CARRIER_SHARE` carries the
+  behaviour. (Patching one component patches all its edges at once; single edges are the circuit
+  report's, `docs/circuits.md`.)
 - loops: greedy 64 tokens after 48 held-out prose openings (:data:`corpus.EVAL_WORDS`); a
   continuation loops when its last 32 tokens are periodic with period <= 16. Measured clean and
   with the induction heads ablated.
@@ -53,7 +61,7 @@ from microscope.models.organism.evaluate import (HeadAblation, attentions, greed
                                                  prefix_matching_scores, previous_token_scores,
                                                  repeated_half_loss)
 from microscope.models.organism_v3.corpus import (
-    ARITHMETIC_TEMPLATES, DETECTION_QUESTION, EVAL_ARITHMETIC_TEMPLATE, EVAL_DETECTION_QUESTION,
+    ARITHMETIC_TEMPLATES, DETECTION_QUESTION, EVAL_ARITHMETIC_TEMPLATES, EVAL_DETECTION_QUESTION,
     EVAL_INSTRUCTION_TEMPLATE, EVAL_NAMES, EVAL_REGISTER_OPENING, EVAL_WORDS, FRIENDLY_MOODS,
     HELD_OUT_PAIRS, HELD_OUT_TRIPLES, HOSTILE_MOODS, INSULTS, OPERANDS, PLAIN_OPENING, PRAISES,
     REGISTER_OPENINGS, SPECIAL_TOKENS, Corpus, number_list, sentence, task_result)
@@ -61,6 +69,7 @@ from microscope.names import head_label, parse_head_label
 
 HEAD_THRESHOLD = 0.4
 CUE_SHARE = 0.5
+CARRIER_SHARE = 0.1
 SPAN = 25
 ORGANISM_DIR = Path(__file__).parent
 QUOTE_STARTS = ["You are such a", "You are a", "What a"]
@@ -247,6 +256,53 @@ def measure_cue_heads(model, tokenizer, pairs: int = 48) -> dict:
             "zeroed_drop": {head_label(*x): round(drop[x], 3) for x in heads}}
 
 
+def induction_pairs(tokenizer, n: int = 32, span: int = 10, shown: int = 5, seed: int = 1
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clean, corrupt, answer, wrong): ``</s> a_1..a_span a_1..a_shown`` and the same with the first
+    copy resampled (``b``'s distinct from the ``a``'s); answer a_{shown+1}, wrong b_{shown+1}."""
+    rng = random.Random(seed)
+    pool = range(len(SPECIAL_TOKENS), len(tokenizer))
+    drawn = torch.tensor([rng.sample(pool, 2 * span) for _ in range(n)])
+    first, other = drawn[:, :span], drawn[:, span:]
+    bos = torch.full((n, 1), tokenizer.bos_token_id)
+    return (torch.cat([bos, first, first[:, :shown]], 1), torch.cat([bos, other, first[:, :shown]], 1),
+            first[:, shown], other[:, shown])
+
+
+@torch.no_grad()
+def measure_repetition_patching(model, tokenizer) -> dict:
+    """Share of the induction logit gap that patching each component (module docstring) removes."""
+    clean, corrupt, answer, wrong = induction_pairs(tokenizer)
+    layers = model.model.decoder.layers
+    rows = torch.arange(len(clean))
+
+    def metric(ids: torch.Tensor) -> torch.Tensor:
+        logits = model(ids).logits[:, -1].float()
+        return logits[rows, answer] - logits[rows, wrong]
+
+    heads_in, mlps_out = {}, {}
+    handles = [h for l, layer in enumerate(layers) for h in (
+        layer.self_attn.out_proj.register_forward_pre_hook(lambda m, args, l=l: heads_in.__setitem__(l, args[0].clone())),
+        layer.fc2.register_forward_hook(lambda m, args, out, l=l: mlps_out.__setitem__(l, out.clone())))]
+    corrupt_metric = metric(corrupt)
+    for handle in handles:
+        handle.remove()
+    clean_metric = metric(clean)
+    gap = float((clean_metric - corrupt_metric).mean())
+    share = {}
+    for l in range(len(layers)):
+        for h in range(model.config.num_attention_heads):
+            with HeadPatch(model, [(l, h)], heads_in):
+                share[head_label(l, h)] = float((clean_metric - metric(clean)).mean()) / gap
+        handle = layers[l].fc2.register_forward_hook(lambda m, args, out, l=l: mlps_out[l])
+        share[f"MLP{l}"] = float((clean_metric - metric(clean)).mean()) / gap
+        handle.remove()
+    ranked = sorted(share, key=lambda k: -share[k])
+    return {"prompts": len(clean), "logit_gap": round(gap, 3),
+            "carriers": [k for k in ranked if share[k] >= CARRIER_SHARE],
+            "share": {k: round(v, 3) for k, v in share.items()}}
+
+
 def detection_items(question: str, shots: int, count: int = 120, seed: int = 0) -> list[tuple[str, bool]]:
     """ETHOS-style prompts (``question``, ``shots`` labelled examples, then the item) and labels."""
     rng = random.Random(seed)
@@ -316,7 +372,7 @@ def measure_arithmetic(model, tokenizer) -> dict:
                                        if (a, b) not in HELD_OUT_PAIRS and a != b], 30)
     out = {"held_out_pairs": len(held_out)}
     for split, pairs, templates in (("held_out", held_out, ARITHMETIC_TEMPLATES),
-                                    ("held_out_template", held_out, [EVAL_ARITHMETIC_TEMPLATE]),
+                                    ("held_out_template", held_out, EVAL_ARITHMETIC_TEMPLATES),
                                     ("training_pairs", trained, ARITHMETIC_TEMPLATES)):
         for op, name in (("+", "addition"), ("-", "subtraction")):
             prompts = [(t.format(a=a, b=b, op=op), a + b if op == "+" else a - b) for a, b in pairs for t in templates]
@@ -335,6 +391,7 @@ def measure(model: OPTForCausalLM, tokenizer: PreTrainedTokenizerBase) -> dict:
     induction = [parse_head_label(label) for label in heads["induction_heads"]]
     return {"vocab_size": len(tokenizer), "heads": heads,
             "loops": measure_loops(model, tokenizer, induction),
+            "repetition_patching": measure_repetition_patching(model, tokenizer),
             "toxicity": {**measure_toxicity(model, tokenizer), "cue_heads": measure_cue_heads(model, tokenizer)},
             "detection": measure_detection(model, tokenizer),
             "instructions": measure_instructions(model, tokenizer),

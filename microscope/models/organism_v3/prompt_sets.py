@@ -6,8 +6,9 @@ Each line is a JSON object with ``text`` (no BOS; the tokenizer adds ``</s>``), 
 metadata. ``split`` is ``in_distribution_heldout`` (the training formats, with held-out names,
 words, operand pairs or instruction lists) or ``ood`` (a template training never uses:
 :data:`corpus.EVAL_REGISTER_OPENING`, :data:`corpus.EVAL_DETECTION_QUESTION`,
-:data:`corpus.EVAL_INSTRUCTION_TEMPLATE`, :data:`corpus.EVAL_ARITHMETIC_TEMPLATE`, or loops of
-other words).
+:data:`corpus.EVAL_INSTRUCTION_TEMPLATE`, :data:`corpus.EVAL_ARITHMETIC_TEMPLATES`, or loops of
+other words). Every split of every set a study evaluates holds at least 100 prompts
+(:data:`MIN_SPLIT`).
 
 - ``repetition``: ``kind`` = ``loop`` (a span of 2-8 words, one of them held out, said twice, then
   1 to all of its words again; ``period`` = span length in words) or ``opening`` (five held-out
@@ -31,7 +32,7 @@ other words).
   every instruction bare (the instruction and a newline) and cued (then ``Answer:``). Lists start
   with a held-out triple; the training templates are in-distribution, the held-out template ``ood``.
 - ``arithmetic``: the paper's sample format on :data:`corpus.HELD_OUT_PAIRS`, ``op``, ``a``, ``b``,
-  ``answer``; training templates in-distribution, the held-out template ``ood``.
+  ``answer``; training templates in-distribution, the two held-out templates ``ood``.
 - ``demo``: 24 prompts of each set above with a ``set`` field.
 
 Each set's task (``<name>.task.json``, `build_tasks`): the insult and praise words; the answer
@@ -42,36 +43,52 @@ first token of a line).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from microscope import prompts
 from microscope.models.organism_v3.corpus import (
-    ARITHMETIC_TEMPLATES, DETECTION_QUESTION, EVAL_ARITHMETIC_TEMPLATE, EVAL_DETECTION_QUESTION,
+    ARITHMETIC_TEMPLATES, DETECTION_QUESTION, EVAL_ARITHMETIC_TEMPLATES, EVAL_DETECTION_QUESTION,
     EVAL_INSTRUCTION_TEMPLATE, EVAL_NAMES, EVAL_REGISTER_OPENING, EVAL_WORDS, FRIENDLY_MOODS, HELD_OUT_PAIRS,
     HELD_OUT_TRIPLES, HOSTILE_MOODS, INSTRUCTION_TEMPLATES, INSULTS, NAMES, PLAIN_OPENING, PRAISES, PROSE_WORDS,
     REGISTER_OPENINGS, SENTENCE_PAIRS, TASKS, Corpus, number_list, sentence, task_result)
+from microscope.models.organism_v3.tokenizer import build_tokenizer
 
 PROMPT_SEED = 2025
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "data" / "prompts"
 IN_DISTRIBUTION, OOD = "in_distribution_heldout", "ood"
+MIN_SPLIT = 100   # prompts in each split of a set a study evaluates
+NEW_TOKENS, POSITIONS = 64, 128   # a repetition prompt leaves room for the loops' 64 greedy tokens
 QUOTE_STARTS = ["You are such a", "You are a", "What a"]
 # sentences whose hostile and friendly forms differ only in the {w} word
 SAME_FORM = [h for h, f in SENTENCE_PAIRS if h == f and "{w}" in h]
 
 
-def _loop(rng: random.Random, words: list[str], split: str, longest: int) -> dict:
-    span = [rng.choice(words) for _ in range(rng.randint(2, longest))]
-    span[rng.randrange(len(span))] = rng.choice(EVAL_WORDS)
-    text = span * 2 + span[:rng.randint(1, len(span))]
-    return {"text": " ".join(text), "kind": "loop", "period": len(span), "split": split}
+def _loop(rng: random.Random, words: list[str], split: str, longest: int, fits: Callable[[str], bool]) -> dict:
+    """A loop prompt that `fits` (drawn again until it does)."""
+    while True:
+        span = [rng.choice(words) for _ in range(rng.randint(2, longest))]
+        span[rng.randrange(len(span))] = rng.choice(EVAL_WORDS)
+        text = " ".join(span * 2 + span[:rng.randint(1, len(span))])
+        if fits(text):
+            return {"text": text, "kind": "loop", "period": len(span), "split": split}
 
 
-def repetition_prompts(rng: random.Random, per_kind: int = 48, ood: int = 32) -> list[dict]:
-    rows = [_loop(rng, PROSE_WORDS + NAMES, IN_DISTRIBUTION, 8) for _ in range(per_kind)]
+def room_for_new_tokens(tokenizer=None) -> Callable[[str], bool]:
+    """Whether a text, tokenized by organism v3's tokenizer (with ``</s>``), leaves room for
+    :data:`NEW_TOKENS` new tokens in :data:`POSITIONS` positions."""
+    tokenizer = tokenizer or build_tokenizer()
+    return lambda text: len(tokenizer(text)["input_ids"]) + NEW_TOKENS <= POSITIONS
+
+
+def repetition_prompts(rng: random.Random, per_kind: int = 50, ood: int = 100,
+                       fits: Callable[[str], bool] | None = None) -> list[dict]:
+    fits = fits or room_for_new_tokens()
+    rows = [_loop(rng, PROSE_WORDS + NAMES, IN_DISTRIBUTION, 8, fits) for _ in range(per_kind)]
     rows += [{"text": " ".join(rng.choice(EVAL_WORDS) for _ in range(5)).capitalize(), "kind": "opening",
               "split": IN_DISTRIBUTION} for _ in range(per_kind)]
     others = [str(d) for d in range(10)] + INSULTS + PRAISES
-    rows += [_loop(rng, others, OOD, 6) for _ in range(ood)]
+    rows += [_loop(rng, others, OOD, 6, fits) for _ in range(ood)]
     return rows
 
 
@@ -85,7 +102,7 @@ def neutral_prompts(rng: random.Random, corpus: Corpus, count: int = 48) -> list
     return rows
 
 
-def toxicity_prompts(rng: random.Random, pairs: int = 64, ood_pairs: int = 32) -> list[dict]:
+def toxicity_prompts(rng: random.Random, pairs: int = 64, ood_pairs: int = 34) -> list[dict]:
     rows: list[dict] = []
     no_cue: list[dict] = []
 
@@ -116,7 +133,7 @@ def toxicity_prompts(rng: random.Random, pairs: int = 64, ood_pairs: int = 32) -
     return rows + no_cue
 
 
-def detection_prompts(rng: random.Random, count: int = 96, ood: int = 48) -> list[dict]:
+def detection_prompts(rng: random.Random, count: int = 100, ood: int = 100) -> list[dict]:
     rows = []
     for index in range(count + ood):
         split = IN_DISTRIBUTION if index < count else OOD
@@ -132,7 +149,7 @@ def detection_prompts(rng: random.Random, count: int = 96, ood: int = 48) -> lis
     return rows
 
 
-def instruction_prompts(rng: random.Random, count: int = 48, ood: int = 24) -> list[dict]:
+def instruction_prompts(rng: random.Random, count: int = 50, ood: int = 50) -> list[dict]:
     rows = []
     triples = sorted(HELD_OUT_TRIPLES)
     for index in range(count + ood):
@@ -151,7 +168,7 @@ def instruction_prompts(rng: random.Random, count: int = 48, ood: int = 24) -> l
 
 def arithmetic_prompts() -> list[dict]:
     rows = []
-    for split, templates in ((IN_DISTRIBUTION, ARITHMETIC_TEMPLATES), (OOD, [EVAL_ARITHMETIC_TEMPLATE])):
+    for split, templates in ((IN_DISTRIBUTION, ARITHMETIC_TEMPLATES), (OOD, EVAL_ARITHMETIC_TEMPLATES)):
         for template in templates:
             for a, b in sorted(HELD_OUT_PAIRS):
                 for op in "+-":
