@@ -46,7 +46,7 @@ from microscope.analysis.features.metrics import ce_loss_recovered, reconstructi
 from microscope.analysis.features.train import TrainSettings, train_dictionary
 from microscope.analysis.inputs import task_value
 from microscope.analysis.progress import Progress, counted, report
-from microscope.analysis.results import Result
+from microscope.analysis.results import Result, round_headline
 from microscope.errors import AnalysisInputError
 from microscope.models import anatomy
 from microscope.names import every_layer, resolve
@@ -221,7 +221,7 @@ class FeatureStudy(Result):
 
     def summary(self) -> dict:
         auroc, hits = self.auroc, self.word_hits
-        return {"hook": self.model.dictionary.hook,
+        return round_headline({"hook": self.model.dictionary.hook,
                 **{f"selection_auroc[{h}]": v for h, v in self.selection_auroc.items()},
                 "k": self.k, "chosen_on": "selection half (hook, k, latent); the evaluation half chose nothing",
                 "hostile_latent_named_by_caller": self.model.named is not None,
@@ -236,7 +236,7 @@ class FeatureStudy(Result):
                 "l0": self.reconstruction["l0"], "dead_share": self.reconstruction["dead_share"],
                 "dense_share": self.reconstruction["dense_share"], **self.ce,
                 "eval_prompts": self.n_eval, "selection_prompts": self.n_select,
-                "tokens_per_s": self.model.dictionary.provenance.get("tokens_per_s_this_run")}
+                "tokens_per_s": self.model.dictionary.provenance.get("tokens_per_s_this_run")})
 
     def findings(self) -> list[str]:
         """The hostile latent's AUROC and insult words in words, with their verdicts."""
