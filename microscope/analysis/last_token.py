@@ -34,14 +34,15 @@ class LastToken:
         prefix_mask = mask.clone()
         prefix_mask[rows, last] = 0
         device = scope.device
-        self.cache = scope.model(input_ids=ids.to(device), attention_mask=prefix_mask.to(device),
-                                 use_cache=True, logits_to_keep=1).past_key_values
-        self.width = ids.shape[1]
-        self.token = ids[rows, last][:, None].to(device)
-        self.mask = torch.cat([prefix_mask, torch.ones_like(prefix_mask[:, :1])], 1).to(device)
         # later transformers 5 releases renamed `past_key_values` to `cache` (the old name warns)
         self._cache_kwarg = "cache" if "cache" in inspect.signature(scope.model.forward).parameters \
             else "past_key_values"
+        out = scope.model(input_ids=ids.to(device), attention_mask=prefix_mask.to(device), use_cache=True,
+                          logits_to_keep=1)
+        self.cache = getattr(out, self._cache_kwarg)
+        self.width = ids.shape[1]
+        self.token = ids[rows, last][:, None].to(device)
+        self.mask = torch.cat([prefix_mask, torch.ones_like(prefix_mask[:, :1])], 1).to(device)
 
     @torch.no_grad()
     def logits(self, hooks: dict | None = None) -> torch.Tensor:
