@@ -203,18 +203,16 @@ def measure_pairs(scope, cued: list[str], bare: list[str], execution: torch.Tens
 
     cued_diff, cued_acts, cued_grads = last_token_gradients(cued_ids, cued_mask)
     bare_diff, bare_acts, bare_grads = last_token_gradients(bare_ids, bare_mask)
+    cued_run, bare_run = LastToken(scope, cued_ids, cued_mask), LastToken(scope, bare_ids, bare_mask)
 
     def sweep(fills: list[torch.Tensor], on_cued: bool) -> torch.Tensor:
         """[component, pair] diff with each component's last-token value set to its fill."""
-        ids, mask, base, acts, grads = (cued_ids, cued_mask, cued_diff, cued_acts, cued_grads) if on_cued else \
-            (bare_ids, bare_mask, bare_diff, bare_acts, bare_grads)
-        run = None
+        run, base, acts, grads = (cued_run, cued_diff, cued_acts, cued_grads) if on_cued else \
+            (bare_run, bare_diff, bare_acts, bare_grads)
         out = torch.stack([base + ((fill - _values(acts, part)) * _values(grads, part)).sum(-1)
                            for part, fill in zip(parts, fills)])
 
         def exact(index: tuple[int, ...]) -> float:
-            nonlocal run
-            run = run or LastToken(scope, ids, mask)      # the prefixes, once per sweep
             out[index[0]] = diff(set_last_token(run, parts[index[0]], fills[index[0]]))
             return float((out[index[0]] - base).mean())
         screened((out - base).mean(-1), exact, exact_components)
