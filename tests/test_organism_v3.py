@@ -282,8 +282,8 @@ def test_the_cards_repetition_patching_is_what_the_hook_engine_measures(v3):
     patched = activation_patching(Scope(model, tokenizer), clean, corrupt, answer=answer, wrong=wrong,
                                   site="heads", mode="noising")
     share = truth["repetition_patching"]["share"]
-    for (layer, head), value in zip(torch.cartesian_prod(*map(torch.arange, patched.normalized.shape)).tolist(),
-                                    patched.normalized.flatten().tolist()):
-        assert value == pytest.approx(share[f"L{layer}H{head}"], abs=2e-3), (layer, head)
+    for layer, by_head in enumerate(patched.normalized.tolist()):
+        for head, value in enumerate(by_head):
+            assert value == pytest.approx(share[f"L{layer}H{head}"], abs=2e-3), (layer, head)
     assert truth["repetition_patching"]["carriers"] == sorted(
         (k for k, v in share.items() if v >= 0.1), key=lambda k: -share[k])

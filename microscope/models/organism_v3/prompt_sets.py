@@ -74,16 +74,15 @@ def _loop(rng: random.Random, words: list[str], split: str, longest: int, fits: 
             return {"text": text, "kind": "loop", "period": len(span), "split": split}
 
 
-def room_for_new_tokens(tokenizer=None) -> Callable[[str], bool]:
+def room_for_new_tokens() -> Callable[[str], bool]:
     """Whether a text, tokenized by organism v3's tokenizer (with ``</s>``), leaves room for
     :data:`NEW_TOKENS` new tokens in :data:`POSITIONS` positions."""
-    tokenizer = tokenizer or build_tokenizer()
+    tokenizer = build_tokenizer()
     return lambda text: len(tokenizer(text)["input_ids"]) + NEW_TOKENS <= POSITIONS
 
 
-def repetition_prompts(rng: random.Random, per_kind: int = 50, ood: int = 100,
-                       fits: Callable[[str], bool] | None = None) -> list[dict]:
-    fits = fits or room_for_new_tokens()
+def repetition_prompts(rng: random.Random, per_kind: int = 50, ood: int = 100) -> list[dict]:
+    fits = room_for_new_tokens()
     rows = [_loop(rng, PROSE_WORDS + NAMES, IN_DISTRIBUTION, 8, fits) for _ in range(per_kind)]
     rows += [{"text": " ".join(rng.choice(EVAL_WORDS) for _ in range(5)).capitalize(), "kind": "opening",
               "split": IN_DISTRIBUTION} for _ in range(per_kind)]
